@@ -1,0 +1,1 @@
+"""LoRA-first web UI for Stable Diffusion."""

@@ -1,0 +1,24 @@
+"""Model architectures the app knows. Shared by the engine and the LoRA code; imports nothing of ours."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Arch(str, Enum):
+    """A Stable Diffusion family. LoRAs are compatible within a family (SD2 covers SD2-v)."""
+
+    SD1 = "SD1"
+    SD2 = "SD2"
+    SDXL = "SDXL"
+
+    @property
+    def label(self) -> str:
+        return self.value
+
+
+class Prediction(str, Enum):
+    """What the UNet predicts; SD2-768 models predict v, everything else epsilon."""
+
+    EPSILON = "epsilon"
+    V = "v_prediction"
