@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Arch(str, Enum):
+class Arch(StrEnum):
     """A Stable Diffusion family. LoRAs are compatible within a family (SD2 covers SD2-v)."""
 
     SD1 = "SD1"
@@ -17,7 +17,7 @@ class Arch(str, Enum):
         return self.value
 
 
-class Prediction(str, Enum):
+class Prediction(StrEnum):
     """What the UNet predicts; SD2-768 models predict v, everything else epsilon."""
 
     EPSILON = "epsilon"

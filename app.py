@@ -1,0 +1,188 @@
+"""Command line: `python app.py` serves the UI; `python app.py generate ...` renders headless."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in this app may reach a model hub: configs and tokenizers ship in configs/.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from webui.settings import DeviceChoice, DtypeChoice, Settings
+
+log = logging.getLogger("app")
+
+
+def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = False) -> None:
+    # in a subcommand, unset options must not overwrite the values given before it
+    default = argparse.SUPPRESS if in_subcommand else None
+    parser.add_argument(
+        "--models-dir", type=Path, default=default, help="folder of checkpoints (default: models/)"
+    )
+    parser.add_argument(
+        "--loras-dir", type=Path, default=default, help="folder of LoRA files (default: loras/)"
+    )
+    parser.add_argument(
+        "--device", choices=[c.value for c in DeviceChoice], default=default or "auto"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=[c.value for c in DtypeChoice],
+        default=default or "auto",
+        help="weights precision (auto: fp16 on a GPU, fp32 on the CPU)",
+    )
+    parser.add_argument(
+        "--lowvram",
+        action="store_true",
+        default=default or False,
+        help="keep models on the CPU until each part runs (accelerate offload)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description="LoRA WebUI for Stable Diffusion")
+    _common_options(parser)
+    parser.add_argument(
+        "--listen", action="store_true", help="serve on all interfaces, not just 127.0.0.1"
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    sub = parser.add_subparsers(dest="command")
+
+    gen = sub.add_parser("generate", help="render images without the UI")
+    _common_options(gen, in_subcommand=True)
+    gen.add_argument(
+        "--model", required=True, help="checkpoint file or diffusers folder, or 'demo'"
+    )
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--seed", type=int, default=-1)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--sampler", default="Euler a")
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--batch-count", type=int, default=1)
+    gen.add_argument("--clip-skip", type=int, default=1)
+    gen.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="PNG path; batches write FILE-1.png, FILE-2.png, ...",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
+    defaults = Settings()
+    return Settings(
+        models_dir=(args.models_dir or defaults.models_dir).resolve(),
+        loras_dir=(args.loras_dir or defaults.loras_dir).resolve(),
+        device=DeviceChoice(args.device),
+        dtype=DtypeChoice(args.dtype),
+        lowvram=args.lowvram,
+        listen=getattr(args, "listen", False),
+        port=getattr(args, "port", 7860),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """FILE.png for one image; FILE-1.png, FILE-2.png, ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(1, count + 1)]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from webui.engine.checkpoints import CheckpointError
+    from webui.engine.generate import (
+        DEMO_MODEL_NAME,
+        Engine,
+        GenerationRequest,
+        Progress,
+        RequestError,
+    )
+    from webui.engine.infotext import save_png
+
+    engine = Engine(settings_from(args, save_outputs=False))
+    try:
+        model = (
+            engine.load(DEMO_MODEL_NAME)
+            if args.model == "demo"
+            else engine.load_path(Path(args.model))
+        )
+        size = model.kind.default_size
+        request = GenerationRequest(
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            seed=args.seed,
+            width=args.width or size,
+            height=args.height or size,
+            sampler=args.sampler,
+            batch_size=args.batch_size,
+            batch_count=args.batch_count,
+            clip_skip=args.clip_skip,
+        )
+
+        def report(p: Progress) -> None:
+            print(f"\rstep {p.step}/{p.total}", end="", file=sys.stderr, flush=True)
+
+        result = engine.generate(request, on_progress=report)
+        print(file=sys.stderr)
+    except (CheckpointError, RequestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = output_paths(args.out, len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image.image, path, image.infotext)
+        print(path)
+    return 0
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import threading
+
+    from webui.engine.generate import Engine
+    from webui.ui import build_ui
+    from webui.ui.blocks import CSS
+
+    settings = settings_from(args)
+    engine = Engine(settings)
+    if not engine.checkpoints():
+        log.warning(
+            "no checkpoint in %s: offering the demo model (random weights)", settings.models_dir
+        )
+    # warm the default model while the page loads; errors surface on first use
+    threading.Thread(target=_load_quietly, args=(engine,), daemon=True).start()
+    ui = build_ui(engine)
+    ui.queue(default_concurrency_limit=1)
+    ui.launch(server_name=settings.host, server_port=settings.port, css=CSS, footer_links=["api"])
+    return 0
+
+
+def _load_quietly(engine: object) -> None:
+    try:
+        engine.load_default()  # type: ignore[attr-defined]
+    except Exception as exc:  # the UI reports it again when the user generates
+        log.warning("could not load the default model: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return run_generate(args)
+    return run_server(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Test-wide setup: no model hub (offline flag and an empty hub cache), and tiny checkpoints
+written once per session as real single-file `.safetensors` in the original key layout."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: offline, with an empty cache nobody has filled.
+_EMPTY_HOME = tempfile.mkdtemp(prefix="empty-hf-home-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _EMPTY_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_EMPTY_HOME, "hub")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import pytest  # noqa: E402
+
+from webui.arch import Arch, Prediction  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Writes (once per session and kind) a tiny checkpoint and returns its path."""
+    from webui.engine.checkpoints import ModelKind, save_single_file
+    from webui.engine.model_factory import ModelSpec, build_pipeline
+
+    folder = tmp_path_factory.mktemp("models")
+    written: dict[tuple[Arch, Prediction], Path] = {}
+
+    def make(arch: Arch, prediction: Prediction = Prediction.EPSILON) -> Path:
+        if (arch, prediction) not in written:
+            pipe = build_pipeline(ModelSpec(arch, prediction))
+            path = folder / f"tiny-{arch.value.lower()}-{prediction.value}.safetensors"
+            save_single_file(pipe, ModelKind(arch, prediction), path, embed_configs=True)
+            written[arch, prediction] = path
+        return written[arch, prediction]
+
+    return make

@@ -1,0 +1,53 @@
+"""`python app.py generate` end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from webui.arch import Arch
+from webui.engine.infotext import parse_infotext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_app(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_generate_writes_pngs_with_infotext(tiny_checkpoint_factory, tmp_path: Path) -> None:
+    model = tiny_checkpoint_factory(Arch.SDXL)
+    out = tmp_path / "out" / "fox.png"
+    done = run_app(
+        "generate", "--model", str(model), "--prompt", "a fox", "--negative", "blurry",
+        "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+        "--sampler", "DPM++ 2M Karras", "--batch-size", "2", "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    written = [tmp_path / "out" / "fox-1.png", tmp_path / "out" / "fox-2.png"]
+    assert done.stdout.split() == [str(p) for p in written]
+    for path, seed in zip(written, ("11", "12"), strict=True):
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            parsed = parse_infotext(image.info["parameters"])
+        assert parsed.prompt == "a fox"
+        assert parsed.negative_prompt == "blurry"
+        assert parsed.params["Seed"] == seed
+        assert parsed.params["Sampler"] == "DPM++ 2M Karras"
+        assert parsed.params["Steps"] == "3"
+
+
+def test_generate_reports_a_non_checkpoint_without_traceback(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.safetensors"
+    bogus.write_bytes(b"hello")
+    done = run_app(
+        "generate", "--model", str(bogus), "--prompt", "x", "--out", str(tmp_path / "x.png")
+    )
+    assert done.returncode == 2
+    assert "notes.safetensors" in done.stderr
+    assert "Traceback" not in done.stderr

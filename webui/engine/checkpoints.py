@@ -1,0 +1,439 @@
+"""Checkpoints in `models/`: find them, tell their architecture from their keys, load them offline
+with the matching `configs/` folder, and write pipelines back as single files.
+
+The only module that reads model files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from webui.arch import Arch, Prediction
+from webui.engine.model_factory import config_folder
+from webui.layouts.single_file import to_single_file
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Files we write carry their own component configs here, so models whose sizes differ from the
+# reference configs (the tiny demo and test models) load through the same path as a user's file.
+CONFIGS_METADATA_KEY = "lora_webui.component_configs"
+
+_UNET = "model.diffusion_model."
+_SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+_SD2_TEXT = "cond_stage_model.model.token_embedding.weight"
+_SDXL_TEXT_1 = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+_SDXL_TEXT_2 = "conditioner.embedders.1.model.token_embedding.weight"
+_SDXL_REFINER_TEXT = "conditioner.embedders.0.model.token_embedding.weight"
+_LORA_MARKERS = ("lora_unet_", "lora_te", "lora_down", "lora_A", "hada_", "lokr_")
+
+
+class CheckpointError(Exception):
+    """A model file that cannot be used; the message names the file and what is wrong."""
+
+
+class CheckpointFormat(StrEnum):
+    SAFETENSORS = "safetensors"
+    CKPT = "ckpt"
+    DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A model found in `models/`: a single file or a diffusers folder."""
+
+    path: Path
+    name: str  # path below models/ without extension, as A1111 shows it
+    format: CheckpointFormat
+
+    @property
+    def title(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """Architecture and prediction type; prediction is None when the file does not say."""
+
+    arch: Arch
+    prediction: Prediction | None
+
+    @property
+    def label(self) -> str:
+        if self.arch is Arch.SD2 and self.prediction is Prediction.V:
+            return "SD2-v"
+        return self.arch.value
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the architecture was trained at."""
+        if self.arch is Arch.SDXL:
+            return 1024
+        return 768 if self.label == "SD2-v" else 512
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """Tensor shapes and metadata of a single-file checkpoint, read without loading weights."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    metadata: Mapping[str, str]
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline in memory and what it was loaded from."""
+
+    pipe: DiffusionPipeline
+    kind: ModelKind
+    name: str
+    path: Path | None  # None for the demo model
+    device: torch.device
+    dtype: torch.dtype
+
+
+def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
+    """Every single-file checkpoint and diffusers folder below `models_dir`, sorted by name."""
+    if not models_dir.is_dir():
+        return []
+    found: list[CheckpointFile] = []
+    diffusers_dirs = sorted(p.parent for p in models_dir.rglob("model_index.json"))
+    for folder in diffusers_dirs:
+        found.append(
+            CheckpointFile(
+                folder, folder.relative_to(models_dir).as_posix(), CheckpointFormat.DIFFUSERS
+            )
+        )
+    for path in sorted(models_dir.rglob("*")):
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES or not path.is_file():
+            continue
+        if any(folder in path.parents for folder in diffusers_dirs):
+            continue  # weights inside a diffusers folder belong to that folder
+        name = path.relative_to(models_dir).with_suffix("").as_posix()
+        fmt = (
+            CheckpointFormat.SAFETENSORS
+            if path.suffix.lower() == ".safetensors"
+            else CheckpointFormat.CKPT
+        )
+        found.append(CheckpointFile(path, name, fmt))
+    return sorted(found, key=lambda c: c.name.lower())
+
+
+def checkpoint_from_path(path: Path) -> CheckpointFile:
+    """A checkpoint given by path (the CLI's --model), checked to be a file or folder we read."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(
+                f"{path} is a folder without model_index.json, so not a diffusers model"
+            )
+        return CheckpointFile(path, path.name, CheckpointFormat.DIFFUSERS)
+    suffix = path.suffix.lower()
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{path.name}: checkpoints must be .safetensors or .ckpt files")
+    fmt = CheckpointFormat.SAFETENSORS if suffix == ".safetensors" else CheckpointFormat.CKPT
+    return CheckpointFile(path, path.stem, fmt)
+
+
+def read_header(path: Path) -> CheckpointHeader:
+    """Shapes and metadata of a `.safetensors` (header only) or `.ckpt` (weights_only load)."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+                return CheckpointHeader(shapes, dict(f.metadata() or {}))
+        state = _load_ckpt(path)
+        return CheckpointHeader({k: tuple(v.shape) for k, v in state.items()}, {})
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors and torch raise many types for corrupt files
+        raise CheckpointError(f"{path.name}: cannot be read as a checkpoint ({exc})") from exc
+
+
+def _load_ckpt(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses pickled code, so a hostile .ckpt cannot run anything.
+    state: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: not a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def detect_kind(header: CheckpointHeader, source: str = "checkpoint") -> ModelKind:
+    """Architecture from the file's keys and shapes; prediction type from metadata when given.
+    Raises CheckpointError, naming `source`, for files that are not SD1/SD2/SDXL checkpoints."""
+    keys = header.shapes.keys()
+    if not any(key.startswith(_UNET) for key in keys):
+        if any(marker in key for key in keys for marker in _LORA_MARKERS):
+            raise CheckpointError(
+                f"{source} is a LoRA, not a checkpoint: put it in the loras folder and use it "
+                "with a <lora:name:1> tag"
+            )
+        raise CheckpointError(
+            f"{source} is not a Stable Diffusion checkpoint: it has no UNet weights "
+            f"({_UNET}*); {len(keys)} tensors found"
+        )
+    in_channels = header.shapes.get(_UNET + "input_blocks.0.0.weight", (0, 4))[1]
+    if in_channels != 4:
+        raise CheckpointError(
+            f"{source} has a UNet with {in_channels} input channels (an inpainting or "
+            "instruct model); only text-to-image checkpoints with 4 channels are supported"
+        )
+    if _SDXL_TEXT_1 in keys and _SDXL_TEXT_2 in keys:
+        return ModelKind(Arch.SDXL, Prediction.EPSILON)
+    if _SDXL_REFINER_TEXT in keys:
+        raise CheckpointError(f"{source} is an SDXL refiner, which is not supported")
+    if _SD2_TEXT in keys:
+        return ModelKind(Arch.SD2, _prediction_from_metadata(header.metadata))
+    if _SD1_TEXT in keys or any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return ModelKind(Arch.SD1, Prediction.EPSILON)
+    raise CheckpointError(
+        f"{source} has a UNet but no text encoder this app knows (SD1 CLIP-L, SD2 OpenCLIP-H, "
+        "SDXL CLIP-L + OpenCLIP-bigG)"
+    )
+
+
+def _prediction_from_metadata(metadata: Mapping[str, str]) -> Prediction | None:
+    declared = metadata.get("modelspec.prediction_type", "").lower()
+    if declared in ("v", "v_prediction", "v-prediction"):
+        return Prediction.V
+    if declared in ("epsilon", "eps"):
+        return Prediction.EPSILON
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture.startswith("stable-diffusion-v2"):
+        return (
+            Prediction.V
+            if "-v" in architecture.removeprefix("stable-diffusion-v2")
+            else Prediction.EPSILON
+        )
+    return None
+
+
+def _prediction_from_sidecar(path: Path) -> Prediction | None:
+    """A1111's convention: `model.yaml` beside the file, with `parameterization: "v"`."""
+    for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if sidecar.is_file():
+            text = sidecar.read_text(encoding="utf-8", errors="replace")
+            return (
+                Prediction.V
+                if "parameterization" in text and '"v"' in text.replace("'", '"')
+                else Prediction.EPSILON
+            )
+    return None
+
+
+@torch.no_grad()
+def probe_v_prediction(pipe: DiffusionPipeline) -> Prediction:
+    """Guess epsilon vs v for an SD2 UNet that nothing declares: at the last timestep an epsilon
+    model returns roughly its input (pure noise in, noise out), a v model strongly departs from
+    it. The same test A1111 relies on."""
+    unet = pipe.unet
+    param = next(unet.parameters())
+    size = 8
+    sample = torch.full(
+        (1, unet.config.in_channels, size, size), 0.5, dtype=param.dtype, device=param.device
+    )
+    context = torch.zeros(
+        1, 77, unet.config.cross_attention_dim, dtype=param.dtype, device=param.device
+    )
+    timestep = torch.tensor([999], device=param.device)
+    out = unet(sample, timestep, encoder_hidden_states=context).sample
+    return Prediction.V if float((out - sample).mean()) < -1.0 else Prediction.EPSILON
+
+
+def _component_configs(pipe: DiffusionPipeline) -> dict[str, dict[str, Any]]:
+    configs: dict[str, dict[str, Any]] = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue
+        config = component.config
+        configs[name] = (
+            json.loads(config.to_json_string())
+            if hasattr(config, "to_json_string")
+            else dict(config)
+        )
+    configs["scheduler"] = dict(pipe.scheduler.config)
+    return configs
+
+
+def _config_folder_for(kind: ModelKind, metadata: Mapping[str, str]) -> Path:
+    """`configs/<arch>`, or for files carrying their own component configs, a copy of it with
+    those configs written in (cached by content)."""
+    base = config_folder(kind.arch)
+    embedded = metadata.get(CONFIGS_METADATA_KEY)
+    if not embedded:
+        return base
+    digest = hashlib.sha256(embedded.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "lora-webui-configs" / f"{base.name}-{digest}"
+    if not (folder / "model_index.json").is_file():
+        staging = Path(
+            tempfile.mkdtemp(
+                prefix="configs-", dir=folder.parent if folder.parent.exists() else None
+            )
+        )
+        shutil.copytree(base, staging, dirs_exist_ok=True)
+        for name, config in json.loads(embedded).items():
+            file = "scheduler_config.json" if name == "scheduler" else "config.json"
+            (staging / name).mkdir(exist_ok=True)
+            (staging / name / file).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process won the race; its folder is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _pipeline_class(arch: Arch) -> type[DiffusionPipeline]:
+    return StableDiffusionXLPipeline if arch is Arch.SDXL else StableDiffusionPipeline
+
+
+def _set_prediction(pipe: DiffusionPipeline, prediction: Prediction) -> None:
+    if pipe.scheduler.config.get("prediction_type") != prediction.value:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction.value
+        )
+
+
+def _kind_of_pipeline(pipe: DiffusionPipeline) -> ModelKind:
+    unet_config = pipe.unet.config
+    if unet_config.get("addition_embed_type") == "text_time":
+        arch = Arch.SDXL
+    elif unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        arch = Arch.SD2
+    else:
+        arch = Arch.SD1
+    return ModelKind(arch, Prediction(pipe.scheduler.config.get("prediction_type", "epsilon")))
+
+
+def load_checkpoint(
+    checkpoint: CheckpointFile,
+    device: torch.device,
+    dtype: torch.dtype,
+    lowvram: bool = False,
+) -> LoadedModel:
+    """Load a checkpoint fully offline onto `device` in `dtype`. Raises CheckpointError with the
+    file name for anything that is not a usable SD1/SD2/SDXL checkpoint."""
+    if checkpoint.format is CheckpointFormat.DIFFUSERS:
+        pipe = _load_diffusers_folder(checkpoint, dtype)
+        kind = _kind_of_pipeline(pipe)
+    else:
+        header = read_header(checkpoint.path)
+        kind = detect_kind(header, checkpoint.path.name)
+        folder = _config_folder_for(kind, header.metadata)
+        extra: dict[str, Any] = {}
+        if kind.arch is not Arch.SDXL:
+            extra = {
+                "safety_checker": None,
+                "feature_extractor": None,
+                "requires_safety_checker": False,
+            }
+        try:
+            pipe = _pipeline_class(kind.arch).from_single_file(
+                str(checkpoint.path),
+                config=str(folder),
+                local_files_only=True,
+                **_dtype_kwargs(dtype),
+                **extra,
+            )
+        except Exception as exc:  # diffusers raises assorted errors for mismatched weights
+            raise CheckpointError(
+                f"{checkpoint.path.name}: could not be loaded as {kind.label} ({exc})"
+            ) from exc
+        _check_complete(pipe, checkpoint.path.name)
+        prediction = (
+            kind.prediction or _prediction_from_sidecar(checkpoint.path) or probe_v_prediction(pipe)
+        )
+        kind = ModelKind(kind.arch, prediction)
+        _set_prediction(pipe, prediction)
+    place_pipeline(pipe, device, lowvram)
+    log.info("loaded %s (%s) on %s in %s", checkpoint.name, kind.label, device, dtype)
+    return LoadedModel(pipe, kind, checkpoint.name, checkpoint.path, device, dtype)
+
+
+def _check_complete(pipe: DiffusionPipeline, source: str) -> None:
+    """from_single_file leaves weights missing from the file on the meta device, silently."""
+    missing = [
+        f"{name}.{key}"
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+        for key, tensor in getattr(pipe, name).state_dict().items()
+        if tensor.is_meta
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} weight(s), e.g. {missing[0]}; the file may be truncated or of another model"
+        )
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # float32 is diffusers' default; passing it explicitly only triggers a noisy warning
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+
+
+def _load_diffusers_folder(checkpoint: CheckpointFile, dtype: torch.dtype) -> DiffusionPipeline:
+    try:
+        return DiffusionPipeline.from_pretrained(
+            str(checkpoint.path), local_files_only=True, safety_checker=None, **_dtype_kwargs(dtype)
+        )
+    except Exception as exc:
+        raise CheckpointError(
+            f"{checkpoint.name}: could not be loaded as a diffusers folder ({exc})"
+        ) from exc
+
+
+def place_pipeline(pipe: DiffusionPipeline, device: torch.device, lowvram: bool) -> None:
+    """Move the pipeline to its device; with `lowvram` on a GPU, keep each component on the CPU
+    until it runs (accelerate's model offload)."""
+    if lowvram and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+
+def pipeline_state_dict(pipe: DiffusionPipeline, kind: ModelKind) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the original single-file layout (LDM for SD1/SD2, SGM for SDXL)."""
+    components = {
+        name: getattr(pipe, name).state_dict()
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+    }
+    return to_single_file(components, _component_configs(pipe), kind.arch)
+
+
+def save_single_file(
+    pipe: DiffusionPipeline,
+    kind: ModelKind,
+    path: Path,
+    *,
+    embed_configs: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write the pipeline as a single `.safetensors` checkpoint in the original key layout.
+    `embed_configs` stores the component configs, for models whose sizes differ from configs/."""
+    state = {
+        k: v.detach().to("cpu").contiguous() for k, v in pipeline_state_dict(pipe, kind).items()
+    }
+    meta = dict(metadata or {})
+    meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
+    if embed_configs:
+        meta[CONFIGS_METADATA_KEY] = json.dumps(_component_configs(pipe))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(path), metadata=meta)

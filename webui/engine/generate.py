@@ -1,0 +1,329 @@
+"""GenerationRequest -> GenerationResult: the engine that holds one model and renders images.
+
+Requests are serialized: one generation or model load runs at a time."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from webui.arch import Arch, Prediction
+from webui.engine.checkpoints import (
+    CheckpointError,
+    CheckpointFile,
+    LoadedModel,
+    ModelKind,
+    checkpoint_from_path,
+    find_checkpoints,
+    load_checkpoint,
+    place_pipeline,
+)
+from webui.engine.infotext import Infotext, save_png
+from webui.engine.model_factory import ModelSpec, build_pipeline
+from webui.engine.model_hash import HashCache
+from webui.engine.prompt_encoding import encode_prompts
+from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_VERSION = "lora-webui 0.1.0"
+DEMO_MODEL_NAME = "demo-tiny-sd1 (random weights)"
+MAX_SEED = 2**32 - 1
+
+
+class RequestError(ValueError):
+    """A request with a bad field; the message names the field."""
+
+
+class NoModelError(RuntimeError):
+    """Generation was asked for before any model was loaded."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides the images. `seed=-1` picks a random seed."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1
+    batch_size: int = 1
+    batch_count: int = 1
+    sampler: str = DEFAULT_SAMPLER
+    clip_skip: int = 1
+
+    def validate(self) -> None:
+        """Raise RequestError naming the first field that is out of range."""
+        checks = [
+            ("steps", 1 <= self.steps <= 150, "must be between 1 and 150"),
+            ("cfg_scale", 0.0 <= self.cfg_scale <= 30.0, "must be between 0 and 30"),
+            (
+                "width",
+                self.width % 8 == 0 and 64 <= self.width <= 2048,
+                "must be a multiple of 8 in 64..2048",
+            ),
+            (
+                "height",
+                self.height % 8 == 0 and 64 <= self.height <= 2048,
+                "must be a multiple of 8 in 64..2048",
+            ),
+            ("seed", -1 <= self.seed <= MAX_SEED, f"must be -1 (random) or 0..{MAX_SEED}"),
+            ("batch_size", 1 <= self.batch_size <= 8, "must be between 1 and 8"),
+            ("batch_count", 1 <= self.batch_count <= 100, "must be between 1 and 100"),
+            ("clip_skip", 1 <= self.clip_skip <= 12, "must be between 1 and 12"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise RequestError(f"{name} {message} (got {getattr(self, name)!r})")
+        try:
+            get_sampler(self.sampler)
+        except UnknownSamplerError as exc:
+            raise RequestError(f"sampler: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    infotext: Infotext
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[GeneratedImage]
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the running job is: `step` of `total` denoising steps over the whole request."""
+
+    step: int
+    total: int
+    image_index: int  # first image of the batch being denoised
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randint(0, MAX_SEED) if seed == -1 else seed
+
+
+def sdxl_clip_skip(a1111_clip_skip: int) -> int | None:
+    """Diffusers' SDXL pipeline already uses the penultimate layer (A1111's clip skip 2 is its
+    default); it counts further layers to skip beyond that one."""
+    skip = a1111_clip_skip - 2
+    return skip if skip > 0 else None
+
+
+class Engine:
+    """Holds one loaded model and turns requests into images; thread-safe (one job at a time)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._interrupt = threading.Event()
+        self._model: LoadedModel | None = None
+        self.hashes = HashCache(settings.cache_dir / "hashes.json")
+
+    # -- models -------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    def checkpoints(self) -> list[CheckpointFile]:
+        return find_checkpoints(self.settings.models_dir)
+
+    def model_choices(self) -> list[str]:
+        """Names for the model dropdown; the demo model when `models/` holds none."""
+        names = [c.name for c in self.checkpoints()]
+        return names or [DEMO_MODEL_NAME]
+
+    def load(self, name: str) -> LoadedModel:
+        """Load a checkpoint by name (or the demo model), replacing the current one."""
+        with self._lock:
+            if self._model is not None and self._model.name == name:
+                return self._model
+            device, dtype = self.settings.torch_device(), self.settings.torch_dtype()
+            if name == DEMO_MODEL_NAME:
+                loaded = self._load_demo(device, dtype)
+            else:
+                matches = [c for c in self.checkpoints() if c.name == name]
+                if not matches:
+                    raise CheckpointError(
+                        f"no checkpoint named {name!r} in {self.settings.models_dir}"
+                    )
+                self._model = None  # free the old model before loading the next
+                loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
+            self._model = loaded
+            return loaded
+
+    def load_path(self, path: Path) -> LoadedModel:
+        """Load a checkpoint file or diffusers folder from anywhere on disk."""
+        checkpoint = checkpoint_from_path(path)
+        with self._lock:
+            self._model = None
+            self._model = load_checkpoint(
+                checkpoint,
+                self.settings.torch_device(),
+                self.settings.torch_dtype(),
+                self.settings.lowvram,
+            )
+            return self._model
+
+    def load_default(self) -> LoadedModel:
+        """The first checkpoint, or the demo model when there is none."""
+        return self.load(self.model_choices()[0])
+
+    def _load_demo(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        pipe = build_pipeline(ModelSpec(Arch.SD1))
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        place_pipeline(pipe, device, lowvram=False)
+        return LoadedModel(
+            pipe, ModelKind(Arch.SD1, Prediction.EPSILON), DEMO_MODEL_NAME, None, device, dtype
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Stop the running job after its current step; finished images are kept."""
+        self._interrupt.set()
+
+    def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """Render `request` with the loaded model. Raises RequestError or NoModelError."""
+        request.validate()
+        with self._lock:
+            if self._model is None:
+                raise NoModelError("no model is loaded")
+            self._interrupt.clear()
+            return self._generate(self._model, request, on_progress)
+
+    def _generate(
+        self, model: LoadedModel, request: GenerationRequest, on_progress: ProgressCallback | None
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        request = replace(request, seed=resolve_seed(request.seed))
+        pipe = model.pipe
+        pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
+        images: list[GeneratedImage] = []
+        interrupted = False
+        total_steps = request.steps * request.batch_count
+        for batch in range(request.batch_count):
+            first = batch * request.batch_size
+            seeds = [request.seed + first + i for i in range(request.batch_size)]
+            callback = self._step_callback(request, batch, first, total_steps, on_progress)
+            output = pipe(
+                **self._prompt_arguments(model, request),
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                width=request.width,
+                height=request.height,
+                # one CPU generator per image: the same seed gives the same image on any device
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=callback,
+            )
+            for image, seed in zip(output.images, seeds, strict=True):
+                infotext = self.infotext(model, request, seed)
+                images.append(
+                    GeneratedImage(image, seed, infotext, self._save(image, infotext, seed))
+                )
+            if self._interrupt.is_set():
+                interrupted = True
+                break
+        return GenerationResult(images, [], interrupted, time.perf_counter() - started)
+
+    @staticmethod
+    def _prompt_arguments(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
+        """Prompts as the pipeline takes them: embeddings we encode for SD1/SD2, text for SDXL."""
+        prompts = [request.prompt] * request.batch_size
+        negatives = [request.negative_prompt] * request.batch_size
+        pipe = model.pipe
+        if model.kind.arch is Arch.SDXL:
+            return {
+                "prompt": prompts,
+                "negative_prompt": negatives,
+                "clip_skip": sdxl_clip_skip(request.clip_skip),
+            }
+        return {
+            "prompt_embeds": encode_prompts(
+                pipe.tokenizer, pipe.text_encoder, prompts, request.clip_skip
+            ),
+            "negative_prompt_embeds": encode_prompts(
+                pipe.tokenizer, pipe.text_encoder, negatives, request.clip_skip
+            ),
+        }
+
+    def _step_callback(
+        self,
+        request: GenerationRequest,
+        batch: int,
+        first_image: int,
+        total_steps: int,
+        on_progress: ProgressCallback | None,
+    ) -> Callable[..., dict[str, Any]]:
+        def callback(
+            pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            # second-order samplers call back more than once per step; report whole steps
+            loop_len = max(getattr(pipe, "num_timesteps", request.steps), 1)
+            done = min(request.steps, round((step + 1) * request.steps / loop_len))
+            if on_progress is not None:
+                on_progress(Progress(batch * request.steps + done, total_steps, first_image))
+            if self._interrupt.is_set():
+                pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
+            return tensors
+
+        return callback
+
+    def infotext(self, model: LoadedModel, request: GenerationRequest, seed: int) -> Infotext:
+        """A1111-format parameters for one image."""
+        params: dict[str, str] = {
+            "Steps": str(request.steps),
+            "Sampler": get_sampler(request.sampler).name,
+            "CFG scale": f"{request.cfg_scale:g}",
+            "Seed": str(seed),
+            "Size": f"{request.width}x{request.height}",
+        }
+        short_hash = self.hashes.model_hash(model.path)
+        if short_hash:
+            params["Model hash"] = short_hash
+        params["Model"] = Path(model.name).name
+        if request.clip_skip > 1:
+            params["Clip skip"] = str(request.clip_skip)
+        params["Version"] = APP_VERSION
+        return Infotext(request.prompt, request.negative_prompt, params)
+
+    def _save(self, image: Image.Image, infotext: Infotext, seed: int) -> Path | None:
+        if not self.settings.save_outputs:
+            return None
+        folder = self.settings.outputs_dir / "txt2img" / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        number = len(list(folder.glob("*.png")))
+        path = folder / f"{number:05d}-{seed}.png"
+        save_png(image, path, infotext)
+        return path

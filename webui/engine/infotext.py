@@ -1,0 +1,108 @@
+"""A1111's "parameters" text: the prompt, the negative prompt and one line of `Key: value` pairs.
+Written into PNG text chunks and parsed back the way A1111 reads it."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PNG_TEXT_KEY = "parameters"
+_NEGATIVE_PREFIX = "Negative prompt:"
+
+# One `Key: value` pair; a value is either JSON-quoted (it may then hold commas) or runs to the
+# next comma. Keys start with a word character and may hold spaces, dashes and slashes.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+@dataclass(frozen=True)
+class Infotext:
+    """Generation parameters as A1111 writes them. `params` keeps the written order."""
+
+    prompt: str
+    negative_prompt: str = ""
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def format(self) -> str:
+        """The text A1111 would write for these parameters."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"{_NEGATIVE_PREFIX} {self.negative_prompt}")
+        pairs = ", ".join(f"{key}: {quote(value)}" for key, value in self.params.items())
+        if pairs:
+            lines.append(pairs)
+        return "\n".join(lines)
+
+
+def quote(value: object) -> str:
+    """A1111's quoting: values with a comma, colon, quote or newline become JSON strings."""
+    text = str(value)
+    if any(ch in text for ch in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def unquote(value: str) -> str:
+    """Inverse of `quote`; values that are not valid JSON strings come back unchanged."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return str(json.loads(value))
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _parse_params_line(line: str) -> dict[str, str]:
+    return {key.strip(): unquote(value.strip()) for key, value in _PARAM.findall(line)}
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Parse A1111 parameters text. The last line is the parameters line when it holds at least
+    three `Key: value` pairs (A1111's rule); lines starting `Negative prompt:` begin the negative
+    prompt, which runs to the parameters line."""
+    lines = text.strip("\n").split("\n")
+    params: dict[str, str] = {}
+    if lines and len(_PARAM.findall(lines[-1])) >= 3:
+        params = _parse_params_line(lines.pop())
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    return Infotext("\n".join(prompt_lines), "\n".join(negative_lines), params)
+
+
+def png_info(infotext: Infotext) -> PngInfo:
+    """A PNG text chunk holding the infotext under A1111's key."""
+    info = PngInfo()
+    info.add_text(PNG_TEXT_KEY, infotext.format())
+    return info
+
+
+def save_png(image: Image.Image, path: Path, infotext: Infotext) -> None:
+    """Write `image` as PNG with its parameters text chunk."""
+    image.save(path, format="PNG", pnginfo=png_info(infotext))
+
+
+def read_image_parameters(image: Image.Image) -> str | None:
+    """The parameters text stored in an image (PNG text chunk, or JPEG/WebP EXIF user comment
+    as A1111 writes it), or None."""
+    text = image.info.get(PNG_TEXT_KEY)
+    if isinstance(text, str):
+        return text
+    comment = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    if isinstance(comment, bytes):
+        # EXIF UserComment starts with an 8-byte charset marker; A1111 writes UNICODE (UTF-16).
+        body = comment[8:]
+        encoding = "utf-16-be" if comment.startswith(b"UNICODE") else "utf-8"
+        decoded = body.decode(encoding, errors="replace").strip("\x00")
+        return decoded or None
+    return None

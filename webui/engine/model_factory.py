@@ -1,0 +1,166 @@
+"""Build Stable Diffusion pipelines from config alone: the tiny demo/test models and full-size
+random-weight models for benchmarks. Nothing here reads weights or touches a model hub."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from webui.arch import Arch, Prediction
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+CONFIG_FOLDER = {Arch.SD1: "sd15", Arch.SD2: "sd21", Arch.SDXL: "sdxl"}
+
+
+class ModelSize(StrEnum):
+    TINY = "tiny"  # a few MB: tests and the demo model
+    FULL = "full"  # the real architecture, random weights: benchmarks
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: an architecture, its prediction type and a size."""
+
+    arch: Arch
+    prediction: Prediction = Prediction.EPSILON
+    size: ModelSize = ModelSize.TINY
+
+
+def config_folder(arch: Arch) -> Path:
+    """The offline diffusers config folder shipped in `configs/` for an architecture."""
+    return CONFIGS_DIR / CONFIG_FOLDER[arch]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# Tiny variants keep every structural feature of the real ones (cross-attention in down, mid and
+# up blocks, two resnets per level, linear projections for SD2/SDXL, SDXL's added time embedding,
+# distinct widths for SDXL's two text encoders) so key layouts and LoRA mapping are exercised.
+_TINY_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+_TINY_TEXT_2 = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+_TINY_VAE = {
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+_TINY_UNET = {
+    Arch.SD1: {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 2,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 16,
+        "sample_size": 64,
+    },
+    Arch.SD2: {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 2,
+        "attention_head_dim": [2, 4],
+        "cross_attention_dim": 32,
+        "norm_num_groups": 16,
+        "sample_size": 64,
+    },
+    Arch.SDXL: {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2,
+        "transformer_layers_per_block": [1, 2],
+        "attention_head_dim": [2, 4],
+        "cross_attention_dim": 96,  # te1 (32) + te2 (64) hidden states, concatenated
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 8 * 6 + 32,  # 6 time ids + pooled te2
+        "norm_num_groups": 16,
+        "sample_size": 64,
+    },
+}
+
+
+def component_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """Diffusers/transformers configs per component ("unet", "vae", "text_encoder", ...),
+    read from `configs/` and shrunk for tiny models."""
+    folder = config_folder(spec.arch)
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if spec.arch is Arch.SDXL else [])
+    configs = {name: _read_json(folder / name / "config.json") for name in names}
+    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    configs["scheduler"]["prediction_type"] = spec.prediction.value
+    if spec.size is ModelSize.TINY:
+        configs["unet"].update(copy.deepcopy(_TINY_UNET[spec.arch]))
+        configs["vae"].update(_TINY_VAE)
+        configs["text_encoder"].update(_TINY_TEXT)
+        if spec.arch is Arch.SDXL:
+            configs["text_encoder_2"].update(_TINY_TEXT_2)
+    return configs
+
+
+def _text_encoder(config: dict[str, Any], with_projection: bool) -> torch.nn.Module:
+    text_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(text_config)
+
+
+def build_pipeline(spec: ModelSpec, seed: int = 0) -> DiffusionPipeline:
+    """A pipeline with random weights (seeded, so the same spec and seed give the same model)."""
+    configs = component_configs(spec)
+    folder = config_folder(spec.arch)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    text_encoder = _text_encoder(configs["text_encoder"], with_projection=False)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDIMScheduler.from_config(configs["scheduler"])
+    if spec.arch is Arch.SDXL:
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=_text_encoder(configs["text_encoder_2"], with_projection=True),
+            tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+            unet=unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,1 @@
+"""Key layouts of single-file checkpoints: diffusers names -> original LDM/SGM names."""

@@ -1,0 +1,51 @@
+"""Per-variant LoRA math: typed modules that turn a file's tensors into weight deltas."""
+
+from .base import (
+    LowRankModule,
+    NetworkModule,
+    ShapeMismatchError,
+    Variant,
+    WeightDecompose,
+    WeightDelta,
+    low_rank_scale,
+)
+from .full import FullModule, NormModule
+from .glora import GloraModule
+from .ia3 import Ia3Module
+from .loha import LohaModule
+from .lokr import LokrModule
+from .lora import LoraModule
+from .oft import BoftModule, OftConstraint, OftModule, cayley_rotations
+from .registry import (
+    UnsupportedModuleError,
+    canonical_suffix,
+    group_by_module,
+    parse_module,
+    split_module_key,
+)
+
+__all__ = [
+    "BoftModule",
+    "FullModule",
+    "GloraModule",
+    "Ia3Module",
+    "LohaModule",
+    "LokrModule",
+    "LoraModule",
+    "LowRankModule",
+    "NetworkModule",
+    "NormModule",
+    "OftConstraint",
+    "OftModule",
+    "ShapeMismatchError",
+    "UnsupportedModuleError",
+    "Variant",
+    "WeightDecompose",
+    "WeightDelta",
+    "canonical_suffix",
+    "cayley_rotations",
+    "group_by_module",
+    "low_rank_scale",
+    "parse_module",
+    "split_module_key",
+]

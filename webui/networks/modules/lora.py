@@ -1,0 +1,60 @@
+"""LoRA / LoCon (kohya, LyCORIS, PEFT, diffusers names): ΔW = up · [mid] · down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import LowRankModule, Variant, to_compute
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraModule(LowRankModule):
+    """up (out, r[, 1, 1]), down (r, in[, k, k]) and an optional Tucker mid (r, r, k, k)."""
+
+    variant: ClassVar[Variant] = Variant.LORA
+    up: Tensor
+    down: Tensor
+    mid: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """The number of rows of down."""
+        return self.down.shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The spatial kernel of the target (empty for Linear)."""
+        source = self.mid if self.mid is not None else self.down
+        return tuple(source.shape[2:])
+
+    @property
+    def expected_shape(self) -> tuple[int, ...]:
+        """(out, in, *kernel)."""
+        return (self.up.shape[0], self.down.shape[1], *self.kernel)
+
+    def truncated(self, dyn: int) -> LoraModule:
+        """The DyLoRA sub-network of the first `dyn` ranks, alpha kept (kohya's extraction)."""
+        if dyn >= self.rank:
+            return self
+        mid = None if self.mid is None else self.mid[:dyn, :dyn]
+        return LoraModule(
+            key=self.key,
+            alpha=self.alpha,
+            dora=self.dora,
+            up=self.up[:, :dyn],
+            down=self.down[:dyn],
+            mid=mid,
+        )
+
+    def rebuild(self, original_weight: Tensor) -> Tensor:
+        """up @ down flattened, or the Tucker product up ×₀ mid ×₁ down."""
+        up = to_compute(self.up, original_weight).flatten(1)
+        down = to_compute(self.down, original_weight).flatten(1)
+        if self.mid is None:
+            return up @ down
+        mid = to_compute(self.mid, original_weight)
+        return torch.einsum("pq...,op,qi->oi...", mid, up, down)

@@ -1,0 +1,290 @@
+"""From a network file's keys to typed modules: suffix grammar, grouping and variant choice."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+
+from torch import Tensor
+
+from .base import NetworkModule, WeightDecompose
+from .full import FullModule, NormModule
+from .glora import GloraModule
+from .ia3 import Ia3Module
+from .loha import LohaModule
+from .lokr import LokrModule
+from .lora import LoraModule
+from .oft import BoftModule, OftConstraint, OftModule
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModuleError(ValueError):
+    """No variant matches the set of tensors found under one module prefix."""
+
+    def __init__(self, prefix: str, keys: list[str], reason: str = "") -> None:
+        self.prefix = prefix
+        self.keys = sorted(keys)
+        detail = f" ({reason})" if reason else ""
+        super().__init__(f"unsupported network module {prefix!r} with keys {self.keys}{detail}")
+
+
+@dataclass(frozen=True)
+class SuffixRule:
+    """One spelling of a tensor suffix and the canonical name it stands for."""
+
+    pattern: re.Pattern[str]
+    canonical: str
+
+
+def _literal(suffix: str, canonical: str | None = None) -> SuffixRule:
+    return SuffixRule(re.compile(re.escape(suffix)), canonical or suffix)
+
+
+# PEFT may keep the adapter name between the layer name and `weight`.
+_ADAPTER = r"(?:\.[A-Za-z0-9_\-]+)?"
+
+SUFFIX_RULES: tuple[SuffixRule, ...] = (
+    _literal("lora_up.weight"),
+    _literal("lora_down.weight"),
+    _literal("lora_mid.weight"),
+    SuffixRule(re.compile(rf"lora_B{_ADAPTER}\.weight"), "lora_up.weight"),
+    SuffixRule(re.compile(rf"lora_A{_ADAPTER}\.weight"), "lora_down.weight"),
+    _literal("lora_linear_layer.up.weight", "lora_up.weight"),
+    _literal("lora_linear_layer.down.weight", "lora_down.weight"),
+    _literal("lora.up.weight", "lora_up.weight"),
+    _literal("lora.down.weight", "lora_down.weight"),
+    _literal("up.weight", "lora_up.weight"),
+    _literal("down.weight", "lora_down.weight"),
+    _literal("alpha"),
+    _literal("dora_scale"),
+    SuffixRule(
+        re.compile(rf"lora_magnitude_vector{_ADAPTER}(?:\.weight)?"), "lora_magnitude_vector"
+    ),
+    *(_literal(f"hada_{name}") for name in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
+    *(_literal(f"lokr_{name}") for name in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")),
+    _literal("weight"),
+    _literal("on_input"),
+    *(_literal(f"{name}.weight") for name in ("a1", "a2", "b1", "b2", "bm")),
+    _literal("oft_blocks"),
+    _literal("rescale"),
+    _literal("diff"),
+    _literal("diff_b"),
+    _literal("w_norm"),
+    _literal("b_norm"),
+)
+
+
+@cache  # every dot of every key in a file is tried against the rules
+def canonical_suffix(suffix: str) -> str | None:
+    """The canonical (kohya/LyCORIS) name of a known suffix spelling, or None."""
+    for rule in SUFFIX_RULES:
+        if rule.pattern.fullmatch(suffix):
+            return rule.canonical
+    return None
+
+
+def split_module_key(key: str) -> tuple[str, str]:
+    """Split a file key into (module prefix, tensor suffix), preferring the longest known suffix.
+
+    The suffix starts after a '.', so `to_q_lora.down.weight` splits as
+    (`…to_q_lora`, `down.weight`). A key with no known suffix splits at its last '.'.
+    """
+    start = 0
+    while (dot := key.find(".", start)) != -1:
+        if canonical_suffix(key[dot + 1 :]) is not None:
+            return key[:dot], key[dot + 1 :]
+        start = dot + 1
+    prefix, _, suffix = key.rpartition(".")
+    return (prefix, suffix) if prefix else (key, "")
+
+
+def group_by_module(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Group a file's tensors by module prefix; inner keys are the suffixes as spelled."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state_dict.items():
+        prefix, suffix = split_module_key(key)
+        groups.setdefault(prefix, {})[suffix] = tensor
+    return groups
+
+
+def _scalar(tensor: Tensor | None) -> float | None:
+    return None if tensor is None else float(tensor.float().item())
+
+
+class _Tensors:
+    """The tensors of one module by canonical suffix, remembering which ones were used."""
+
+    def __init__(self, prefix: str, tensors: Mapping[str, Tensor]) -> None:
+        self.prefix = prefix
+        self.spelled = dict(tensors)
+        self.by_name: dict[str, Tensor] = {}
+        self.unknown: list[str] = []
+        for suffix, tensor in tensors.items():
+            name = canonical_suffix(suffix)
+            if name is None:
+                self.unknown.append(suffix)
+            elif name in self.by_name:
+                logger.warning(
+                    "%s: %s duplicates another %s; using the first", prefix, suffix, name
+                )
+            else:
+                self.by_name[name] = tensor
+        self.used: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def get(self, name: str) -> Tensor | None:
+        self.used.add(name)
+        return self.by_name.get(name)
+
+    def require(self, name: str) -> Tensor:
+        tensor = self.get(name)
+        if tensor is None:
+            raise UnsupportedModuleError(self.prefix, list(self.spelled), f"missing {name}")
+        return tensor
+
+    def warn_unused(self) -> None:
+        unused = sorted(set(self.by_name) - self.used) + sorted(self.unknown)
+        if unused:
+            logger.warning("%s: ignoring unexpected keys %s", self.prefix, unused)
+
+
+def _decompose(t: _Tensors) -> WeightDecompose | None:
+    if (magnitude := t.get("lora_magnitude_vector")) is not None:
+        # PEFT keeps one magnitude per output channel, whatever its stored shape.
+        return WeightDecompose(magnitude=magnitude.flatten(), on_output=True)
+    if (scale := t.get("dora_scale")) is None:
+        return None
+    # LyCORIS wd_on_out stores (out, 1, …); the input-column form (1, in, …).
+    on_output = scale.dim() < 2 or scale.shape[0] != 1 or scale.shape[1] == 1
+    return WeightDecompose(magnitude=scale.flatten(), on_output=on_output)
+
+
+def _lora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    module = LoraModule(
+        key=prefix,
+        alpha=_scalar(t.get("alpha")),
+        dora=_decompose(t),
+        up=t.require("lora_up.weight"),
+        down=t.require("lora_down.weight"),
+        mid=t.get("lora_mid.weight"),
+    )
+    return module if dyn is None else module.truncated(dyn)
+
+
+def _loha(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    return LohaModule(
+        key=prefix,
+        alpha=_scalar(t.get("alpha")),
+        dora=_decompose(t),
+        w1_a=t.require("hada_w1_a"),
+        w1_b=t.require("hada_w1_b"),
+        w2_a=t.require("hada_w2_a"),
+        w2_b=t.require("hada_w2_b"),
+        t1=t.get("hada_t1"),
+        t2=t.get("hada_t2"),
+    )
+
+
+def _lokr(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    try:
+        return LokrModule(
+            key=prefix,
+            alpha=_scalar(t.get("alpha")),
+            dora=_decompose(t),
+            w1=t.get("lokr_w1"),
+            w1_a=t.get("lokr_w1_a"),
+            w1_b=t.get("lokr_w1_b"),
+            w2=t.get("lokr_w2"),
+            w2_a=t.get("lokr_w2_a"),
+            w2_b=t.get("lokr_w2_b"),
+            t2=t.get("lokr_t2"),
+        )
+    except ValueError as error:
+        raise UnsupportedModuleError(prefix, list(t.spelled), str(error)) from error
+
+
+def _ia3(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    return Ia3Module(
+        key=prefix,
+        weight=t.require("weight"),
+        on_input=bool(t.require("on_input").item()),
+    )
+
+
+def _glora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    return GloraModule(
+        key=prefix,
+        alpha=_scalar(t.get("alpha")),
+        a1=t.require("a1.weight"),
+        a2=t.require("a2.weight"),
+        b1=t.require("b1.weight"),
+        b2=t.require("b2.weight"),
+        bm=t.get("bm.weight"),
+    )
+
+
+def _oft(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    blocks = t.require("oft_blocks")
+    alpha = _scalar(t.get("alpha"))
+    rescale = t.get("rescale")
+    if blocks.dim() == 4:
+        return BoftModule(key=prefix, blocks=blocks, alpha=alpha, rescale=rescale)
+    if blocks.dim() != 3:
+        raise UnsupportedModuleError(prefix, list(t.spelled), "oft_blocks must be 3-D or 4-D")
+    # kohya's networks/oft.py names its modules oft_unet_*; LyCORIS uses lora_*.
+    style = OftConstraint.KOHYA if prefix.startswith("oft_") else OftConstraint.LYCORIS
+    return OftModule(
+        key=prefix, blocks=blocks, alpha=alpha, rescale=rescale, constraint_style=style
+    )
+
+
+def _full(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    return FullModule(key=prefix, diff=t.require("diff"), diff_b=t.get("diff_b"))
+
+
+def _norm(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
+    return NormModule(key=prefix, w_norm=t.require("w_norm"), b_norm=t.get("b_norm"))
+
+
+ModuleParser = Callable[[str, _Tensors, int | None], NetworkModule]
+
+# The tensor that identifies each variant; checked in order, first present wins.
+VARIANT_MARKERS: tuple[tuple[str, ModuleParser], ...] = (
+    ("lora_down.weight", _lora),
+    ("lora_up.weight", _lora),
+    ("hada_w1_a", _loha),
+    ("lokr_w1", _lokr),
+    ("lokr_w1_a", _lokr),
+    ("on_input", _ia3),
+    ("a1.weight", _glora),
+    ("oft_blocks", _oft),
+    ("diff", _full),
+    ("w_norm", _norm),
+)
+
+
+def parse_module(
+    prefix: str, tensors: Mapping[str, Tensor], *, dyn: int | None = None
+) -> NetworkModule:
+    """Build the typed module for one prefix from its suffix → tensor map.
+
+    Suffixes may be spelled any way `split_module_key` knows. `dyn` keeps the first `dyn`
+    ranks of a (DyLoRA) LoRA with its alpha unchanged; other variants ignore it. Raises
+    UnsupportedModuleError, naming the prefix and keys, when no variant matches; warns
+    about keys a matched variant does not use.
+    """
+    t = _Tensors(prefix, tensors)
+    for marker, parser in VARIANT_MARKERS:
+        if marker in t:
+            module = parser(prefix, t, dyn)
+            t.warn_unused()
+            if dyn is not None and not isinstance(module, LoraModule):
+                logger.debug("%s: dyn=%d only truncates LoRA; %s ignores it", prefix, dyn, marker)
+            return module
+    raise UnsupportedModuleError(prefix, list(tensors))

@@ -1,0 +1,67 @@
+"""One typed Settings object: where files live, which device and dtype the model uses, how the
+server listens. Built from command-line flags in `app.py`; everything else receives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DeviceChoice(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DtypeChoice(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+_DTYPES = {
+    DtypeChoice.FP32: torch.float32,
+    DtypeChoice.FP16: torch.float16,
+    DtypeChoice.BF16: torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths, device and server options. Paths are absolute once resolved."""
+
+    models_dir: Path = ROOT / "models"
+    loras_dir: Path = ROOT / "loras"
+    outputs_dir: Path = ROOT / "outputs"
+    device: DeviceChoice = DeviceChoice.AUTO
+    dtype: DtypeChoice = DtypeChoice.AUTO
+    lowvram: bool = False
+    listen: bool = False
+    port: int = 7860
+    save_outputs: bool = True
+    cache_dir: Path = ROOT / ".cache"
+
+    @property
+    def host(self) -> str:
+        """127.0.0.1 unless the user asked to listen on every interface."""
+        return "0.0.0.0" if self.listen else "127.0.0.1"
+
+    def torch_device(self) -> torch.device:
+        """The device models run on: CUDA when present (or asked for), else CPU."""
+        if self.device is DeviceChoice.CPU:
+            return torch.device("cpu")
+        if self.device is DeviceChoice.CUDA and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but no CUDA GPU is available")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtype(self) -> torch.dtype:
+        """fp16 on a GPU unless told otherwise; fp32 on the CPU, where half precision is slow."""
+        if self.dtype is not DtypeChoice.AUTO:
+            return _DTYPES[self.dtype]
+        return torch.float16 if self.torch_device().type == "cuda" else torch.float32

@@ -1,0 +1,81 @@
+"""The whole Gradio app: model picker on top, one tab per tool."""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+import gradio as gr
+
+from webui.engine.generate import DEMO_MODEL_NAME, Engine
+from webui.ui.messages import user_message
+from webui.ui.png_info import build_png_info_tab
+from webui.ui.txt2img import build_txt2img_tab
+
+log = logging.getLogger(__name__)
+
+CSS = """
+.lw-infotext { white-space: pre-wrap; font-size: 0.85em; background: var(--block-background-fill);
+  padding: 8px; border-radius: 6px; margin: 0; }
+.lw-timing { font-size: 0.8em; opacity: 0.7; margin-top: 4px; }
+.lw-warnings { border-left: 4px solid #e0a000; padding: 4px 10px; background: rgba(224,160,0,0.08); }
+.lw-warnings ul { margin: 0; padding-left: 1.2em; }
+.lw-model-status { font-size: 0.9em; opacity: 0.85; }
+"""
+
+
+def _model_status(engine: Engine) -> str:
+    model = engine.model
+    if model is None:
+        return "<span class='lw-model-status'>No model loaded yet: it loads on first use.</span>"
+    if model.name == DEMO_MODEL_NAME:
+        folder = html.escape(str(engine.settings.models_dir))
+        return (
+            "<span class='lw-model-status'>⚠ Demo model: tiny, random weights, so images are noise. "
+            f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> and press 🔄.</span>"
+        )
+    return (
+        f"<span class='lw-model-status'>Loaded <b>{html.escape(model.name)}</b> · {model.kind.label} · "
+        f"{model.device.type} · {str(model.dtype).removeprefix('torch.')}</span>"
+    )
+
+
+def build_ui(engine: Engine) -> gr.Blocks:
+    """Build (not launch) the Blocks app around an engine."""
+    with gr.Blocks(title="LoRA WebUI") as ui:
+        with gr.Row(equal_height=True):
+            choices = engine.model_choices()
+            current = engine.model.name if engine.model else choices[0]
+            model = gr.Dropdown(
+                choices,
+                value=current,
+                label="Stable Diffusion checkpoint",
+                scale=4,
+                elem_id="model-select",
+            )
+            refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="model-refresh")
+            status = gr.HTML(_model_status(engine), elem_id="model-status")
+        with gr.Tabs():
+            with gr.Tab("txt2img", id="txt2img"):
+                build_txt2img_tab(engine)
+            with gr.Tab("PNG Info", id="png-info"):
+                build_png_info_tab()
+
+        def on_select(name: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - gradio injects it
+            try:
+                progress(0, desc=f"Loading {name}…")
+                engine.load(name)
+            except Exception as exc:  # shown as one line under the picker
+                return f"<span class='lw-warnings'>{html.escape(user_message(exc))}</span>"
+            return _model_status(engine)
+
+        def on_refresh() -> tuple[Any, str]:
+            names = engine.model_choices()
+            value = engine.model.name if engine.model and engine.model.name in names else names[0]
+            return gr.update(choices=names, value=value), _model_status(engine)
+
+        model.input(on_select, inputs=model, outputs=status, concurrency_id="gpu")
+        refresh.click(on_refresh, outputs=[model, status], queue=False)
+        ui.load(lambda: _model_status(engine), outputs=status, queue=False)
+    return ui

@@ -1,0 +1,141 @@
+"""The txt2img tab: prompt, parameters, Generate/Interrupt, gallery, infotext and warnings."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
+from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
+from webui.ui.messages import user_message, warnings_html
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Txt2ImgControls:
+    """The components other tabs need to reach (the Networks tab writes into the prompt)."""
+
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+
+
+def _infotext_html(result: GenerationResult) -> str:
+    if not result.images:
+        return ""
+    text = html.escape(result.images[0].infotext.format())
+    note = " <b>(interrupted)</b>" if result.interrupted else ""
+    timing = f"<div class='lw-timing'>{len(result.images)} image(s) in {result.seconds:.1f} s{note}</div>"
+    return f"<pre class='lw-infotext'>{text}</pre>{timing}"
+
+
+def _run_generation(
+    engine: Engine, request: GenerationRequest, progress: gr.Progress
+) -> tuple[Any, str, str]:
+    """Load a model if needed, generate, and shape the result for the gallery and panels."""
+    try:
+        if engine.model is None:
+            progress(0, desc="Loading model…")
+            engine.load_default()
+
+        def report(p: Progress) -> None:
+            progress((p.step, p.total), desc=f"Step {p.step}/{p.total}", unit="steps")
+
+        result = engine.generate(request, on_progress=report)
+    except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
+        return gr.update(), "", warnings_html([user_message(exc)])
+    gallery = [
+        (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
+    ]
+    return gallery, _infotext_html(result), warnings_html(result.warnings)
+
+
+def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
+    """Lay out the tab inside the current Blocks context and wire its events."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=3,
+                placeholder="a watercolor fox, <lora:name:0.8>",
+                elem_id="txt2img-prompt",
+            )
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
+        with gr.Column(scale=1, min_width=180):
+            generate = gr.Button(
+                "Generate", variant="primary", size="lg", elem_id="txt2img-generate"
+            )
+            interrupt = gr.Button("Interrupt", variant="stop", elem_id="txt2img-interrupt")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            sampler = gr.Dropdown(
+                sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", elem_id="txt2img-sampler"
+            )
+            steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="txt2img-steps")
+            with gr.Row():
+                width = gr.Slider(
+                    64, 2048, value=512, step=8, label="Width", elem_id="txt2img-width"
+                )
+                height = gr.Slider(
+                    64, 2048, value=512, step=8, label="Height", elem_id="txt2img-height"
+                )
+            cfg = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img-cfg")
+            with gr.Row():
+                seed = gr.Number(
+                    value=-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img-seed"
+                )
+                random_seed = gr.Button("🎲", scale=0, min_width=48)
+            with gr.Row():
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
+                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+        with gr.Column(scale=3, min_width=360):
+            gallery = gr.Gallery(
+                label="Images", columns=2, height=520, format="png", elem_id="txt2img-gallery"
+            )
+            warnings = gr.HTML(elem_id="txt2img-warnings")
+            infotext = gr.HTML(elem_id="txt2img-infotext")
+
+    def on_generate(*values: Any, progress: gr.Progress = gr.Progress()) -> tuple[Any, str, str]:  # noqa: B008 - gradio injects it
+        p, n, smp, st, w, h, c, sd, bc, bs, cs = values
+        request = GenerationRequest(
+            prompt=p,
+            negative_prompt=n,
+            sampler=smp,
+            steps=int(st),
+            width=int(w),
+            height=int(h),
+            cfg_scale=float(c),
+            seed=int(sd if sd is not None else -1),
+            batch_count=int(bc),
+            batch_size=int(bs),
+            clip_skip=int(cs),
+        )
+        return _run_generation(engine, request, progress)
+
+    inputs = [
+        prompt,
+        negative,
+        sampler,
+        steps,
+        width,
+        height,
+        cfg,
+        seed,
+        batch_count,
+        batch_size,
+        clip_skip,
+    ]
+    generate.click(
+        on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"
+    )
+    prompt.submit(
+        on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"
+    )
+    interrupt.click(engine.interrupt, queue=False)
+    random_seed.click(lambda: -1, outputs=seed, queue=False)
+    return Txt2ImgControls(prompt, negative)
