@@ -32,6 +32,11 @@ from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
 from webui.engine.prompt_encoding import encode_prompts
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.networks.catalog import NetworkCatalog, UnknownNetworkError
+from webui.networks.files import NetworkFileError
+from webui.networks.network import Network, load_network
+from webui.networks.patcher import NetworkPatcher
+from webui.prompt import NetworkTag, parse_prompt
 from webui.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class AppliedNetwork:
+    """A network that was applied to a generation, as its tag named it."""
+
+    name: str
+    network: Network
+    strength: float
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     image: Image.Image
     seed: int
@@ -146,6 +160,8 @@ class Engine:
         self._interrupt = threading.Event()
         self._model: LoadedModel | None = None
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
+        self.catalog = NetworkCatalog(settings.loras_dir)
+        self._patcher: NetworkPatcher | None = None
 
     # -- models -------------------------------------------------------------------------------
 
@@ -175,16 +191,17 @@ class Engine:
                     raise CheckpointError(
                         f"no checkpoint named {name!r} in {self.settings.models_dir}"
                     )
-                self._model = None  # free the old model before loading the next
+                self._model, self._patcher = None, None  # free the old model first
                 loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
             self._model = loaded
+            self._patcher = None
             return loaded
 
     def load_path(self, path: Path) -> LoadedModel:
         """Load a checkpoint file or diffusers folder from anywhere on disk."""
         checkpoint = checkpoint_from_path(path)
         with self._lock:
-            self._model = None
+            self._model, self._patcher = None, None
             self._model = load_checkpoint(
                 checkpoint,
                 self.settings.torch_device(),
@@ -228,6 +245,11 @@ class Engine:
     ) -> GenerationResult:
         started = time.perf_counter()
         request = replace(request, seed=resolve_seed(request.seed))
+        prompt, negative = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
+        warnings = [*prompt.errors, *negative.errors]
+        warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
+        applied = self._apply_networks(model, prompt.tags, warnings)
+        texts = replace(request, prompt=prompt.text, negative_prompt=negative.text)
         pipe = model.pipe
         pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
         images: list[GeneratedImage] = []
@@ -238,7 +260,7 @@ class Engine:
             seeds = [request.seed + first + i for i in range(request.batch_size)]
             callback = self._step_callback(request, batch, first, total_steps, on_progress)
             output = pipe(
-                **self._prompt_arguments(model, request),
+                **self._prompt_arguments(model, texts),
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 width=request.width,
@@ -248,14 +270,52 @@ class Engine:
                 callback_on_step_end=callback,
             )
             for image, seed in zip(output.images, seeds, strict=True):
-                infotext = self.infotext(model, request, seed)
+                infotext = self.infotext(model, request, seed, applied)
                 images.append(
                     GeneratedImage(image, seed, infotext, self._save(image, infotext, seed))
                 )
             if self._interrupt.is_set():
                 interrupted = True
                 break
-        return GenerationResult(images, [], interrupted, time.perf_counter() - started)
+        return GenerationResult(images, warnings, interrupted, time.perf_counter() - started)
+
+    def _apply_networks(
+        self, model: LoadedModel, tags: tuple[NetworkTag, ...], warnings: list[str]
+    ) -> list[AppliedNetwork]:
+        """Patch the model with the prompt's networks (or restore it when there are none).
+        Problems with one network become warnings; the others still apply."""
+        strengths: dict[str, float] = {}
+        for tag in tags:
+            if tag.name in strengths:
+                warnings.append(
+                    f"{tag.text}: {tag.name} appears more than once; strengths are added"
+                )
+            strengths[tag.name] = strengths.get(tag.name, 0.0) + tag.strength
+        chosen: list[AppliedNetwork] = []
+        if strengths and any(self._unknown(name) for name in strengths):
+            self.catalog.refresh()  # a file may have been added since the last scan
+        for name, strength in strengths.items():
+            try:
+                network = load_network(self.catalog.resolve(name).path)
+            except (UnknownNetworkError, NetworkFileError) as exc:
+                warnings.append(str(exc))
+                continue
+            chosen.append(AppliedNetwork(name, network, strength))
+        if self._patcher is None:
+            if not chosen:
+                return []
+            self._patcher = NetworkPatcher(model.pipe, model.kind.arch)
+        report = self._patcher.apply([(a.network, a.strength) for a in chosen])
+        warnings.extend(report.warnings)
+        applied_names = {r.name for r in report.networks if r.applied}
+        return [a for a in chosen if a.network.name in applied_names]
+
+    def _unknown(self, name: str) -> bool:
+        try:
+            self.catalog.resolve(name)
+        except UnknownNetworkError:
+            return True
+        return False
 
     @staticmethod
     def _prompt_arguments(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
@@ -300,8 +360,14 @@ class Engine:
 
         return callback
 
-    def infotext(self, model: LoadedModel, request: GenerationRequest, seed: int) -> Infotext:
-        """A1111-format parameters for one image."""
+    def infotext(
+        self,
+        model: LoadedModel,
+        request: GenerationRequest,
+        seed: int,
+        applied: list[AppliedNetwork] | None = None,
+    ) -> Infotext:
+        """A1111-format parameters for one image; the prompt keeps its tags as typed."""
         params: dict[str, str] = {
             "Steps": str(request.steps),
             "Sampler": get_sampler(request.sampler).name,
@@ -315,6 +381,9 @@ class Engine:
         params["Model"] = Path(model.name).name
         if request.clip_skip > 1:
             params["Clip skip"] = str(request.clip_skip)
+        hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]
+        if hashes:
+            params["Lora hashes"] = ", ".join(hashes)
         params["Version"] = APP_VERSION
         return Infotext(request.prompt, request.negative_prompt, params)
 

@@ -33,7 +33,7 @@ def _model_status(engine: Engine) -> str:
         folder = html.escape(str(engine.settings.models_dir))
         return (
             "<span class='lw-model-status'>⚠ Demo model: tiny, random weights, so images are noise. "
-            f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> and press 🔄.</span>"
+            f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> and press Refresh.</span>"
         )
     return (
         f"<span class='lw-model-status'>Loaded <b>{html.escape(model.name)}</b> · {model.kind.label} · "
@@ -54,7 +54,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 scale=4,
                 elem_id="model-select",
             )
-            refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="model-refresh")
+            refresh = gr.Button(
+                "Refresh", scale=0, min_width=90, size="sm", elem_id="model-refresh"
+            )
             status = gr.HTML(_model_status(engine), elem_id="model-status")
         with gr.Tabs():
             with gr.Tab("txt2img", id="txt2img"):

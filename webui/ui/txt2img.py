@@ -88,7 +88,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 seed = gr.Number(
                     value=-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img-seed"
                 )
-                random_seed = gr.Button("🎲", scale=0, min_width=48)
+                random_seed = gr.Button(
+                    "Random", scale=0, min_width=80, size="sm", elem_id="txt2img-random-seed"
+                )
             with gr.Row():
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")

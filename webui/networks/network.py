@@ -1,0 +1,101 @@
+"""A Network: one LoRA file read into typed modules, with its metadata and detected base.
+`load_network` keeps recently used files in memory, keyed by path, size and mtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from webui.networks.base_detection import BaseDetection, detect_base
+from webui.networks.files import compute_hashes, load_tensors, read_metadata
+from webui.networks.modules import (
+    NetworkModule,
+    UnsupportedModuleError,
+    Variant,
+    group_by_module,
+    parse_module,
+)
+from webui.networks.peft_metadata import read_peft_alphas
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 8
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A LoRA file in memory. Identity (not value) equality: two loads of a changed file differ."""
+
+    path: Path
+    name: str
+    metadata: Mapping[str, str]
+    modules: Mapping[str, NetworkModule]  # file key prefix -> module
+    unsupported: Mapping[str, tuple[str, ...]]  # prefix -> keys no variant understands
+    base: BaseDetection
+    _hash_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        """The variants present, in a stable order."""
+        return tuple(sorted({m.variant for m in self.modules.values()}, key=lambda v: v.value))
+
+    @cached_property
+    def autov3(self) -> str | None:
+        """A1111's LoRA hash (sha256 of the tensor data after the header, 12 hex); computed once."""
+        with self._hash_lock:
+            return compute_hashes(self.path).autov3
+
+
+def network_name(path: Path) -> str:
+    """A file's network name: its file name without extension (what `<lora:NAME>` matches)."""
+    return path.stem
+
+
+def read_network(path: Path, *, dyn: int | None = None) -> Network:
+    """Read a LoRA file into typed modules. Raises NetworkFileError for unreadable files; keys
+    no variant understands are collected (and reported by the patcher), not fatal."""
+    tensors = load_tensors(path)
+    metadata = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
+    modules: dict[str, NetworkModule] = {}
+    unsupported: dict[str, tuple[str, ...]] = {}
+    peft_alphas = read_peft_alphas(metadata)
+    for prefix, group in group_by_module(tensors).items():
+        alpha = peft_alphas.alpha_for(prefix)
+        if alpha is not None and "alpha" not in group:
+            group = {**group, "alpha": torch.tensor(alpha)}
+        try:
+            modules[prefix] = parse_module(prefix, group, dyn=dyn)
+        except UnsupportedModuleError:
+            unsupported[prefix] = tuple(sorted(group))
+    shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    base = detect_base(metadata, shapes)
+    return Network(path, network_name(path), metadata, modules, unsupported, base)
+
+
+_cache: OrderedDict[tuple[str, int, int, int | None], Network] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def load_network(path: str | os.PathLike[str], *, dyn: int | None = None) -> Network:
+    """Read a LoRA file, or return it from the in-memory LRU cache if unchanged on disk."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dyn)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    network = read_network(path, dyn=dyn)
+    with _cache_lock:
+        _cache[key] = network
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return network

@@ -1,0 +1,286 @@
+"""Apply a set of (Network, strength) to a diffusers pipeline's weights, natively.
+
+- The deltas of every network on one module are summed in fp32 on the weight's device and
+  written once, in the weight's dtype.
+- The original of every touched weight is kept, so `restore()` is bit-exact.
+- Applying a new set recomputes only the modules whose (network, strength) list changed.
+- An exception or interrupt part-way puts every weight back as it was before the call.
+
+The only module that writes model weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from webui.arch import Arch
+from webui.networks.base_detection import is_compatible
+from webui.networks.keys import Component, KeyMap, ModuleRef
+from webui.networks.modules import NetworkModule
+from webui.networks.network import Network
+from webui.networks.strengths import Strengths
+
+log = logging.getLogger(__name__)
+
+# One contribution to a target module: which network, which of its modules, at what multiplier.
+_Contribution = tuple[Network, NetworkModule, float]
+
+
+@dataclass(frozen=True)
+class NetworkReport:
+    """What happened to one network of a set."""
+
+    name: str
+    variants: tuple[str, ...]
+    matched: tuple[str, ...]
+    unmatched: tuple[str, ...]  # prefixes that name no module of the loaded model
+    unsupported: tuple[str, ...]  # prefixes whose keys no variant understands
+    shape_mismatch: tuple[str, ...]  # matched, but the tensors do not fit the weight
+    base: Arch | None
+    base_source: str
+    compatible: bool
+    applied: bool
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per problem, naming the network, for the UI."""
+        out: list[str] = []
+        if not self.compatible:
+            out.append(
+                f"{self.name}: made for {self.base.value if self.base else '?'} ({self.base_source}), not applied to this model"
+            )
+            return out
+        if self.unmatched:
+            out.append(
+                f"{self.name}: {len(self.unmatched)} module(s) match nothing in the model, e.g. {self.unmatched[0]}"
+            )
+        if self.unsupported:
+            out.append(
+                f"{self.name}: {len(self.unsupported)} module(s) of an unknown format skipped, e.g. {self.unsupported[0]}"
+            )
+        if self.shape_mismatch:
+            out.append(
+                f"{self.name}: {len(self.shape_mismatch)} module(s) skipped for shape mismatch, e.g. {self.shape_mismatch[0]}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """The result of one `apply`: a report per network and how much work it took."""
+
+    networks: tuple[NetworkReport, ...] = ()
+    modules_changed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for report in self.networks for w in report.warnings]
+
+
+@dataclass
+class _Backup:
+    weight: Tensor
+    bias: Tensor | None
+
+
+@dataclass
+class _Plan:
+    """Per target module: the contributions wanted after this call."""
+
+    targets: dict[ModuleRef, tuple[ModuleRef, list[_Contribution]]] = field(default_factory=dict)
+
+    def add(self, ref: ModuleRef, contribution: _Contribution) -> None:
+        entry = self.targets.setdefault(ref, (ref, []))
+        entry[1].append(contribution)
+
+
+def _signature(contributions: Iterable[_Contribution]) -> tuple[tuple[int, str, float], ...]:
+    return tuple((id(net), module.key, multiplier) for net, module, multiplier in contributions)
+
+
+def _normalise(entry: tuple[Network, float | Strengths]) -> tuple[Network, Strengths]:
+    network, strength = entry
+    return network, strength if isinstance(strength, Strengths) else Strengths.uniform(
+        float(strength)
+    )
+
+
+class NetworkPatcher:
+    """Patches one pipeline's text encoder(s) and UNet in place. Not thread-safe: the engine
+    serializes calls."""
+
+    def __init__(self, pipe: object, arch: Arch | None = None) -> None:
+        self.keymap = KeyMap.from_pipeline(pipe)
+        self.arch = arch
+        self._backups: dict[ModuleRef, _Backup] = {}
+        self._refs: dict[ModuleRef, ModuleRef] = {}
+        self._applied: dict[ModuleRef, tuple[tuple[int, str, float], ...]] = {}
+        self._keep_alive: tuple[Network, ...] = ()  # signatures hold ids: keep those objects alive
+
+    @property
+    def patched_modules(self) -> int:
+        return len(self._applied)
+
+    def apply(self, networks: Sequence[tuple[Network, float | Strengths]]) -> PatchReport:
+        """Make the model's weights equal base + the given set (replacing any previous set)."""
+        started = time.perf_counter()
+        plan = _Plan()
+        reports = [
+            self._plan_network(network, strengths, plan)
+            for network, strengths in map(_normalise, networks)
+        ]
+        wanted = {
+            key: _signature(contribs) for key, (_, contribs) in plan.targets.items() if contribs
+        }
+        changed = [
+            key
+            for key in set(wanted) | set(self._applied)
+            if wanted.get(key) != self._applied.get(key)
+        ]
+        self._write(changed, plan)
+        self._keep_alive = tuple(network for network, _ in networks)
+        return PatchReport(tuple(reports), len(changed), time.perf_counter() - started)
+
+    def restore(self) -> None:
+        """Put every patched weight back exactly as it was before the first apply."""
+        self._write(list(self._applied), _Plan())
+        self._keep_alive = ()
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def _plan_network(self, network: Network, strengths: Strengths, plan: _Plan) -> NetworkReport:
+        compatible = (
+            self.arch is None
+            or network.base.arch is None
+            or is_compatible(network.base.arch, self.arch)
+        )
+        matched: list[str] = []
+        unmatched: list[str] = []
+        mismatched: list[str] = []
+        for prefix, module in network.modules.items():
+            ref = self.keymap.resolve(prefix)
+            if ref is None:
+                unmatched.append(prefix)
+                continue
+            weight = _weight_of(ref.module)
+            if weight is None or not module.accepts(weight.shape):
+                mismatched.append(prefix)
+                continue
+            matched.append(prefix)
+            multiplier = strengths.for_component(ref.component, ref.path)
+            if compatible and multiplier != 0:
+                plan.add(ref, (network, module, multiplier))
+        for prefix in mismatched:
+            log.warning("%s: %s does not fit its target weight; skipped", network.name, prefix)
+        return NetworkReport(
+            name=network.name,
+            variants=tuple(v.value for v in network.variants),
+            matched=tuple(matched),
+            unmatched=tuple(unmatched),
+            unsupported=tuple(network.unsupported),
+            shape_mismatch=tuple(mismatched),
+            base=network.base.arch,
+            base_source=network.base.source,
+            compatible=compatible,
+            applied=compatible and bool(matched),
+        )
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _write(self, changed: list[ModuleRef], plan: _Plan) -> None:
+        """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
+        included) put back what this call wrote, then re-raise."""
+        undo: list[tuple[ModuleRef, Tensor | None, Tensor | None, bool]] = []
+        try:
+            for key in changed:
+                ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
+                module = ref.module
+                weight, bias = _weight_of(module), _bias_of(module)
+                fresh = key not in self._backups
+                if fresh:
+                    self._backups[key] = _Backup(
+                        weight.detach().clone(), None if bias is None else bias.detach().clone()
+                    )
+                    self._refs[key] = ref
+                    undo.append((key, None, None, True))
+                else:
+                    undo.append(
+                        (
+                            key,
+                            weight.detach().clone(),
+                            None if bias is None else bias.detach().clone(),
+                            False,
+                        )
+                    )
+                backup = self._backups[key]
+                if contributions:
+                    self._patch(weight, bias, backup, contributions)
+                    self._applied[key] = _signature(contributions)
+                else:
+                    weight.copy_(backup.weight)
+                    if bias is not None and backup.bias is not None:
+                        bias.copy_(backup.bias)
+                    self._applied.pop(key, None)
+        except BaseException:
+            self._undo(undo)
+            raise
+        for key in changed:
+            if key not in self._applied:
+                self._backups.pop(key, None)
+                self._refs.pop(key, None)
+
+    def _undo(self, undo: list[tuple[ModuleRef, Tensor | None, Tensor | None, bool]]) -> None:
+        for key, weight_before, bias_before, fresh in reversed(undo):
+            module = self._refs[key].module
+            weight, bias = _weight_of(module), _bias_of(module)
+            backup = self._backups[key]
+            weight.copy_(backup.weight if fresh else weight_before)
+            source_bias = backup.bias if fresh else bias_before
+            if bias is not None and source_bias is not None:
+                bias.copy_(source_bias)
+            if fresh:
+                del self._backups[key], self._refs[key]
+                self._applied.pop(key, None)
+        # signatures of modules that were patched before stay as they were: their weights are back
+
+    @staticmethod
+    def _patch(
+        weight: Tensor, bias: Tensor | None, backup: _Backup, contributions: list[_Contribution]
+    ) -> None:
+        original = backup.weight.to(device=weight.device, dtype=torch.float32)
+        original_bias = (
+            None
+            if backup.bias is None
+            else backup.bias.to(device=weight.device, dtype=torch.float32)
+        )
+        total = torch.zeros_like(original)
+        total_bias = None if original_bias is None else torch.zeros_like(original_bias)
+        for _network, module, multiplier in contributions:
+            delta = module.weight_delta(original, multiplier, original_bias)
+            if delta.weight is not None:
+                total += delta.weight.reshape(original.shape)
+            if delta.bias is not None and total_bias is not None:
+                total_bias += delta.bias.reshape(total_bias.shape)
+        weight.copy_((original + total).to(weight.dtype))
+        if bias is not None and total_bias is not None and original_bias is not None:
+            bias.copy_((original_bias + total_bias).to(bias.dtype))
+
+
+def _weight_of(module: nn.Module) -> Tensor | None:
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, Tensor) else None
+
+
+def _bias_of(module: nn.Module) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
+
+
+__all__ = ["Component", "NetworkPatcher", "NetworkReport", "PatchReport"]
