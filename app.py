@@ -9,11 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from webui.settings import DeviceChoice, DtypeChoice, Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from webui.networks.inspection import ModelCheck
+    from webui.networks.network import Network
 
 log = logging.getLogger("app")
 
@@ -74,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="PNG path; batches write FILE-1.png, FILE-2.png, ...",
+    )
+
+    inspect = sub.add_parser("inspect-lora", help="show what a LoRA file holds")
+    _common_options(inspect, in_subcommand=True)
+    inspect.add_argument("file", type=Path, help="LoRA file (.safetensors, .pt, .ckpt, ...)")
+    inspect.add_argument(
+        "--model", type=Path, help="also check it against this checkpoint (loaded on the CPU)"
+    )
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    merge = sub.add_parser("merge", help="bake LoRAs into a checkpoint (on the CPU)")
+    _common_options(merge, in_subcommand=True)
+    merge.add_argument("--model", type=Path, required=True, help="checkpoint file or folder")
+    merge.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        required=True,
+        metavar="FILE:WEIGHT",
+        help="LoRA file and strength (default 1); repeat for several",
+    )
+    merge.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help=".safetensors for a single-file input, a new folder for a diffusers one",
     )
     return parser
 
@@ -148,6 +182,100 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype for CPU work: fp32 unless asked otherwise."""
+    choice = DtypeChoice(args.dtype)
+    return Settings(dtype=DtypeChoice.FP32 if choice is DtypeChoice.AUTO else choice).torch_dtype()
+
+
+def run_inspect_lora(args: argparse.Namespace) -> int:
+    from webui.networks.files import NetworkFileError
+    from webui.networks.inspection import (
+        NotALoraError,
+        format_text,
+        inspect_network,
+        refuse_checkpoint,
+    )
+    from webui.networks.network import load_network
+
+    errors: tuple[type[Exception], ...] = (NetworkFileError, NotALoraError, FileNotFoundError)
+    if args.model is not None:  # the engine (and diffusers) only when a model is given
+        from webui.engine.checkpoints import CheckpointError
+
+        errors += (CheckpointError,)
+    try:
+        if not args.file.is_file():
+            raise FileNotFoundError(f"{args.file}: no such LoRA file")
+        refuse_checkpoint(args.file)
+        network = load_network(args.file)
+        inspection = inspect_network(network)
+        if args.model is not None:
+            inspection = dataclasses.replace(
+                inspection, model_check=_model_check(network, args.model, _cpu_dtype(args))
+            )
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(inspection.to_json() if args.json else format_text(inspection))
+    return 0
+
+
+def _model_check(network: Network, model_path: Path, dtype: torch.dtype) -> ModelCheck:
+    import torch
+
+    from webui.engine.checkpoints import checkpoint_from_path, load_checkpoint
+    from webui.networks.inspection import model_check
+    from webui.networks.patcher import NetworkPatcher
+
+    model = load_checkpoint(checkpoint_from_path(model_path), torch.device("cpu"), dtype)
+    # strength 0 plans the match without writing a weight
+    report = NetworkPatcher(model.pipe, model.kind.arch).apply([(network, 0.0)])
+    return model_check(report.networks[0], model.name, model.kind.arch)
+
+
+def parse_lora_arg(value: str) -> tuple[Path, float]:
+    """FILE:WEIGHT (weight 1 when absent); the last ':' splits, so Windows drives work."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass  # a ':' inside the path, no weight
+    return Path(value), 1.0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from webui.engine.checkpoints import CheckpointError
+    from webui.engine.merge import MergeError, merge_checkpoint
+    from webui.networks.files import NetworkFileError
+
+    loras = [parse_lora_arg(value) for value in args.loras]
+    try:
+        for path, _ in loras:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such LoRA file")
+        result = merge_checkpoint(
+            args.model,
+            loras,
+            args.out,
+            _cpu_dtype(args),
+            progress=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except (MergeError, CheckpointError, NetworkFileError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"merged {len(result.loras)} LoRA(s) into {result.kind.label} "
+        f"({result.modules_changed} modules changed, {result.seconds:.1f} s)"
+    )
+    for lora in result.loras:
+        print(f"  {lora.name} ×{lora.weight:g}: {len(lora.report.matched)} modules matched")
+        for warning in lora.report.warnings:
+            print(f"    warning: {warning}")
+    print(result.out)
+    return 0
+
+
 def run_server(args: argparse.Namespace) -> int:
     import threading
 
@@ -181,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "inspect-lora":
+        return run_inspect_lora(args)
+    if args.command == "merge":
+        return run_merge(args)
     return run_server(args)
 
 

@@ -418,6 +418,17 @@ def pipeline_state_dict(pipe: DiffusionPipeline, kind: ModelKind) -> dict[str, t
     return to_single_file(components, _component_configs(pipe), kind.arch)
 
 
+def read_tensors(path: Path, exclude: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint's tensors, except the keys in `exclude` (safetensors are read
+    one tensor at a time; `.ckpt` through the weights-only loader)."""
+    skip = exclude or set()
+    if path.suffix.lower() == ".safetensors":
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            keys = [key for key in handle.keys() if key not in skip]  # noqa: SIM118 - not iterable
+            return {key: handle.get_tensor(key) for key in keys}
+    return {key: value for key, value in _load_ckpt(path).items() if key not in skip}
+
+
 def save_single_file(
     pipe: DiffusionPipeline,
     kind: ModelKind,
@@ -425,15 +436,41 @@ def save_single_file(
     *,
     embed_configs: bool = False,
     metadata: Mapping[str, str] | None = None,
-) -> None:
+    keep_from: Path | None = None,
+) -> int:
     """Write the pipeline as a single `.safetensors` checkpoint in the original key layout.
-    `embed_configs` stores the component configs, for models whose sizes differ from configs/."""
+    `embed_configs` stores the component configs, for models whose sizes differ from configs/;
+    `keep_from` copies the tensors of that source file the conversion does not produce (EMA
+    weights, SD2's last text layer). The file appears complete or not at all. Returns how many
+    tensors were kept from the source."""
     state = {
         k: v.detach().to("cpu").contiguous() for k, v in pipeline_state_dict(pipe, kind).items()
     }
+    kept = read_tensors(keep_from, set(state)) if keep_from is not None else {}
+    state.update({k: v.contiguous() for k, v in kept.items()})
     meta = dict(metadata or {})
     meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
     if embed_configs:
         meta[CONFIGS_METADATA_KEY] = json.dumps(_component_configs(pipe))
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state, str(path), metadata=meta)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        safetensors.torch.save_file(state, str(partial), metadata=meta)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return len(kept)
+
+
+def save_folder(pipe: DiffusionPipeline, out: Path) -> None:
+    """Write the pipeline as a diffusers folder; it appears complete or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(partial), safe_serialization=True)
+        if out.is_dir():
+            out.rmdir()  # callers check that it is empty
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -30,11 +30,11 @@ from webui.engine.checkpoints import (
 from webui.engine.infotext import Infotext, save_png
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
+from webui.engine.network_set import ChosenNetwork, choose_networks
 from webui.engine.prompt_encoding import encode_prompts
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
-from webui.networks.catalog import NetworkCatalog, UnknownNetworkError
-from webui.networks.files import NetworkFileError
-from webui.networks.network import Network, load_network
+from webui.networks.catalog import NetworkCatalog
+from webui.networks.keys import Component
 from webui.networks.patcher import NetworkPatcher
 from webui.prompt import NetworkTag, parse_prompt
 from webui.settings import Settings
@@ -97,15 +97,6 @@ class GenerationRequest:
             get_sampler(self.sampler)
         except UnknownSamplerError as exc:
             raise RequestError(f"sampler: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class AppliedNetwork:
-    """A network that was applied to a generation, as its tag named it."""
-
-    name: str
-    network: Network
-    strength: float
 
 
 @dataclass(frozen=True)
@@ -248,7 +239,7 @@ class Engine:
         prompt, negative = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
-        applied = self._apply_networks(model, prompt.tags, warnings)
+        applied = self._apply_networks(model, prompt.tags, request.steps, warnings)
         texts = replace(request, prompt=prompt.text, negative_prompt=negative.text)
         pipe = model.pipe
         pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
@@ -258,9 +249,11 @@ class Engine:
         for batch in range(request.batch_count):
             first = batch * request.batch_size
             seeds = [request.seed + first + i for i in range(request.batch_size)]
-            callback = self._step_callback(request, batch, first, total_steps, on_progress)
+            if self._patcher is not None and self._patcher.is_scheduled:
+                self._patcher.set_step(1, request.steps)  # each batch starts from step 1
+            callback = self._step_callback(model, texts, batch, first, total_steps, on_progress)
             output = pipe(
-                **self._prompt_arguments(model, texts),
+                **self._prompt_embeddings(model, texts),
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 width=request.width,
@@ -280,54 +273,47 @@ class Engine:
         return GenerationResult(images, warnings, interrupted, time.perf_counter() - started)
 
     def _apply_networks(
-        self, model: LoadedModel, tags: tuple[NetworkTag, ...], warnings: list[str]
-    ) -> list[AppliedNetwork]:
-        """Patch the model with the prompt's networks (or restore it when there are none).
-        Problems with one network become warnings; the others still apply."""
-        strengths: dict[str, float] = {}
-        for tag in tags:
-            if tag.name in strengths:
-                warnings.append(
-                    f"{tag.text}: {tag.name} appears more than once; strengths are added"
-                )
-            strengths[tag.name] = strengths.get(tag.name, 0.0) + tag.strength
-        chosen: list[AppliedNetwork] = []
-        if strengths and any(self._unknown(name) for name in strengths):
-            self.catalog.refresh()  # a file may have been added since the last scan
-        for name, strength in strengths.items():
-            try:
-                network = load_network(self.catalog.resolve(name).path)
-            except (UnknownNetworkError, NetworkFileError) as exc:
-                warnings.append(str(exc))
-                continue
-            chosen.append(AppliedNetwork(name, network, strength))
+        self,
+        model: LoadedModel,
+        tags: tuple[NetworkTag, ...],
+        total_steps: int,
+        warnings: list[str],
+    ) -> list[ChosenNetwork]:
+        """Patch the model with the prompt's networks at step 1 (or restore it when there are
+        none). Problems with one network become warnings; the others still apply."""
+        chosen = choose_networks(tags, self.catalog, warnings)
         if self._patcher is None:
             if not chosen:
                 return []
             self._patcher = NetworkPatcher(model.pipe, model.kind.arch)
-        report = self._patcher.apply([(a.network, a.strength) for a in chosen])
+        report = self._patcher.apply(
+            [(c.network, c.strengths) for c in chosen], step=1, total_steps=total_steps
+        )
         warnings.extend(report.warnings)
-        applied_names = {r.name for r in report.networks if r.applied}
-        return [a for a in chosen if a.network.name in applied_names]
-
-    def _unknown(self, name: str) -> bool:
-        try:
-            self.catalog.resolve(name)
-        except UnknownNetworkError:
-            return True
-        return False
+        applied = {r.name for r in report.networks if r.applied}
+        return [c for c in chosen if c.network.name in applied]
 
     @staticmethod
-    def _prompt_arguments(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
-        """Prompts as the pipeline takes them: embeddings we encode for SD1/SD2, text for SDXL."""
+    def _prompt_embeddings(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
+        """Prompt and negative prompt encoded with the text encoders as they are patched now,
+        as pipeline keyword arguments."""
         prompts = [request.prompt] * request.batch_size
         negatives = [request.negative_prompt] * request.batch_size
         pipe = model.pipe
         if model.kind.arch is Arch.SDXL:
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                device=pipe._execution_device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negatives,
+                clip_skip=sdxl_clip_skip(request.clip_skip),
+            )
             return {
-                "prompt": prompts,
-                "negative_prompt": negatives,
-                "clip_skip": sdxl_clip_skip(request.clip_skip),
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled,
             }
         return {
             "prompt_embeds": encode_prompts(
@@ -340,6 +326,7 @@ class Engine:
 
     def _step_callback(
         self,
+        model: LoadedModel,
         request: GenerationRequest,
         batch: int,
         first_image: int,
@@ -354,18 +341,49 @@ class Engine:
             done = min(request.steps, round((step + 1) * request.steps / loop_len))
             if on_progress is not None:
                 on_progress(Progress(batch * request.steps + done, total_steps, first_image))
+            if done < request.steps:
+                tensors.update(self._next_step(model, request, done + 1))
             if self._interrupt.is_set():
                 pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
             return tensors
 
         return callback
 
+    def _next_step(
+        self, model: LoadedModel, request: GenerationRequest, step: int
+    ) -> dict[str, Any]:
+        """Move scheduled strengths to `step`; when a text encoder changed, the prompt is encoded
+        again and the pipeline uses the new embeddings from this step on."""
+        patcher = self._patcher
+        if patcher is None or not patcher.is_scheduled:
+            return {}
+        report = patcher.set_step(step, request.steps)
+        if report is None or not report.components_changed - {Component.UNET}:
+            return {}
+        return self._cfg_embeddings(model, request)
+
+    def _cfg_embeddings(self, model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
+        """Prompt embeddings shaped as the denoising loop holds them (negative then positive
+        when classifier-free guidance is on)."""
+        args = self._prompt_embeddings(model, request)
+        guided = request.cfg_scale > 1
+
+        def stacked(negative: str, positive: str) -> torch.Tensor:
+            return torch.cat([args[negative], args[positive]]) if guided else args[positive]
+
+        out = {"prompt_embeds": stacked("negative_prompt_embeds", "prompt_embeds")}
+        if "pooled_prompt_embeds" in args:
+            out["add_text_embeds"] = stacked(
+                "negative_pooled_prompt_embeds", "pooled_prompt_embeds"
+            )
+        return out
+
     def infotext(
         self,
         model: LoadedModel,
         request: GenerationRequest,
         seed: int,
-        applied: list[AppliedNetwork] | None = None,
+        applied: list[ChosenNetwork] | None = None,
     ) -> Infotext:
         """A1111-format parameters for one image; the prompt keeps its tags as typed."""
         params: dict[str, str] = {

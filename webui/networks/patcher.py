@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.networks.base_detection import is_compatible
+from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap, ModuleRef
 from webui.networks.modules import NetworkModule
 from webui.networks.network import Network
@@ -77,6 +78,7 @@ class PatchReport:
     networks: tuple[NetworkReport, ...] = ()
     modules_changed: int = 0
     seconds: float = 0.0
+    components_changed: frozenset[Component] = frozenset()
 
     @property
     def warnings(self) -> list[str]:
@@ -122,18 +124,29 @@ class NetworkPatcher:
         self._refs: dict[ModuleRef, ModuleRef] = {}
         self._applied: dict[ModuleRef, tuple[tuple[int, str, float], ...]] = {}
         self._keep_alive: tuple[Network, ...] = ()  # signatures hold ids: keep those objects alive
+        self._set: list[tuple[Network, Strengths]] = []
+        unet = getattr(pipe, "unet", None)
+        self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
 
     @property
     def patched_modules(self) -> int:
         return len(self._applied)
 
-    def apply(self, networks: Sequence[tuple[Network, float | Strengths]]) -> PatchReport:
-        """Make the model's weights equal base + the given set (replacing any previous set)."""
+    def apply(
+        self,
+        networks: Sequence[tuple[Network, float | Strengths]],
+        *,
+        step: int = 1,
+        total_steps: int = 1,
+    ) -> PatchReport:
+        """Make the model's weights equal base + the given set (replacing any previous set).
+        Scheduled strengths are taken at `step` (1-based) of `total_steps`."""
         started = time.perf_counter()
+        self._set = [_normalise(entry) for entry in networks]
         plan = _Plan()
         reports = [
-            self._plan_network(network, strengths, plan)
-            for network, strengths in map(_normalise, networks)
+            self._plan_network(network, strengths.at_step(step, total_steps), plan)
+            for network, strengths in self._set
         ]
         wanted = {
             key: _signature(contribs) for key, (_, contribs) in plan.targets.items() if contribs
@@ -144,13 +157,31 @@ class NetworkPatcher:
             if wanted.get(key) != self._applied.get(key)
         ]
         self._write(changed, plan)
-        self._keep_alive = tuple(network for network, _ in networks)
-        return PatchReport(tuple(reports), len(changed), time.perf_counter() - started)
+        self._keep_alive = tuple(network for network, _ in self._set)
+        return PatchReport(
+            tuple(reports),
+            len(changed),
+            time.perf_counter() - started,
+            frozenset(ref.component for ref in changed),
+        )
+
+    @property
+    def is_scheduled(self) -> bool:
+        """True when the current set has strengths that change between steps."""
+        return any(strengths.is_scheduled for _, strengths in self._set)
+
+    def set_step(self, step: int, total_steps: int) -> PatchReport | None:
+        """Re-apply the current set at `step`; only modules whose multiplier changed are written.
+        None when nothing in the set is scheduled."""
+        if not self.is_scheduled:
+            return None
+        return self.apply(list(self._set), step=step, total_steps=total_steps)
 
     def restore(self) -> None:
         """Put every patched weight back exactly as it was before the first apply."""
         self._write(list(self._applied), _Plan())
         self._keep_alive = ()
+        self._set = []
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -173,7 +204,8 @@ class NetworkPatcher:
                 mismatched.append(prefix)
                 continue
             matched.append(prefix)
-            multiplier = strengths.for_component(ref.component, ref.path)
+            block = self._blocks.get(ref.path, OUTSIDE) if ref.component is Component.UNET else None
+            multiplier = strengths.multiplier(ref.component, block)
             if compatible and multiplier != 0:
                 plan.add(ref, (network, module, multiplier))
         for prefix in mismatched:

@@ -1,30 +1,112 @@
-"""How strongly a network applies to each part of the model."""
+"""How strongly a network applies to each part of the model, optionally per UNet block and per
+denoising step.
+
+Rules (documented for users in README.md):
+- text encoders: `te1` / `te2` (SDXL's two encoders; each defaults to `te`), times the block
+  vector's BASE entry when one is given;
+- UNet: `in` / `mid` / `out` for modules of the input, middle and output blocks (see
+  `blocks.py` for where conv_in and the final conv belong), each defaulting to `unet`; modules
+  outside the blocks (time and label embeddings) take `unet`; a block vector (`lbw`) multiplies
+  by the entry of the module's block label (IN04, M00, OUT11); numbered blocks a vector does
+  not list get 0, as in the LoRA Block Weight extension (a 17-value vector on a LoCon zeroes
+  IN00, IN03, ...); modules with no label (final norm/conv, embeddings) keep factor 1;
+- any value may be a schedule: anything with `value_at(step, total_steps) -> float`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Protocol, runtime_checkable
 
+from webui.networks.blocks import BlockKind, UnetBlock
 from webui.networks.keys import Component
+
+
+@runtime_checkable
+class StepSchedule(Protocol):
+    """A strength that changes over the denoising steps (see `webui.prompt.Schedule`)."""
+
+    def value_at(self, step: int, total_steps: int) -> float: ...
+
+
+Strength = float | StepSchedule
+
+_MIDDLE_LABELS = ("M00", "MID")
+
+
+def _value(strength: Strength | None, step: int, total_steps: int) -> float | None:
+    if strength is None or isinstance(strength, int | float):
+        return strength
+    return strength.value_at(step, total_steps)
 
 
 @dataclass(frozen=True)
 class Strengths:
-    """Multipliers per component. `te1`/`te2` (SDXL's two text encoders) default to `te`."""
+    """Multipliers per component, per UNet block and (through schedules) per step."""
 
-    te: float = 1.0
-    unet: float = 1.0
-    te1: float | None = None
-    te2: float | None = None
+    te: Strength = 1.0
+    unet: Strength = 1.0
+    te1: Strength | None = None
+    te2: Strength | None = None
+    in_blocks: Strength | None = None
+    mid: Strength | None = None
+    out: Strength | None = None
+    blocks: Mapping[str, float] | None = None  # LoRA Block Weight label -> factor
 
     @classmethod
     def uniform(cls, weight: float) -> Strengths:
         """The same multiplier everywhere, as `<lora:name:W>` means."""
         return cls(te=weight, unet=weight)
 
-    def for_component(self, component: Component, path: str = "") -> float:
-        """The multiplier for a module of `component` (`path` is for per-block rules)."""
+    @property
+    def is_scheduled(self) -> bool:
+        """True when any value changes with the step."""
+        return any(
+            isinstance(getattr(self, f.name), StepSchedule)
+            for f in fields(self)
+            if f.name != "blocks"
+        )
+
+    def at_step(self, step: int, total_steps: int) -> Strengths:
+        """The constant strengths of one step (1-based); unscheduled strengths come back as is."""
+        if not self.is_scheduled:
+            return self
+        values = {
+            f.name: _value(getattr(self, f.name), step, total_steps)
+            for f in fields(self)
+            if f.name != "blocks"
+        }
+        return replace(self, **values)
+
+    def _constant(self, strength: Strength | None) -> float | None:
+        if isinstance(strength, StepSchedule):
+            raise ValueError("scheduled strengths need a step: call at_step() first")
+        return strength
+
+    def text_encoder(self, component: Component) -> float:
+        """The multiplier for text encoder 1 or 2."""
+        base = self._constant(self.te)
+        own = self._constant(self.te2 if component is Component.TEXT_ENCODER_2 else self.te1)
+        factor = self.blocks.get("BASE", 1.0) if self.blocks else 1.0
+        return (base if own is None else own) * factor
+
+    def unet_block(self, block: UnetBlock) -> float:
+        """The multiplier for a UNet module in `block`."""
+        unet = self._constant(self.unet)
+        by_kind = {
+            BlockKind.INPUT: self.in_blocks,
+            BlockKind.MIDDLE: self.mid,
+            BlockKind.OUTPUT: self.out,
+        }
+        own = self._constant(by_kind.get(block.kind))
+        strength = unet if own is None else own
+        if self.blocks and block.label is not None:
+            labels = _MIDDLE_LABELS if block.kind is BlockKind.MIDDLE else (block.label,)
+            strength *= next((self.blocks[label] for label in labels if label in self.blocks), 0.0)
+        return strength
+
+    def multiplier(self, component: Component, block: UnetBlock | None = None) -> float:
+        """The multiplier for a module of `component` (`block` for UNet modules)."""
         if component is Component.UNET:
-            return self.unet
-        if component is Component.TEXT_ENCODER_2:
-            return self.te if self.te2 is None else self.te2
-        return self.te if self.te1 is None else self.te1
+            return self.unet_block(block) if block is not None else self._constant(self.unet)
+        return self.text_encoder(component)

@@ -1,0 +1,236 @@
+"""Bake LoRAs into a checkpoint: load it on the CPU, apply the networks with the patcher, and write
+the result in the layout of the input (a single `.safetensors` in the original LDM/SGM layout, or
+a diffusers folder)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from webui.arch import Arch, Prediction
+from webui.engine.checkpoints import (
+    CheckpointFile,
+    CheckpointFormat,
+    ModelKind,
+    checkpoint_from_path,
+    detect_kind,
+    load_checkpoint,
+    read_header,
+    save_folder,
+    save_single_file,
+)
+from webui.networks.base_detection import is_compatible
+from webui.networks.inspection import NotALoraError, refuse_checkpoint
+from webui.networks.network import Network, load_network
+from webui.networks.patcher import NetworkPatcher, NetworkReport
+
+log = logging.getLogger(__name__)
+
+MERGE_METADATA_KEY = "lora_webui.merge"
+# Source metadata that describes the source's bytes, wrong for the merged file.
+_STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
+_MODELSPEC_ARCHITECTURE = {
+    Arch.SD1: "stable-diffusion-v1",
+    Arch.SD2: "stable-diffusion-v2-512",
+    Arch.SDXL: "stable-diffusion-xl-v1-base",
+}
+
+
+class MergeError(Exception):
+    """A merge refused before anything is written; the message says why."""
+
+
+class OutputLayout(StrEnum):
+    SINGLE_FILE = "single-file"
+    DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class MergedLora:
+    """One LoRA of a merge: its file, strength and what the patcher did with it."""
+
+    path: Path
+    weight: float
+    report: NetworkReport
+
+    @property
+    def name(self) -> str:
+        return self.report.name
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What `merge_checkpoint` wrote."""
+
+    out: Path
+    layout: OutputLayout
+    kind: ModelKind
+    loras: tuple[MergedLora, ...]
+    modules_changed: int
+    kept_tensors: int  # original tensors copied as they were (not produced by the conversion)
+    seconds: float
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for lora in self.loras for w in lora.report.warnings]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _check_output(checkpoint: CheckpointFile, out: Path) -> OutputLayout:
+    if _same_path(checkpoint.path, out):
+        raise MergeError(f"{out}: the output must not be the input checkpoint")
+    if checkpoint.format is CheckpointFormat.DIFFUSERS:
+        if out.is_file():
+            raise MergeError(
+                f"{out}: a diffusers folder is written for a folder input; this is a file"
+            )
+        if out.is_dir() and any(out.iterdir()):
+            raise MergeError(f"{out}: folder exists and is not empty")
+        if checkpoint.path.resolve() in out.resolve().parents:
+            raise MergeError(f"{out}: the output must not be inside the input folder")
+        return OutputLayout.DIFFUSERS
+    if out.suffix.lower() != ".safetensors":
+        raise MergeError(f"{out}: a single-file checkpoint is written as .safetensors; name it so")
+    if out.is_dir():
+        raise MergeError(f"{out}: is a folder")
+    return OutputLayout.SINGLE_FILE
+
+
+def _check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
+    wrong = [n for n in networks if not is_compatible(n.base.arch, arch)]
+    if wrong:
+        details = "; ".join(
+            f"{n.name} is for {n.base.arch.value if n.base.arch else '?'} ({n.base.detail})"
+            for n in wrong
+        )
+        raise MergeError(f"{model} is {arch.value}, but {details}")
+
+
+def _load_lora(path: Path) -> Network:
+    try:
+        refuse_checkpoint(path)  # from the header: a checkpoint is never loaded as a LoRA
+    except NotALoraError as exc:
+        raise MergeError(str(exc)) from exc
+    network = load_network(path)
+    if not network.modules:
+        raise MergeError(f"{path}: holds no LoRA modules, not a LoRA file")
+    return network
+
+
+def merge_checkpoint(
+    model_path: Path,
+    loras: Sequence[tuple[Path, float]],
+    out: Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Write `model_path` with `loras` (file, strength) baked in to `out`, in the input's layout.
+
+    Single files (.safetensors or .ckpt) give one `.safetensors` in the original key layout that
+    keeps every source tensor the conversion does not produce and the source's metadata, plus
+    modelspec merge metadata; diffusers folders give a diffusers folder. Raises MergeError (before
+    writing anything) for an output equal to the input, LoRAs of another base, or LoRAs that
+    change nothing; CheckpointError / NetworkFileError / FileNotFoundError for unreadable inputs.
+    """
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    if not loras:
+        raise MergeError("no LoRA to merge")
+    checkpoint = checkpoint_from_path(model_path)
+    layout = _check_output(checkpoint, out)
+    networks = [_load_lora(path) for path, _ in loras]
+    source_metadata: dict[str, str] = {}
+    if checkpoint.format is not CheckpointFormat.DIFFUSERS:
+        header = read_header(checkpoint.path)
+        source_metadata = dict(header.metadata)
+        # refuse a wrong base before the (slow) load
+        _check_bases(networks, detect_kind(header, checkpoint.path.name).arch, checkpoint.path.name)
+
+    say(f"loading {checkpoint.path.name} on the CPU in {str(dtype).removeprefix('torch.')}")
+    model = load_checkpoint(checkpoint, torch.device("cpu"), dtype)
+    _check_bases(networks, model.kind.arch, checkpoint.path.name)
+
+    say(f"applying {len(networks)} LoRA(s)")
+    patcher = NetworkPatcher(model.pipe, model.kind.arch)
+    report = patcher.apply([(n, w) for n, (_, w) in zip(networks, loras, strict=True)])
+    idle = [r.name for r in report.networks if not r.matched]
+    if idle:
+        raise MergeError(
+            f"{', '.join(idle)}: no module matches {checkpoint.path.name}; nothing to merge"
+        )
+    merged = tuple(
+        MergedLora(path, weight, network_report)
+        for (path, weight), network_report in zip(loras, report.networks, strict=True)
+    )
+
+    say(f"saving {out}")
+    kept = 0
+    if layout is OutputLayout.SINGLE_FILE:
+        metadata = _merge_metadata(source_metadata, checkpoint, model.kind, merged, out, dtype)
+        kept = save_single_file(
+            model.pipe, model.kind, out, metadata=metadata, keep_from=checkpoint.path
+        )
+    else:
+        save_folder(model.pipe, out)
+    return MergeResult(
+        out=out,
+        layout=layout,
+        kind=model.kind,
+        loras=merged,
+        modules_changed=report.modules_changed,
+        kept_tensors=kept,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _merge_metadata(
+    source: Mapping[str, str],
+    checkpoint: CheckpointFile,
+    kind: ModelKind,
+    loras: Sequence[MergedLora],
+    out: Path,
+    dtype: torch.dtype,
+) -> dict[str, str]:
+    """The source's metadata (component configs included), with modelspec merge fields."""
+    meta = {k: v for k, v in source.items() if k not in _STALE_METADATA}
+    architecture = _MODELSPEC_ARCHITECTURE[kind.arch]
+    if kind.arch is Arch.SD2 and kind.prediction is Prediction.V:
+        architecture = "stable-diffusion-v2-768-v"
+    meta.setdefault("modelspec.sai_model_spec", "1.0.0")
+    meta.setdefault("modelspec.architecture", architecture)
+    meta["modelspec.title"] = out.stem
+    meta["modelspec.date"] = datetime.now(UTC).date().isoformat()
+    meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
+    meta["modelspec.merged_from"] = ", ".join(
+        [checkpoint.path.name, *(f"{lora.path.name}:{lora.weight:g}" for lora in loras)]
+    )
+    meta[MERGE_METADATA_KEY] = json.dumps(
+        {
+            "base": checkpoint.path.name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "loras": [
+                {
+                    "file": lora.path.name,
+                    "weight": lora.weight,
+                    "matched": len(lora.report.matched),
+                }
+                for lora in loras
+            ],
+        }
+    )
+    return meta
