@@ -31,7 +31,7 @@ from webui.engine.infotext import Infotext, save_png
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
 from webui.engine.network_set import ChosenNetwork, choose_networks
-from webui.engine.prompt_encoding import encode_prompts
+from webui.engine.prompt_encoding import encode_for_pipeline
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.keys import Component
@@ -133,13 +133,6 @@ ProgressCallback = Callable[[Progress], None]
 
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
-
-
-def sdxl_clip_skip(a1111_clip_skip: int) -> int | None:
-    """Diffusers' SDXL pipeline already uses the penultimate layer (A1111's clip skip 2 is its
-    default); it counts further layers to skip beyond that one."""
-    skip = a1111_clip_skip - 2
-    return skip if skip > 0 else None
 
 
 class Engine:
@@ -295,34 +288,13 @@ class Engine:
 
     @staticmethod
     def _prompt_embeddings(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
-        """Prompt and negative prompt encoded with the text encoders as they are patched now,
-        as pipeline keyword arguments."""
+        """Prompt and negative prompt encoded A1111's way (emphasis, BREAK, 75-token chunks)
+        with the text encoders as they are patched now, as pipeline keyword arguments."""
         prompts = [request.prompt] * request.batch_size
         negatives = [request.negative_prompt] * request.batch_size
-        pipe = model.pipe
-        if model.kind.arch is Arch.SDXL:
-            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=prompts,
-                device=pipe._execution_device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=negatives,
-                clip_skip=sdxl_clip_skip(request.clip_skip),
-            )
-            return {
-                "prompt_embeds": embeds,
-                "negative_prompt_embeds": negative,
-                "pooled_prompt_embeds": pooled,
-                "negative_pooled_prompt_embeds": negative_pooled,
-            }
-        return {
-            "prompt_embeds": encode_prompts(
-                pipe.tokenizer, pipe.text_encoder, prompts, request.clip_skip
-            ),
-            "negative_prompt_embeds": encode_prompts(
-                pipe.tokenizer, pipe.text_encoder, negatives, request.clip_skip
-            ),
-        }
+        return encode_for_pipeline(
+            model.pipe, model.kind.arch, prompts, negatives, request.clip_skip
+        )
 
     def _step_callback(
         self,

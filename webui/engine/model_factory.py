@@ -134,6 +134,16 @@ def _text_encoder(config: dict[str, Any], with_projection: bool) -> torch.nn.Mod
     return cls(text_config)
 
 
+def _realistic_norms(text_encoder: torch.nn.Module) -> None:
+    # Fresh LayerNorms have zero bias, so the mean of a random encoder's output is ~1e-9 and
+    # A1111's emphasis (which rescales to the original mean) would divide by ~0; trained CLIP
+    # models have non-zero biases.
+    with torch.no_grad():
+        for module in text_encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_(0.0, 0.5)
+
+
 def build_pipeline(spec: ModelSpec, seed: int = 0) -> DiffusionPipeline:
     """A pipeline with random weights (seeded, so the same spec and seed give the same model)."""
     configs = component_configs(spec)
@@ -142,13 +152,16 @@ def build_pipeline(spec: ModelSpec, seed: int = 0) -> DiffusionPipeline:
     unet = UNet2DConditionModel.from_config(configs["unet"])
     vae = AutoencoderKL.from_config(configs["vae"])
     text_encoder = _text_encoder(configs["text_encoder"], with_projection=False)
+    _realistic_norms(text_encoder)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     scheduler = DDIMScheduler.from_config(configs["scheduler"])
     if spec.arch is Arch.SDXL:
+        text_encoder_2 = _text_encoder(configs["text_encoder_2"], with_projection=True)
+        _realistic_norms(text_encoder_2)
         return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
-            text_encoder_2=_text_encoder(configs["text_encoder_2"], with_projection=True),
+            text_encoder_2=text_encoder_2,
             tokenizer=tokenizer,
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
             unet=unet,
