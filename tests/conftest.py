@@ -15,6 +15,10 @@ os.environ["HF_HUB_CACHE"] = os.path.join(_EMPTY_HOME, "hub")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# pytest-xdist runs one worker per core: more threads per worker only contend for the cores
+torch.set_num_threads(1)
 
 from webui.arch import Arch, Prediction  # noqa: E402
 

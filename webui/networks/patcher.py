@@ -91,6 +91,31 @@ class _Backup:
     bias: Tensor | None
 
 
+@dataclass(frozen=True)
+class _UndoEntry:
+    """How to put one module back if an apply fails: from its backup when this call patched it
+    first (`fresh`), else from the weights and signature it had before the call."""
+
+    key: ModuleRef
+    fresh: bool
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    signature: tuple[tuple[int, str, float], ...] | None = None
+
+
+def _copy(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
+
+
+def _copy_into(
+    weight: Tensor, bias: Tensor | None, source_weight: Tensor | None, source_bias: Tensor | None
+) -> None:
+    if source_weight is not None:
+        weight.copy_(source_weight)
+    if bias is not None and source_bias is not None:
+        bias.copy_(source_bias)
+
+
 @dataclass
 class _Plan:
     """Per target module: the contributions wanted after this call."""
@@ -142,11 +167,11 @@ class NetworkPatcher:
         """Make the model's weights equal base + the given set (replacing any previous set).
         Scheduled strengths are taken at `step` (1-based) of `total_steps`."""
         started = time.perf_counter()
-        self._set = [_normalise(entry) for entry in networks]
+        wanted_set = [_normalise(entry) for entry in networks]
         plan = _Plan()
         reports = [
             self._plan_network(network, strengths.at_step(step, total_steps), plan)
-            for network, strengths in self._set
+            for network, strengths in wanted_set
         ]
         wanted = {
             key: _signature(contribs) for key, (_, contribs) in plan.targets.items() if contribs
@@ -157,7 +182,8 @@ class NetworkPatcher:
             if wanted.get(key) != self._applied.get(key)
         ]
         self._write(changed, plan)
-        self._keep_alive = tuple(network for network, _ in self._set)
+        self._set = wanted_set  # only a set that was fully written becomes the current one
+        self._keep_alive = tuple(network for network, _ in wanted_set)
         return PatchReport(
             tuple(reports),
             len(changed),
@@ -228,37 +254,26 @@ class NetworkPatcher:
     @torch.no_grad()
     def _write(self, changed: list[ModuleRef], plan: _Plan) -> None:
         """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
-        included) put back what this call wrote, then re-raise."""
-        undo: list[tuple[ModuleRef, Tensor | None, Tensor | None, bool]] = []
+        included) put back what this call wrote, bookkeeping included, then re-raise."""
+        undo: list[_UndoEntry] = []
         try:
             for key in changed:
                 ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
-                module = ref.module
-                weight, bias = _weight_of(module), _bias_of(module)
-                fresh = key not in self._backups
-                if fresh:
-                    self._backups[key] = _Backup(
-                        weight.detach().clone(), None if bias is None else bias.detach().clone()
-                    )
+                weight, bias = _weight_of(ref.module), _bias_of(ref.module)
+                if key not in self._backups:
+                    self._backups[key] = _Backup(_copy(weight), _copy(bias))
                     self._refs[key] = ref
-                    undo.append((key, None, None, True))
-                else:
+                    undo.append(_UndoEntry(key, fresh=True))
+                else:  # patched by an earlier call: keep its current weights and signature
                     undo.append(
-                        (
-                            key,
-                            weight.detach().clone(),
-                            None if bias is None else bias.detach().clone(),
-                            False,
-                        )
+                        _UndoEntry(key, False, _copy(weight), _copy(bias), self._applied.get(key))
                     )
                 backup = self._backups[key]
                 if contributions:
                     self._patch(weight, bias, backup, contributions)
                     self._applied[key] = _signature(contributions)
                 else:
-                    weight.copy_(backup.weight)
-                    if bias is not None and backup.bias is not None:
-                        bias.copy_(backup.bias)
+                    _copy_into(weight, bias, backup.weight, backup.bias)
                     self._applied.pop(key, None)
         except BaseException:
             self._undo(undo)
@@ -268,19 +283,22 @@ class NetworkPatcher:
                 self._backups.pop(key, None)
                 self._refs.pop(key, None)
 
-    def _undo(self, undo: list[tuple[ModuleRef, Tensor | None, Tensor | None, bool]]) -> None:
-        for key, weight_before, bias_before, fresh in reversed(undo):
+    def _undo(self, undo: list[_UndoEntry]) -> None:
+        for entry in reversed(undo):
+            key = entry.key
             module = self._refs[key].module
             weight, bias = _weight_of(module), _bias_of(module)
-            backup = self._backups[key]
-            weight.copy_(backup.weight if fresh else weight_before)
-            source_bias = backup.bias if fresh else bias_before
-            if bias is not None and source_bias is not None:
-                bias.copy_(source_bias)
-            if fresh:
-                del self._backups[key], self._refs[key]
+            if entry.fresh:
+                backup = self._backups.pop(key)
+                _copy_into(weight, bias, backup.weight, backup.bias)
+                del self._refs[key]
                 self._applied.pop(key, None)
-        # signatures of modules that were patched before stay as they were: their weights are back
+                continue
+            _copy_into(weight, bias, entry.weight, entry.bias)
+            if entry.signature is None:
+                self._applied.pop(key, None)
+            else:
+                self._applied[key] = entry.signature
 
     @staticmethod
     def _patch(
