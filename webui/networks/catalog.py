@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from webui.networks.files import NetworkFileError, read_metadata
+
 log = logging.getLogger(__name__)
 
 NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -35,6 +37,7 @@ class NetworkCatalog:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._files: tuple[NetworkFile, ...] = ()
+        self._aliases: dict[tuple[Path, int, int], str | None] = {}
         self.refresh()
 
     @property
@@ -53,15 +56,31 @@ class NetworkCatalog:
         ]
         self._files = tuple(found)
 
+    def alias(self, file: NetworkFile) -> str | None:
+        """The name the trainer gave (`ss_output_name` in the safetensors metadata), read from
+        the header only and cached by size and modification time."""
+        if file.path.suffix.lower() != ".safetensors":
+            return None
+        stat = file.path.stat()
+        key = (file.path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._aliases:
+            try:
+                self._aliases[key] = read_metadata(file.path).get("ss_output_name") or None
+            except NetworkFileError:
+                self._aliases[key] = None
+        return self._aliases[key]
+
     def resolve(self, name: str) -> NetworkFile:
         """The file a tag's NAME means: the exact path below `loras/` or file name, else a
-        case-insensitive match when it is unambiguous. Raises UnknownNetworkError."""
+        case-insensitive match when it is unambiguous, else the `ss_output_name` alias.
+        Raises UnknownNetworkError."""
         wanted = name.replace("\\", "/").strip("/")
         for exact in (
             [f for f in self._files if f.name == wanted],
             [f for f in self._files if f.stem == wanted],
             [f for f in self._files if f.name.lower() == wanted.lower()],
             [f for f in self._files if f.stem.lower() == wanted.lower()],
+            [f for f in self._files if (self.alias(f) or "").lower() == wanted.lower()],
         ):
             if len(exact) == 1:
                 return exact[0]
