@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from lora_files import (
+    BASE_MODEL_VERSION,
+    file_prefixes,
+    register_preset,
+    write_kohya_layers,
+    write_lycoris,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from webui.arch import Arch
 from webui.engine.checkpoints import (
@@ -34,7 +40,6 @@ from webui.networks.patcher import NetworkPatcher
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-_TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def run_apps(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
@@ -65,30 +70,18 @@ def write_kohya_lora(
 ) -> Path:
     """A kohya LoRA (LoCon: convs too) with random up and down for every `every`-th Linear/Conv2d
     of the UNet and text encoder(s), rank 4, alpha 2."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    sources = [("unet", "lora_unet_"), ("text_encoder", "lora_te_")]
-    if arch is Arch.SDXL:
-        sources = [("unet", "lora_unet_"), *_TE_PREFIXES.items()]
-    for component, kohya in sources:
-        layers = [
-            (name, module)
-            for name, module in getattr(pipe, component).named_modules()
-            if isinstance(module, nn.Linear | nn.Conv2d)
-        ]
-        for name, module in layers[::every]:
-            key = kohya + name.removeprefix("text_model.").replace(".", "_")
-            weight = module.weight
-            kernel = tuple(weight.shape[2:])
-            down = torch.randn(4, weight.shape[1], *kernel, generator=generator) * 0.1
-            up = torch.randn(weight.shape[0], 4, *((1, 1) if kernel else ()), generator=generator)
-            tensors |= {
-                f"{key}.lora_down.weight": down,
-                f"{key}.lora_up.weight": up * 0.1,
-                f"{key}.alpha": torch.tensor(2.0),
-            }
-    version = "sdxl_base_v1-0" if arch is Arch.SDXL else "sd_v1"
-    save_file(tensors, str(path), metadata={"ss_base_model_version": version})
+    metadata = {"ss_base_model_version": BASE_MODEL_VERSION[arch]}
+    write_kohya_layers(
+        path,
+        pipe,
+        arch,
+        every=every,
+        seed=seed,
+        std=0.1,
+        unet_first=True,
+        drop_text_model=True,
+        metadata=metadata,
+    )
     return path
 
 
@@ -236,29 +229,6 @@ def test_merge_refuses_a_lora_of_another_base(tiny_checkpoint_factory, tmp_path:
 
 # -- inspect-lora ---------------------------------------------------------------------------------
 
-# LyCORIS' "full" preset crashes on SD UNets: a preset of our own, linear and conv layers.
-_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D"],
-    "unet_target_name": ["conv_in", "conv_out"],
-    "text_encoder_target_module": ["CLIPEncoderLayer"],
-    "text_encoder_target_name": [],
-    "module_algo_map": {},
-    "name_algo_map": {},
-    "use_fnmatch": False,
-    "exclude_name": [],
-}
-_PRESET_ATTRIBUTES = (
-    "ENABLE_CONV",
-    "UNET_TARGET_REPLACE_MODULE",
-    "UNET_TARGET_REPLACE_NAME",
-    "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-    "TEXT_ENCODER_TARGET_REPLACE_NAME",
-    "MODULE_ALGO_MAP",
-    "NAME_ALGO_MAP",
-    "USE_FNMATCH",
-    "TARGET_EXCLUDE_NAME",
-)
 _TAGS = {"set_a": {"fox": 10, "red": 4, "forest": 2}, "set_b": {"fox": 3, "snow": 5}}
 
 
@@ -266,53 +236,43 @@ _TAGS = {"set_a": {"fox": 10, "red": 4, "forest": 2}, "set_b": {"fox": 3, "snow"
 def lycoris_lora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A LyCORIS (algo lora, rank 4, alpha 2) file for the tiny SD1 model, with kohya metadata."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield _write_lycoris_lora(monkeypatch, tmp_path_factory.mktemp("lycoris"))
-
-
-def _write_lycoris_lora(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
-    from lycoris.config import PRESET
-    from lycoris.kohya import LycorisNetworkKohya, create_network
-
-    for attribute in _PRESET_ATTRIBUTES:  # LyCORIS keeps its preset in class attributes
-        monkeypatch.setattr(LycorisNetworkKohya, attribute, getattr(LycorisNetworkKohya, attribute))
-    monkeypatch.setitem(PRESET, "webui-inspect", _PRESET)
-    pipe = build_pipeline(ModelSpec(Arch.SD1))
-    network = create_network(
-        1.0,
-        4,
-        2,
-        None,
-        pipe.text_encoder,
-        pipe.unet,
-        algo="lora",
-        preset="webui-inspect",
-        conv_dim=4,
-        conv_alpha=2,
-    )
-    network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
-    path = folder / "lyco-fox.safetensors"
-    metadata = {
-        "ss_output_name": "lyco-fox",
-        "ss_base_model_version": "sd_v1",
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_dim": "4",
-        "ss_network_alpha": "2",
-        "ss_num_epochs": "7",
-        "ss_tag_frequency": json.dumps(_TAGS),
-    }
-    try:
-        network.save_weights(str(path), None, metadata)
-    finally:
-        network.restore()
-    return path
+        # LyCORIS' "full" preset crashes on SD UNets: a preset of our own, linear and conv layers.
+        preset = register_preset(
+            monkeypatch,
+            "webui-inspect",
+            unet_target_module=["Transformer2DModel", "ResnetBlock2D"],
+            unet_target_name=["conv_in", "conv_out"],
+            text_encoder_target_name=[],
+        )
+        path = tmp_path_factory.mktemp("lycoris") / "lyco-fox.safetensors"
+        metadata = {
+            "ss_output_name": "lyco-fox",
+            "ss_base_model_version": "sd_v1",
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": "4",
+            "ss_network_alpha": "2",
+            "ss_num_epochs": "7",
+            "ss_tag_frequency": json.dumps(_TAGS),
+        }
+        write_lycoris(
+            build_pipeline(ModelSpec(Arch.SD1)),
+            path,
+            preset=preset,
+            algo="lora",
+            alpha=2,
+            std=None,
+            metadata=metadata,
+            conv_dim=4,
+            conv_alpha=2,
+        )
+        yield path
 
 
 def test_inspect_lora_reports_a_lycoris_file(
     lycoris_lora: Path, tiny_checkpoint_factory, tmp_path: Path
 ) -> None:
     model = tiny_checkpoint_factory(Arch.SD1)
-    with safe_open(str(lycoris_lora), framework="pt") as handle:
-        prefixes = {key.split(".", 1)[0] for key in handle.keys()}  # noqa: SIM118
+    prefixes = file_prefixes(lycoris_lora)
     text_run, json_run = run_apps(
         ["inspect-lora", str(lycoris_lora)],
         ["inspect-lora", str(lycoris_lora), "--model", str(model), "--json"],

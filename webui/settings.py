@@ -46,6 +46,8 @@ class Settings:
     port: int = 7860
     save_outputs: bool = True
     cache_dir: Path = ROOT / ".cache"
+    # trigger words added to the encoded prompt: 0 off, N the first N of each LoRA, -1 all
+    auto_trigger_words: int = 0
 
     @property
     def host(self) -> str:

@@ -11,12 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
-from lycoris.config import PRESET
-from lycoris.kohya import LycorisNetworkKohya, create_network
+from lora_files import ldm_names, register_preset, write_lycoris
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.layouts.unet import unet_module_names
 from webui.networks.base_detection import (
     SOURCE_BASE_VERSION,
     SOURCE_KEYS,
@@ -145,80 +143,49 @@ def test_key_and_shape_cases(shapes: dict[str, tuple[int, ...]], arch: Arch) -> 
     assert (detection.arch, detection.source) == (arch, SOURCE_KEYS), detection.detail
 
 
-# Kohya's targets for SD UNets and CLIP (LyCORIS' "full" preset also targets TimestepEmbedding,
-# which duplicates time_embedding.linear_1 on SD UNets).
-_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-    "unet_target_name": [
-        "conv_in",
-        "conv_out",
-        "time_embedding.linear_1",
-        "time_embedding.linear_2",
-    ],
-    "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
-    "text_encoder_target_name": [],
-    "module_algo_map": {},
-    "name_algo_map": {},
-    "use_fnmatch": False,
-    "exclude_name": [],
-}
-_PRESET_ATTRIBUTES = (
-    "ENABLE_CONV",
-    "UNET_TARGET_REPLACE_MODULE",
-    "UNET_TARGET_REPLACE_NAME",
-    "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-    "TEXT_ENCODER_TARGET_REPLACE_NAME",
-    "MODULE_ALGO_MAP",
-    "NAME_ALGO_MAP",
-    "USE_FNMATCH",
-    "TARGET_EXCLUDE_NAME",
-)
-
-
 @pytest.fixture
 def lycoris_preset(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Our preset for one test; LyCORIS keeps preset state on the class, restored after."""
-    for attribute in _PRESET_ATTRIBUTES:
-        monkeypatch.setattr(LycorisNetworkKohya, attribute, getattr(LycorisNetworkKohya, attribute))
-    monkeypatch.setitem(PRESET, "webui-detect-test", _PRESET)
-    return "webui-detect-test"
+    """Kohya's targets for SD UNets and CLIP, for one test (LyCORIS' "full" preset also targets
+    TimestepEmbedding, which duplicates time_embedding.linear_1 on SD UNets)."""
+    return register_preset(
+        monkeypatch,
+        "webui-detect-test",
+        unet_target_name=[
+            "conv_in",
+            "conv_out",
+            "time_embedding.linear_1",
+            "time_embedding.linear_2",
+        ],
+        text_encoder_target_module=["CLIPAttention", "CLIPMLP"],
+        text_encoder_target_name=[],
+    )
 
 
 @pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)
 def test_lycoris_files_detected_from_keys(lycoris_preset: str, tmp_path: Path, arch: Arch) -> None:
     pipeline = build_pipeline(ModelSpec(arch))
-    text_encoders = (
-        [pipeline.text_encoder, pipeline.text_encoder_2]
-        if arch is Arch.SDXL
-        else pipeline.text_encoder
-    )
-    network = create_network(
-        1.0, 4, 4, None, text_encoders, pipeline.unet, algo="lora", preset=lycoris_preset
-    )
-    network.apply_to(text_encoders, pipeline.unet, apply_text_encoder=True, apply_unet=True)
     path = tmp_path / "lora.safetensors"
-    try:
-        network.save_weights(str(path), None, {"ss_network_dim": "4"})
-    finally:
-        network.restore()
+    write_lycoris(
+        pipeline,
+        path,
+        preset=lycoris_preset,
+        algo="lora",
+        alpha=4,
+        std=None,
+        metadata={"ss_network_dim": "4"},
+    )
     shapes = read_header(path).shapes
 
     detection = detect_base(read_header(path).metadata, shapes)
     assert detection == BaseDetection(arch, SOURCE_KEYS, detection.detail)
 
     # The UNet alone, renamed to the original layout (as SDXL trainers write it), still tells.
-    ldm = unet_module_names(pipeline.unet.config)
-    flat_to_ldm = {
-        path.replace(".", "_"): ldm_path.replace(".", "_") for path, ldm_path in ldm.items()
+    unet_keys = [key.partition(".") for key in shapes if key.startswith("lora_unet_")]
+    renames = ldm_names(pipeline.unet, [prefix for prefix, _, _ in unet_keys])
+    unet_only = {
+        f"{renames[prefix]}.{suffix}": shapes[f"{prefix}.{suffix}"]
+        for prefix, _, suffix in unet_keys
     }
-    unet_only = {}
-    for key, shape in shapes.items():
-        prefix, _, suffix = key.partition(".")
-        if prefix.startswith("lora_unet_"):
-            unet_only[f"lora_unet_{flat_to_ldm[prefix.removeprefix('lora_unet_')]}.{suffix}"] = (
-                shape
-            )
     assert detect_base({}, unet_only).arch is arch
 
 

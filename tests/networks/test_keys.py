@@ -12,14 +12,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from lycoris.config import PRESET
-from lycoris.kohya import LycorisNetworkKohya, create_network
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from lora_files import (
+    file_prefixes,
+    ldm_names,
+    lycoris_wrapped,
+    register_preset,
+    write_lycoris,
+    write_peft,
+)
 from safetensors import safe_open
 from torch import nn
 
@@ -28,84 +31,19 @@ from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.layouts.unet import unet_module_names
 from webui.networks.keys import Component, KeyMap
 
-# Kohya's own targets for SD UNets/CLIP, plus the stray top-level layers LyCORIS can name.
-# A preset of our own: LyCORIS' "full" also targets TimestepEmbedding, which duplicates
-# time_embedding.linear_1 on SD UNets and fails its own assertion.
-_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-    "unet_target_name": [
-        "conv_in",
-        "conv_out",
-        "conv_norm_out",
-        "time_embedding.linear_1",
-        "time_embedding.linear_2",
-        "add_embedding.linear_1",
-        "add_embedding.linear_2",
-    ],
-    "text_encoder_target_module": ["CLIPEncoderLayer"],
-    "text_encoder_target_name": [r".*final_layer_norm$", r".*text_projection$"],
-    "module_algo_map": {},
-    "name_algo_map": {},
-    "use_fnmatch": False,
-    "exclude_name": [],
-}
-_PRESET_ATTRIBUTES = (
-    "ENABLE_CONV",
-    "UNET_TARGET_REPLACE_MODULE",
-    "UNET_TARGET_REPLACE_NAME",
-    "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-    "TEXT_ENCODER_TARGET_REPLACE_NAME",
-    "MODULE_ALGO_MAP",
-    "NAME_ALGO_MAP",
-    "USE_FNMATCH",
-    "TARGET_EXCLUDE_NAME",
-)
-
 
 @pytest.fixture
 def lycoris_preset(monkeypatch: pytest.MonkeyPatch) -> str:
     """Our preset, registered for one test; LyCORIS' class-level preset state restored after."""
-    for attribute in _PRESET_ATTRIBUTES:
-        monkeypatch.setattr(LycorisNetworkKohya, attribute, getattr(LycorisNetworkKohya, attribute))
-    monkeypatch.setitem(PRESET, "webui-test", _PRESET)
-    return "webui-test"
-
-
-def _text_encoders(pipeline: DiffusionPipeline) -> nn.Module | list[nn.Module]:
-    text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-    return (
-        pipeline.text_encoder if text_encoder_2 is None else [pipeline.text_encoder, text_encoder_2]
-    )
+    return register_preset(monkeypatch, "webui-test")
 
 
 def _lycoris_file(pipeline: DiffusionPipeline, preset: str, path: Path) -> dict[str, nn.Module]:
     """Write a LyCORIS kohya LoRA (with norm modules); return lora name -> wrapped module."""
-    network = create_network(
-        1.0,
-        4,
-        4,
-        None,
-        _text_encoders(pipeline),
-        pipeline.unet,
-        algo="lora",
-        preset=preset,
-        train_norm=True,
+    network = write_lycoris(
+        pipeline, path, preset=preset, algo="lora", alpha=4, std=None, train_norm=True
     )
-    # Trainers register the modules through apply_to (it hooks forwards); undo the hooks after.
-    network.apply_to(
-        _text_encoders(pipeline), pipeline.unet, apply_text_encoder=True, apply_unet=True
-    )
-    try:
-        network.save_weights(str(path), None, {})
-    finally:
-        network.restore()
-    return {lora.lora_name: lora.org_module[0] for lora in network.loras}
-
-
-def _file_prefixes(path: Path) -> set[str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key.split(".", 1)[0] for key in handle.keys()}  # noqa: SIM118 (not a Mapping)
+    return lycoris_wrapped(network)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +57,7 @@ def test_lycoris_kohya_names_resolve_to_wrapped_modules(
 ) -> None:
     pipeline = pipelines[arch]
     wrapped = _lycoris_file(pipeline, lycoris_preset, tmp_path / "lycoris.safetensors")
-    prefixes = _file_prefixes(tmp_path / "lycoris.safetensors")
+    prefixes = file_prefixes(tmp_path / "lycoris.safetensors")
     assert prefixes == set(wrapped)
     assert any(isinstance(m, nn.GroupNorm) for m in wrapped.values())  # norm diffs covered
     assert any(isinstance(m, nn.LayerNorm) for m in wrapped.values())
@@ -141,16 +79,6 @@ def test_lycoris_kohya_names_resolve_to_wrapped_modules(
         assert {ref.component for ref in match.resolved.values()} == set(Component)
 
 
-def _ldm_names(unet: nn.Module, kohya_names: list[str]) -> dict[str, str]:
-    """The original-layout kohya names of diffusers-layout ones, via the LDM map."""
-    flat_to_path = {path.replace(".", "_"): path for path, _ in unet.named_modules()}
-    ldm = unet_module_names(unet.config)
-    return {
-        name: "lora_unet_" + ldm[flat_to_path[name.removeprefix("lora_unet_")]].replace(".", "_")
-        for name in kohya_names
-    }
-
-
 @pytest.mark.parametrize("arch", [Arch.SDXL, Arch.SD1], ids=lambda a: a.value)
 def test_original_layout_names_resolve_to_the_same_modules(
     pipelines: dict[Arch, DiffusionPipeline], lycoris_preset: str, tmp_path: Path, arch: Arch
@@ -159,12 +87,12 @@ def test_original_layout_names_resolve_to_the_same_modules(
     wrapped = _lycoris_file(pipeline, lycoris_preset, tmp_path / "lycoris.safetensors")
     key_map = KeyMap.from_pipeline(pipeline)
     unet_names = [name for name in wrapped if name.startswith("lora_unet_")]
-    ldm_names = _ldm_names(pipeline.unet, unet_names)
+    renames = ldm_names(pipeline.unet, unet_names)
     ldm = unet_module_names(pipeline.unet.config)
-    assert "lora_unet_middle_block_1_proj_in" in ldm_names.values()
-    assert any(n.startswith("lora_unet_output_blocks_") for n in ldm_names.values())
-    assert any(n.startswith("lora_unet_input_blocks_") for n in ldm_names.values())
-    for name, ldm_name in ldm_names.items():
+    assert "lora_unet_middle_block_1_proj_in" in renames.values()
+    assert any(n.startswith("lora_unet_output_blocks_") for n in renames.values())
+    assert any(n.startswith("lora_unet_input_blocks_") for n in renames.values())
+    for name, ldm_name in renames.items():
         ref = key_map.resolve(ldm_name)
         assert ref is not None, ldm_name
         assert ref.module is wrapped[name], ldm_name
@@ -177,35 +105,25 @@ def _peft_file(arch: Arch, directory: Path) -> tuple[DiffusionPipeline, KeyMap, 
     """A fresh pipeline, a key map built before PEFT wraps it, and diffusers' saved LoRA."""
     pipeline = build_pipeline(ModelSpec(arch))
     key_map = KeyMap.from_pipeline(pipeline)
-    pipeline.unet.add_adapter(
-        LoraConfig(
-            r=4,
-            lora_alpha=4,
-            target_modules=[
-                "to_q",
-                "to_k",
-                "to_v",
-                "to_out.0",
-                "proj_in",
-                "conv1",
-                "ff.net.0.proj",
-                "conv_shortcut",
-            ],
-        )
+    unet_targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "conv1",
+        "ff.net.0.proj",
+        "conv_shortcut",
+    ]
+    path = write_peft(
+        pipeline,
+        directory,
+        alpha=4,
+        unet_targets=unet_targets,
+        init_lora_weights=True,
+        adapter_metadata=False,
     )
-    lora_layers: dict[str, Any] = {"unet_lora_layers": get_peft_model_state_dict(pipeline.unet)}
-    text_targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    pipeline.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=text_targets))
-    lora_layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipeline.text_encoder)
-    if arch is Arch.SDXL:
-        pipeline.text_encoder_2.add_adapter(
-            LoraConfig(r=4, lora_alpha=4, target_modules=text_targets)
-        )
-        lora_layers["text_encoder_2_lora_layers"] = get_peft_model_state_dict(
-            pipeline.text_encoder_2
-        )
-    type(pipeline).save_lora_weights(str(directory), **lora_layers)
-    return pipeline, key_map, directory / "pytorch_lora_weights.safetensors"
+    return pipeline, key_map, path
 
 
 def _peft_prefixes(path: Path) -> set[str]:

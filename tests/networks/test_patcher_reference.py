@@ -21,11 +21,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from lycoris.kohya import LycorisNetworkKohya
-from safetensors import safe_open
-from torch import Tensor
-
-from tests.networks.lora_writers import (
+from lora_files import (
     BASE_MODEL_VERSION,
     file_prefixes,
     lycoris_preset,
@@ -35,6 +31,10 @@ from tests.networks.lora_writers import (
     write_lycoris,
     write_peft,
 )
+from lycoris.kohya import LycorisNetworkKohya
+from safetensors import safe_open
+from torch import Tensor
+
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.network import load_network

@@ -1,7 +1,7 @@
 """The patcher's bookkeeping: exact restore, incremental switching, rollback on errors and
 interrupts, per-component strengths, incompatible bases, fp16 models.
 
-The networks are plain kohya LoRAs written by hand (`lora_writers.write_kohya_lora`); the math
+The networks are plain kohya LoRAs written by hand (`lora_files.write_kohya_layers`); the math
 of every variant is checked against the trainers in test_patcher_reference.py.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from lora_files import BASE_MODEL_VERSION, one_torch_thread, write_kohya_layers
 from torch import Tensor, nn
 
-from tests.networks.lora_writers import BASE_MODEL_VERSION, one_torch_thread, write_kohya_lora
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.keys import Component, KeyMap
@@ -104,7 +104,7 @@ def _write(directory: Path, name: str, arch: Arch, **kwargs: Any) -> Network:
     path = directory / f"{name}-{arch.value}.safetensors"
     if not path.exists():
         metadata = {"ss_base_model_version": BASE_MODEL_VERSION[arch]}
-        write_kohya_lora(path, base_pipeline(arch), arch, metadata=metadata, **kwargs)
+        write_kohya_layers(path, base_pipeline(arch), arch, metadata=metadata, **kwargs)
     return load_network(path)
 
 
@@ -369,7 +369,7 @@ def test_network_for_another_base_is_not_applied(
     pipe = copy.deepcopy(base_pipeline(arch))
     path = lora_dir / "made-for-sdxl.safetensors"
     # SD1 keys, but the trainer's metadata says SDXL: metadata wins, and the keys do not fit.
-    write_kohya_lora(
+    write_kohya_layers(
         path, pipe, arch, metadata={"ss_base_model_version": BASE_MODEL_VERSION[Arch.SDXL]}
     )
     with caplog.at_level(logging.WARNING):

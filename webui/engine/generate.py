@@ -33,6 +33,7 @@ from webui.engine.model_hash import HashCache
 from webui.engine.network_set import ChosenNetwork, choose_networks
 from webui.engine.prompt_encoding import encode_for_pipeline
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.keys import Component
 from webui.networks.patcher import NetworkPatcher
@@ -146,6 +147,8 @@ class Engine:
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
         self.catalog = NetworkCatalog(settings.loras_dir)
         self._patcher: NetworkPatcher | None = None
+        # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
+        self.trigger_words: TriggerWordSource = no_trigger_words
 
     # -- models -------------------------------------------------------------------------------
 
@@ -233,7 +236,12 @@ class Engine:
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         applied = self._apply_networks(model, prompt.tags, request.steps, warnings)
-        texts = replace(request, prompt=prompt.text, negative_prompt=negative.text)
+        triggers = add_trigger_words(
+            prompt.text,
+            [self.trigger_words(c.network.path) for c in applied],
+            self.settings.auto_trigger_words,
+        )
+        texts = replace(request, prompt=triggers.prompt, negative_prompt=negative.text)
         pipe = model.pipe
         pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
         images: list[GeneratedImage] = []
@@ -256,7 +264,7 @@ class Engine:
                 callback_on_step_end=callback,
             )
             for image, seed in zip(output.images, seeds, strict=True):
-                infotext = self.infotext(model, request, seed, applied)
+                infotext = self.infotext(model, request, seed, applied, triggers.added)
                 images.append(
                     GeneratedImage(image, seed, infotext, self._save(image, infotext, seed))
                 )
@@ -356,6 +364,7 @@ class Engine:
         request: GenerationRequest,
         seed: int,
         applied: list[ChosenNetwork] | None = None,
+        trigger_words: tuple[str, ...] = (),
     ) -> Infotext:
         """A1111-format parameters for one image; the prompt keeps its tags as typed."""
         params: dict[str, str] = {
@@ -374,6 +383,8 @@ class Engine:
         hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)
+        if trigger_words:
+            params["Trigger words"] = ", ".join(trigger_words)
         params["Version"] = APP_VERSION
         return Infotext(request.prompt, request.negative_prompt, params)
 

@@ -1,6 +1,5 @@
-"""The LoRA files under `loras/`: found by a recursive scan, looked up by the name a tag uses.
-
-The only module that walks `loras/`."""
+"""The LoRA files under `loras/`, looked up by the name a tag uses. The scan itself (headers,
+sidecars, the on-disk cache) is `catalog_index.CatalogIndex`."""
 
 from __future__ import annotations
 
@@ -8,11 +7,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from webui.networks.files import NetworkFileError, read_metadata
+from webui.networks.catalog_index import NETWORK_SUFFIXES, CatalogIndex, NetworkEntry
 
 log = logging.getLogger(__name__)
 
-NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+__all__ = ["NETWORK_SUFFIXES", "NetworkCatalog", "NetworkFile", "UnknownNetworkError"]
 
 
 @dataclass(frozen=True)
@@ -32,12 +31,19 @@ class UnknownNetworkError(LookupError):
 
 
 class NetworkCatalog:
-    """Index of a LoRA folder. `refresh()` rescans; lookups never touch the disk."""
+    """Tag-name lookup over a `CatalogIndex` of a LoRA folder. `refresh()` rescans (only changed
+    files are re-read); lookups never touch the disk.
 
-    def __init__(self, folder: Path) -> None:
+    Without `index`, it keeps its own (cached in `cache_file` when given, no background
+    hashing); pass the Networks browser's index to share one scan."""
+
+    def __init__(
+        self, folder: Path, cache_file: Path | None = None, index: CatalogIndex | None = None
+    ) -> None:
         self.folder = folder
+        self.index = index or CatalogIndex(folder, cache_file, hash_in_background=False)
         self._files: tuple[NetworkFile, ...] = ()
-        self._aliases: dict[tuple[Path, int, int], str | None] = {}
+        self._aliases: dict[Path, str | None] = {}
         self.refresh()
 
     @property
@@ -46,29 +52,21 @@ class NetworkCatalog:
 
     def refresh(self) -> None:
         """Rescan the folder."""
-        if not self.folder.is_dir():
-            self._files = ()
-            return
-        found = [
-            NetworkFile(path, path.relative_to(self.folder).with_suffix("").as_posix())
-            for path in sorted(self.folder.rglob("*"))
-            if path.suffix.lower() in NETWORK_SUFFIXES and path.is_file()
-        ]
-        self._files = tuple(found)
+        self.index.refresh()
+        self._take(self.index.entries())
+
+    def _take(self, entries: tuple[NetworkEntry, ...]) -> None:
+        self._files = tuple(NetworkFile(e.path, e.name) for e in entries)
+        self._aliases = {e.path: e.alias for e in entries}
 
     def alias(self, file: NetworkFile) -> str | None:
-        """The name the trainer gave (`ss_output_name` in the safetensors metadata), read from
-        the header only and cached by size and modification time."""
-        if file.path.suffix.lower() != ".safetensors":
-            return None
-        stat = file.path.stat()
-        key = (file.path, stat.st_size, stat.st_mtime_ns)
-        if key not in self._aliases:
-            try:
-                self._aliases[key] = read_metadata(file.path).get("ss_output_name") or None
-            except NetworkFileError:
-                self._aliases[key] = None
-        return self._aliases[key]
+        """The name the trainer gave (`ss_output_name` in the safetensors metadata), as the
+        index read it from the header at the last refresh."""
+        return self._aliases.get(file.path)
+
+    def entry(self, file: NetworkFile) -> NetworkEntry | None:
+        """The index's entry for a file, with trigger words, preview and base."""
+        return next((e for e in self.index.entries() if e.path == file.path), None)
 
     def resolve(self, name: str) -> NetworkFile:
         """The file a tag's NAME means: the exact path below `loras/` or file name, else a

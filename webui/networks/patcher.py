@@ -304,23 +304,32 @@ class NetworkPatcher:
     def _patch(
         weight: Tensor, bias: Tensor | None, backup: _Backup, contributions: list[_Contribution]
     ) -> None:
-        original = backup.weight.to(device=weight.device, dtype=torch.float32)
+        """weight = original + sum of deltas, computed in fp32 and written once."""
+        in_place = backup.weight.dtype == torch.float32 and backup.weight.device == weight.device
+        # fp32 weights are accumulated in place (no full-size temporary); others in an fp32 copy
+        original = backup.weight if in_place else backup.weight.to(weight.device, torch.float32)
         original_bias = (
-            None
-            if backup.bias is None
-            else backup.bias.to(device=weight.device, dtype=torch.float32)
+            None if backup.bias is None else backup.bias.to(weight.device, torch.float32)
         )
-        total = torch.zeros_like(original)
-        total_bias = None if original_bias is None else torch.zeros_like(original_bias)
-        for _network, module, multiplier in contributions:
-            delta = module.weight_delta(original, multiplier, original_bias)
+        deltas = [
+            module.weight_delta(original, m, original_bias) for _net, module, m in contributions
+        ]
+        target = weight if in_place else original
+        if in_place:
+            weight.copy_(backup.weight)
+        for delta in deltas:
             if delta.weight is not None:
-                total += delta.weight.reshape(original.shape)
-            if delta.bias is not None and total_bias is not None:
-                total_bias += delta.bias.reshape(total_bias.shape)
-        weight.copy_((original + total).to(weight.dtype))
-        if bias is not None and total_bias is not None and original_bias is not None:
-            bias.copy_((original_bias + total_bias).to(bias.dtype))
+                target.add_(delta.weight.reshape(target.shape))
+        if not in_place:
+            weight.copy_(target)  # casts to the weight's dtype
+        bias_deltas = [d.bias for d in deltas if d.bias is not None]
+        if bias is not None and original_bias is not None and bias_deltas:
+            patched_bias = original_bias.clone()
+            for delta_bias in bias_deltas:
+                patched_bias.add_(delta_bias.reshape(patched_bias.shape))
+            bias.copy_(patched_bias)
+        elif bias is not None and backup.bias is not None:
+            bias.copy_(backup.bias)
 
 
 def _weight_of(module: nn.Module) -> Tensor | None:

@@ -10,12 +10,14 @@ import gradio as gr
 
 from webui.engine.generate import DEMO_MODEL_NAME, Engine
 from webui.ui.messages import user_message
+from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
 from webui.ui.txt2img import build_txt2img_tab
 
 log = logging.getLogger(__name__)
 
-CSS = """
+CSS = (
+    """
 .lw-infotext { white-space: pre-wrap; font-size: 0.85em; background: var(--block-background-fill);
   padding: 8px; border-radius: 6px; margin: 0; }
 .lw-timing { font-size: 0.8em; opacity: 0.7; margin-top: 4px; }
@@ -23,6 +25,8 @@ CSS = """
 .lw-warnings ul { margin: 0; padding-left: 1.2em; }
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
 """
+    + NETWORKS_CSS
+)
 
 
 def _model_status(engine: Engine) -> str:
@@ -60,7 +64,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
             status = gr.HTML(_model_status(engine), elem_id="model-status")
         with gr.Tabs():
             with gr.Tab("txt2img", id="txt2img"):
-                build_txt2img_tab(engine)
+                txt2img = build_txt2img_tab(engine)
+            with gr.Tab("Networks", id="networks") as networks:
+                build_networks_tab(engine, txt2img.prompt, txt2img.gallery, networks)
             with gr.Tab("PNG Info", id="png-info"):
                 build_png_info_tab()
 

@@ -22,6 +22,7 @@ class Txt2ImgControls:
 
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
+    gallery: gr.Gallery
 
 
 def _infotext_html(result: GenerationResult) -> str:
@@ -140,4 +141,4 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     )
     interrupt.click(engine.interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
-    return Txt2ImgControls(prompt, negative)
+    return Txt2ImgControls(prompt, negative, gallery)

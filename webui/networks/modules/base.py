@@ -143,15 +143,19 @@ class LowRankModule(NetworkModule):
 
     @abstractmethod
     def rebuild(self, original_weight: Tensor) -> Tensor:
-        """Return the unscaled ΔW in fp32 on the original's device (any shape of equal size)."""
+        """Return the unscaled ΔW in fp32 on the original's device (any shape of equal size),
+        as a new tensor the caller may modify."""
 
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None
     ) -> WeightDelta:
         """ΔW·scale·m, or with DoRA: decompose(W + ΔW·scale, m) − W."""
         self.check_shape(original_weight.shape)
-        diff = self.rebuild(original_weight).reshape(original_weight.shape) * self.scale
+        rebuilt = self.rebuild(original_weight).reshape(original_weight.shape)
         if self.dora is None:
-            return WeightDelta(weight=diff * multiplier, bias=None)
+            # rebuild() always returns a fresh tensor, so scale it in place: no second full-size
+            # allocation (fresh pages dominate the cost of patching on a CPU)
+            return WeightDelta(weight=rebuilt.mul_(self.scale * multiplier), bias=None)
+        diff = rebuilt * self.scale
         merged = self.dora.apply(original_weight + diff, multiplier)
         return WeightDelta(weight=merged - original_weight, bias=None)

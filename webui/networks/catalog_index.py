@@ -1,0 +1,750 @@
+"""The browsable index of `loras/`: one `NetworkEntry` per file, built from safetensors headers
+and sidecar files, cached on disk and refreshed incrementally; hashes filled in the background.
+
+The walk of `loras/` lives here; `catalog.py` resolves tag names on top of it."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from webui.arch import Arch
+from webui.networks import previews, sidecars
+from webui.networks.base_detection import detect_base
+from webui.networks.files import (
+    FileHashes,
+    NetworkFileError,
+    SafetensorsHeader,
+    compute_hashes,
+    read_header,
+)
+from webui.networks.modules.registry import canonical_suffix, split_module_key
+
+log = logging.getLogger(__name__)
+
+NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# Bumped whenever the cached record's shape or meaning changes; older caches are ignored.
+CACHE_VERSION = 2
+# Alpha values live in tensor data; reading a sample keeps the scan of huge files cheap.
+MAX_ALPHA_READS = 32
+TOP_TAG_TRIGGERS = 5
+ENTRIES_REBUILD_SECONDS = 0.25
+# Caption tags kept per entry: the browser shows and searches the frequent ones, and every tag
+# kept costs start-up time when the cache is read back.
+TAG_FREQUENCY_LIMIT = 50
+
+_DTYPE_FORMATS = {"F32": "<f", "F16": "<e", "F64": "<d"}
+
+
+@dataclass(frozen=True)
+class TrainingFacts:
+    """What the trainer recorded (kohya `ss_*` metadata); None where it did not."""
+
+    base_checkpoint: str | None = None  # ss_sd_model_name
+    resolution: str | None = None  # ss_resolution, e.g. "(512, 512)"
+    epochs: int | None = None  # ss_num_epochs, else ss_epoch
+    images: int | None = None  # ss_num_train_images
+    steps: int | None = None  # ss_max_train_steps, else ss_steps
+
+
+@dataclass(frozen=True)
+class NetworkEntry:
+    """One LoRA file as the Networks browser shows it. Built from the header and sidecars only;
+    a file that cannot be read is still listed, with `error` saying why."""
+
+    name: str  # path below loras/ without extension, `/`-separated
+    path: Path
+    folder: str  # the parent part of `name`, "" at the top
+    alias: str | None = None  # ss_output_name
+    base: Arch | None = None
+    base_source: str = ""
+    variants: tuple[str, ...] = ()  # lora, loha, lokr, ia3, glora, oft, boft, full, norm, dora
+    rank: int | None = None  # the most common rank
+    alpha: float | None = None  # the most common alpha
+    size: int = 0
+    mtime: float = 0.0
+    training: TrainingFacts = TrainingFacts()
+    tag_frequency: tuple[tuple[str, int], ...] = ()  # caption tags, most frequent first
+    trigger_words: tuple[str, ...] = ()
+    preferred_weight: float | None = None
+    notes: str = ""
+    sd_version: str | None = None  # the user's, from <name>.json
+    description: str | None = None  # the user's, else civitai's
+    preview: Path | None = None  # a preview image file next to the network
+    embedded_preview: bool = False  # ssmd_cover_images or modelspec.thumbnail in the header
+    error: str | None = None
+    autov2: str | None = None  # filled once the background hashing reaches the file
+    autov3: str | None = None
+
+
+# -- what the header says ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """Everything an entry takes from the network file itself (cached until the file changes)."""
+
+    alias: str | None = None
+    base: Arch | None = None
+    base_source: str = ""
+    variants: tuple[str, ...] = ()
+    rank: int | None = None
+    alpha: float | None = None
+    training: TrainingFacts = TrainingFacts()
+    tag_frequency: tuple[tuple[str, int], ...] = ()
+    spec_trigger_words: tuple[str, ...] = ()  # modelspec.trigger_phrase, modelspec.tags
+    embedded_preview: bool = False
+    error: str | None = None
+
+
+# Canonical suffix -> variant; DoRA is reported beside the variant it decomposes.
+_SUFFIX_VARIANTS = {
+    "lora_up.weight": "lora",
+    "lora_down.weight": "lora",
+    "hada_w1_a": "loha",
+    "hada_w1_b": "loha",
+    "lokr_w1": "lokr",
+    "lokr_w1_a": "lokr",
+    "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr",
+    "on_input": "ia3",
+    "a1.weight": "glora",
+    "b1.weight": "glora",
+    "diff": "full",
+    "w_norm": "norm",
+    "dora_scale": "dora",
+    "lora_magnitude_vector": "dora",
+}
+_VARIANT_ORDER = ("lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm", "dora")
+# Suffixes whose first dimension is the rank.
+_RANK_SUFFIXES = frozenset({"lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"})
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _first(metadata: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = metadata.get(name)
+        if value not in (None, "", "None"):
+            return value
+    return None
+
+
+def training_facts(metadata: Mapping[str, str]) -> TrainingFacts:
+    """The kohya training facts in a header's metadata."""
+    return TrainingFacts(
+        base_checkpoint=_first(metadata, "ss_sd_model_name"),
+        resolution=_first(metadata, "ss_resolution"),
+        epochs=_int(_first(metadata, "ss_num_epochs", "ss_epoch")),
+        images=_int(_first(metadata, "ss_num_train_images")),
+        steps=_int(_first(metadata, "ss_max_train_steps", "ss_steps")),
+    )
+
+
+def tag_frequency(raw: str | None, limit: int | None = None) -> tuple[tuple[str, int], ...]:
+    """kohya's `ss_tag_frequency` ({dataset folder: {caption tag: count}}) as caption tags summed
+    over all dataset folders, most frequent first (ties in first-seen order), at most `limit`."""
+    if not raw:
+        return ()
+    try:
+        datasets = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring unreadable ss_tag_frequency metadata")
+        return ()
+    totals: Counter[str] = Counter()
+    if isinstance(datasets, dict):
+        for tags in datasets.values():
+            if not isinstance(tags, dict):
+                continue
+            for tag, count in tags.items():
+                # the hot loop of a cold scan: exact type checks, no conversions for the usual int
+                if type(count) is int:
+                    totals[" ".join(tag.split())] += count
+                elif type(count) is float:
+                    totals[" ".join(tag.split())] += int(count)
+    totals.pop("", None)
+    return tuple(totals.most_common(limit))
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    prefix, suffix = split_module_key(key)
+    return prefix, canonical_suffix(suffix)
+
+
+def variants_and_rank(shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[str, ...], int | None]:
+    """The variants a file's keys spell, and its most common rank."""
+    found: set[str] = set()
+    ranks: Counter[int] = Counter()
+    suffixes_by_module: dict[str, set[str]] = {}
+    for key, shape in shapes.items():
+        prefix, suffix = _split_key(key)
+        if suffix is None:
+            continue
+        suffixes_by_module.setdefault(prefix, set()).add(suffix)
+        if suffix in _SUFFIX_VARIANTS:
+            found.add(_SUFFIX_VARIANTS[suffix])
+        elif suffix == "oft_blocks":
+            found.add("boft" if len(shape) == 4 else "oft")
+        if suffix in _RANK_SUFFIXES and shape:
+            ranks[shape[0]] += 1
+    # IA3 without `on_input`: a module holding a bare `weight` and nothing else it would need.
+    if any(s == {"weight"} for s in suffixes_by_module.values()):
+        found.add("ia3")
+    variants = tuple(v for v in _VARIANT_ORDER if v in found)
+    return variants, (ranks.most_common(1)[0][0] if ranks else None)
+
+
+def _read_alphas(path: Path, header: SafetensorsHeader) -> float | None:
+    """The most common alpha among the first MAX_ALPHA_READS scalar alpha tensors."""
+    wanted = [
+        info
+        for key, info in header.tensors.items()
+        if key.endswith(".alpha") and info.dtype in _DTYPE_FORMATS and len(info.shape) <= 1
+    ][:MAX_ALPHA_READS]
+    if not wanted:
+        return None
+    values: Counter[float] = Counter()
+    try:
+        with path.open("rb") as handle:
+            for info in sorted(wanted, key=lambda i: i.data_offsets[0]):
+                fmt = _DTYPE_FORMATS[info.dtype]
+                handle.seek(header.data_start + info.data_offsets[0])
+                raw = handle.read(struct.calcsize(fmt))
+                if len(raw) == struct.calcsize(fmt):
+                    values[round(struct.unpack(fmt, raw)[0], 6)] += 1
+    except OSError as error:
+        log.warning("%s: cannot read alphas: %s", path, error)
+        return None
+    return values.most_common(1)[0][0] if values else None
+
+
+def header_facts(path: Path) -> HeaderFacts:
+    """Read a network file's header (never its tensors) into HeaderFacts; an unreadable file
+    gives facts carrying only `error`. Pickles are not opened: they are listed by name alone."""
+    if path.suffix.lower() != ".safetensors":
+        return HeaderFacts()
+    try:
+        header = read_header(path)
+    except NetworkFileError as error:
+        return HeaderFacts(error=error.reason)
+    metadata = header.metadata
+    shapes = header.shapes
+    detection = detect_base(metadata, shapes)
+    variants, rank = variants_and_rank(shapes)
+    # kohya writes ss_network_alpha for every file; reading tensors is the fallback.
+    alpha = _float(metadata.get("ss_network_alpha"))
+    if alpha is None:
+        alpha = _read_alphas(path, header)
+    if rank is None:
+        rank = _int(metadata.get("ss_network_dim"))
+    spec_words = sidecars.split_words(
+        ", ".join(metadata.get(k, "") for k in ("modelspec.trigger_phrase", "modelspec.tags"))
+    )
+    return HeaderFacts(
+        alias=metadata.get("ss_output_name") or None,
+        base=detection.arch,
+        base_source=detection.source,
+        variants=variants,
+        rank=rank,
+        alpha=alpha,
+        training=training_facts(metadata),
+        tag_frequency=tag_frequency(metadata.get("ss_tag_frequency"), TAG_FREQUENCY_LIMIT),
+        spec_trigger_words=spec_words,
+        embedded_preview=previews.has_embedded_preview(metadata),
+    )
+
+
+# -- what the sidecars say --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarFacts:
+    """Everything an entry takes from files next to it (cached until one of them changes)."""
+
+    user: sidecars.UserMetadata | None = None
+    civitai: sidecars.CivitaiInfo | None = None
+    preview: str | None = None  # file name in the network's folder
+
+
+def sidecar_facts(path: Path, names_in_folder: Collection[str]) -> SidecarFacts:
+    """Read the sidecars of the network at `path`."""
+    user_name, civitai_name = sidecars.sidecar_names(path.stem)
+    preview = previews.find_preview(path, names_in_folder)
+    return SidecarFacts(
+        user=sidecars.read_user_metadata(path) if user_name in names_in_folder else None,
+        civitai=sidecars.read_civitai_info(path) if civitai_name in names_in_folder else None,
+        preview=preview.name if preview is not None else None,
+    )
+
+
+def trigger_words(header: HeaderFacts, side: SidecarFacts) -> tuple[str, ...]:
+    """The first source that has any: the user's activation text, civitai's trained words, the
+    top caption tags of the training set, modelspec's trigger phrase and tags."""
+    for words in (
+        side.user.activation_text if side.user else (),
+        side.civitai.trained_words if side.civitai else (),
+        tuple(tag for tag, _ in header.tag_frequency[:TOP_TAG_TRIGGERS]),
+        header.spec_trigger_words,
+    ):
+        if words:
+            return tuple(words)
+    return ()
+
+
+def make_entry(
+    relative: str,
+    path: Path,
+    size: int,
+    mtime: float,
+    header: HeaderFacts,
+    side: SidecarFacts,
+    hashes: FileHashes | None = None,
+) -> NetworkEntry:
+    """Combine what the header and the sidecars say into one entry."""
+    name = relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative
+    user = side.user
+    return NetworkEntry(
+        name=name,
+        path=path,
+        folder=name.rpartition("/")[0],
+        alias=header.alias,
+        base=header.base,
+        base_source=header.base_source,
+        variants=header.variants,
+        rank=header.rank,
+        alpha=header.alpha,
+        size=size,
+        mtime=mtime,
+        training=header.training,
+        tag_frequency=header.tag_frequency,
+        trigger_words=trigger_words(header, side),
+        preferred_weight=user.preferred_weight if user else None,
+        notes=user.notes if user else "",
+        sd_version=user.sd_version if user else None,
+        description=(user.description if user else None)
+        or (side.civitai.description if side.civitai else None),
+        preview=path.with_name(side.preview) if side.preview else None,
+        embedded_preview=header.embedded_preview,
+        error=header.error,
+        autov2=hashes.autov2 if hashes else None,
+        autov3=hashes.autov3 if hashes else None,
+    )
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+
+def _pack_tags(tags: tuple[tuple[str, int], ...]) -> dict[str, str]:
+    # Two strings instead of a list of pairs: decoding thousands of small JSON lists was most
+    # of a warm start.
+    return {"tags": "\n".join(t for t, _ in tags), "tag_counts": " ".join(str(c) for _, c in tags)}
+
+
+def _unpack_tags(data: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    tags, counts = data.get("tags", ""), data.get("tag_counts", "")
+    if not tags:
+        return ()
+    return tuple(zip(tags.split("\n"), map(int, counts.split()), strict=True))
+
+
+def _header_from_json(data: Mapping[str, Any]) -> HeaderFacts:
+    training = data.get("training") or {}
+    return HeaderFacts(
+        alias=data.get("alias"),
+        base=Arch(data["base"]) if data.get("base") else None,
+        base_source=data.get("base_source", ""),
+        variants=tuple(data.get("variants", ())),
+        rank=data.get("rank"),
+        alpha=data.get("alpha"),
+        training=TrainingFacts(**training),
+        tag_frequency=_unpack_tags(data),
+        spec_trigger_words=tuple(data.get("spec_trigger_words", ())),
+        embedded_preview=bool(data.get("embedded_preview")),
+        error=data.get("error"),
+    )
+
+
+def _side_from_json(data: Mapping[str, Any]) -> SidecarFacts:
+    user, civitai = data.get("user"), data.get("civitai")
+    return SidecarFacts(
+        user=sidecars.UserMetadata(
+            activation_text=tuple(user["activation_text"]),
+            preferred_weight=user["preferred_weight"],
+            notes=user["notes"],
+            sd_version=user["sd_version"],
+            description=user["description"],
+        )
+        if user
+        else None,
+        civitai=sidecars.CivitaiInfo(
+            trained_words=tuple(civitai["trained_words"]), description=civitai["description"]
+        )
+        if civitai
+        else None,
+        preview=data.get("preview"),
+    )
+
+
+SidecarStamp = tuple[tuple[str, int], ...]
+
+
+@dataclass
+class _Record:
+    """One file as cached: its stamps (what a change is detected by) and what was read."""
+
+    relative: str  # path below the folder, with extension, `/`-separated
+    size: int
+    mtime_ns: int
+    sidecar_stamp: SidecarStamp
+    header: HeaderFacts
+    side: SidecarFacts
+    hashes: FileHashes | None = None
+    entry: NetworkEntry | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        # by hand: dataclasses.asdict deep-copies every value and dominated the cache write
+        header, side, user, civitai = self.header, self.side, self.side.user, self.side.civitai
+        return {
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "sidecars": self.sidecar_stamp,
+            "header": {
+                "alias": header.alias,
+                "base": header.base.value if header.base else None,
+                "base_source": header.base_source,
+                "variants": header.variants,
+                "rank": header.rank,
+                "alpha": header.alpha,
+                "training": header.training.__dict__,
+                **_pack_tags(header.tag_frequency),
+                "spec_trigger_words": header.spec_trigger_words,
+                "embedded_preview": header.embedded_preview,
+                "error": header.error,
+            },
+            "side": {
+                "user": user.__dict__ if user else None,
+                "civitai": civitai.__dict__ if civitai else None,
+                "preview": side.preview,
+            },
+            "hashes": self.hashes.__dict__ if self.hashes else None,
+        }
+
+    @classmethod
+    def from_json(cls, relative: str, data: Mapping[str, Any]) -> _Record:
+        hashes = data.get("hashes")
+        return cls(
+            relative=relative,
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            sidecar_stamp=tuple((str(n), int(m)) for n, m in data.get("sidecars", ())),
+            header=_header_from_json(data["header"]),
+            side=_side_from_json(data["side"]),
+            hashes=FileHashes(**hashes) if hashes else None,
+        )
+
+
+# -- the walk ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A network file seen by the walk, with the stamps of its sidecars."""
+
+    relative: str
+    path: Path
+    size: int
+    mtime: float
+    mtime_ns: int
+    sidecar_stamp: SidecarStamp
+    names_in_folder: frozenset[str]
+
+
+def _walk(folder: Path) -> Iterator[_Found]:
+    """Every network file below `folder` (sub-folders too, symlinked ones followed once; hidden
+    folders skipped), one directory listing per folder and one stat per file and sidecar."""
+    visited: set[tuple[int, int]] = set()
+    pending: list[tuple[Path, str]] = [(folder, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            stat = directory.stat()
+            if (stat.st_dev, stat.st_ino) in visited:
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
+            with os.scandir(directory) as listing:
+                children = list(listing)
+        except OSError as error:
+            log.warning("cannot list %s: %s", directory, error)
+            continue
+        by_name = {child.name: child for child in children}
+        names = frozenset(by_name)
+        for child in children:
+            try:
+                if child.is_dir():
+                    if not child.name.startswith("."):
+                        pending.append((Path(child.path), f"{prefix}{child.name}/"))
+                    continue
+                if not child.name.lower().endswith(NETWORK_SUFFIXES) or not child.is_file():
+                    continue
+                stat = child.stat()
+            except OSError as error:
+                log.warning("cannot stat %s: %s", child.path, error)
+                continue
+            stem = child.name.rsplit(".", 1)[0]
+            stamp: list[tuple[str, int]] = []
+            for side_name in (*sidecars.sidecar_names(stem), *previews.preview_names(stem)):
+                side_entry = by_name.get(side_name)
+                if side_entry is not None:
+                    try:
+                        stamp.append((side_name, side_entry.stat().st_mtime_ns))
+                    except OSError:
+                        continue
+            yield _Found(
+                relative=prefix + child.name,
+                path=Path(child.path),
+                size=stat.st_size,
+                mtime=stat.st_mtime,
+                mtime_ns=stat.st_mtime_ns,
+                sidecar_stamp=tuple(stamp),
+                names_in_folder=names,
+            )
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a scan allocates many small objects and no cycles,
+    and repeated collections over them were a third of a warm start."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _sort_key(relative: str) -> tuple[str, ...]:
+    return tuple(relative.split("/"))
+
+
+# -- the index --------------------------------------------------------------------------------
+
+
+class CatalogIndex:
+    """The networks below `folder`, cached in `cache_file` (None: in memory only).
+
+    `refresh()` re-reads only files whose size or mtime changed (and only the sidecars when only
+    a sidecar changed), drops deleted ones and saves the cache when anything changed. With
+    `hash_in_background`, each refresh starts a thread that hashes files not hashed yet; the
+    hashes land in the cache and in the entries' `autov2`/`autov3`."""
+
+    def __init__(
+        self, folder: Path, cache_file: Path | None = None, *, hash_in_background: bool = True
+    ) -> None:
+        self.folder = Path(folder)
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        self.hash_in_background = hash_in_background
+        self._lock = threading.RLock()  # guards _records and _entries
+        self._refresh_lock = threading.Lock()
+        self._records: dict[str, _Record] | None = None  # None: never scanned
+        self._entries: tuple[NetworkEntry, ...] = ()
+        self._hash_thread: threading.Thread | None = None
+        self._hash_failed: set[tuple[str, int, int]] = set()
+
+    # -- scanning
+
+    def entries(self) -> tuple[NetworkEntry, ...]:
+        """Every network, sorted by path; scans on first use, never touches the disk after."""
+        if self._records is None:
+            self.refresh()
+        return self._entries
+
+    def refresh(self) -> None:
+        """Rescan the folder incrementally (see the class docstring)."""
+        with self._refresh_lock, _gc_paused():
+            old = self._records if self._records is not None else self._load_cache()
+            records: dict[str, _Record] = {}
+            changed = False
+            for found in _walk(self.folder) if self.folder.is_dir() else ():
+                record = old.get(found.relative)
+                if record is None or (record.size, record.mtime_ns) != (
+                    found.size,
+                    found.mtime_ns,
+                ):
+                    record = _Record(
+                        relative=found.relative,
+                        size=found.size,
+                        mtime_ns=found.mtime_ns,
+                        sidecar_stamp=found.sidecar_stamp,
+                        header=header_facts(found.path),
+                        side=sidecar_facts(found.path, found.names_in_folder),
+                    )
+                    changed = True
+                elif record.sidecar_stamp != found.sidecar_stamp:
+                    record = replace(
+                        record,
+                        sidecar_stamp=found.sidecar_stamp,
+                        side=sidecar_facts(found.path, found.names_in_folder),
+                        entry=None,
+                    )
+                    changed = True
+                if record.entry is None:
+                    record.entry = self._make_entry(record, found.mtime)
+                records[found.relative] = record
+            changed = changed or len(records) != len(old)
+            with self._lock:
+                self._records = records
+                self._rebuild_entries()
+            if changed:
+                self._save_cache()
+        if self.hash_in_background:
+            self.start_hashing()
+
+    def _make_entry(self, record: _Record, mtime: float) -> NetworkEntry:
+        return make_entry(
+            record.relative,
+            self.folder / record.relative,
+            record.size,
+            mtime,
+            record.header,
+            record.side,
+            record.hashes,
+        )
+
+    # -- the cache file
+
+    def _load_cache(self) -> dict[str, _Record]:
+        if self.cache_file is None or not self.cache_file.is_file():
+            return {}
+        try:
+            data = json.loads(self.cache_file.read_text(encoding="utf-8"))
+            if data.get("version") != CACHE_VERSION or data.get("folder") != str(self.folder):
+                return {}
+            return {
+                relative: _Record.from_json(relative, raw)
+                for relative, raw in data.get("files", {}).items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("ignoring unreadable catalog cache %s: %s", self.cache_file, error)
+            return {}
+
+    def _save_cache(self) -> None:
+        if self.cache_file is None:
+            return
+        with self._lock:
+            data = {
+                "version": CACHE_VERSION,
+                "folder": str(self.folder),
+                "files": {k: r.to_json() for k, r in (self._records or {}).items()},
+            }
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.cache_file.with_name(
+                f"{self.cache_file.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            )
+            temporary.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+            os.replace(temporary, self.cache_file)
+        except OSError as error:
+            log.warning("cannot write catalog cache %s: %s", self.cache_file, error)
+
+    # -- hashes
+
+    def hash_of(self, name: str) -> FileHashes | None:
+        """The hashes of the network called `name` (or with that path below the folder), once
+        the background hashing has reached it; None before, and for unreadable files."""
+        with self._lock:
+            for record in (self._records or {}).values():
+                if record.entry is not None and name in (record.entry.name, record.relative):
+                    return record.hashes
+        return None
+
+    def start_hashing(self) -> None:
+        """Hash every file not hashed yet, in a background thread (one at a time)."""
+        with self._lock:
+            if self._hash_thread is not None and self._hash_thread.is_alive():
+                return
+            self._hash_thread = threading.Thread(
+                target=self._hash_pending, name="catalog-hashes", daemon=True
+            )
+            self._hash_thread.start()
+
+    def wait_for_hashes(self, timeout: float | None = None) -> bool:
+        """Block until the background hashing is done; False when `timeout` ran out first."""
+        thread = self._hash_thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _pending_hashes(self) -> list[tuple[str, int, int]]:
+        with self._lock:
+            return [
+                (r.relative, r.size, r.mtime_ns)
+                for r in (self._records or {}).values()
+                if r.hashes is None
+                and r.header.error is None
+                and (r.relative, r.size, r.mtime_ns) not in self._hash_failed
+            ]
+
+    def _hash_pending(self) -> None:
+        hashed = 0
+        rebuilt_at = time.monotonic()
+        while pending := self._pending_hashes():
+            for relative, size, mtime_ns in pending:
+                stamp = (relative, size, mtime_ns)
+                try:
+                    hashes = compute_hashes(self.folder / relative)
+                except NetworkFileError as error:
+                    log.warning("cannot hash %s", error)
+                    self._hash_failed.add(stamp)
+                    continue
+                with self._lock:
+                    record = (self._records or {}).get(relative)
+                    if record is None or (record.size, record.mtime_ns) != (size, mtime_ns):
+                        self._hash_failed.add(stamp)  # changed under us; the next refresh
+                        continue
+                    record.hashes = hashes
+                    if record.entry is not None:
+                        record.entry = replace(
+                            record.entry, autov2=hashes.autov2, autov3=hashes.autov3
+                        )
+                    # Rebuilding the tuple per file would be quadratic; a few times a second is
+                    # plenty for a browser.
+                    if time.monotonic() - rebuilt_at > ENTRIES_REBUILD_SECONDS:
+                        self._rebuild_entries()
+                        rebuilt_at = time.monotonic()
+                hashed += 1
+        if hashed:
+            with self._lock:
+                self._rebuild_entries()
+            self._save_cache()
+
+    def _rebuild_entries(self) -> None:
+        records = self._records or {}
+        self._entries = tuple(
+            records[key].entry  # type: ignore[misc]
+            for key in sorted(records, key=_sort_key)
+        )
