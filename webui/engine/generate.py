@@ -145,7 +145,7 @@ class Engine:
         self._interrupt = threading.Event()
         self._model: LoadedModel | None = None
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
-        self.catalog = NetworkCatalog(settings.loras_dir)
+        self.catalog = NetworkCatalog(settings.loras_dir, settings.cache_dir / "catalog.json")
         self._patcher: NetworkPatcher | None = None
         # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words

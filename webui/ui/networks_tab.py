@@ -303,7 +303,8 @@ def build_networks_tab(
     tab: gr.Tab | None = None,
 ) -> NetworksView:
     """Lay out the tab inside the current Blocks context; clicks write into `prompt`."""
-    index = CatalogIndex(engine.settings.loras_dir, engine.settings.cache_dir / "catalog.json")
+    index = engine.catalog.index  # one scan and one cache, shared with generation's lookups
+    index.start_hashing()
     view = NetworksView(engine, index, PreviewCache())
     engine.trigger_words = view.trigger_words
     entries = view.entries()
