@@ -24,8 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,16 +36,14 @@ import diffusers
 import torch
 import transformers
 from diffusers import (
-    DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from webui.arch import Arch
-from webui.engine.model_factory import ModelSize, ModelSpec, component_configs, config_folder
+from webui.engine.model_factory import ModelSize, ModelSpec
+from webui.engine.model_factory import build_pipeline as build_random_pipeline
 from webui.layouts.unet import unet_module_names
 from webui.networks.keys import Component, KeyMap
 from webui.networks.network import Network, read_network
@@ -96,67 +93,18 @@ class LoraTarget:
 # -- models ---------------------------------------------------------------------------------------
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters directly in `dtype` (no fp32 copy of a 2.6B-parameter UNet first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _text_encoder(config: dict[str, Any], with_projection: bool) -> torch.nn.Module:
-    text_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(text_config)
-
-
 def build_pipeline(settings: BenchSettings) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """UNet and text encoder(s) of the full architecture with random weights; no VAE (a UNet
     step and the LoRA work never touch it, and it would only cost memory). With `unet_only`,
     no text encoders either."""
-    spec = ModelSpec(settings.arch.arch, size=settings.size)
-    configs = component_configs(spec)
-    folder = config_folder(spec.arch)
-    torch.manual_seed(0)
-    with default_dtype(settings.dtype):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        text_encoder = (
-            None
-            if settings.unet_only
-            else _text_encoder(configs["text_encoder"], with_projection=False)
-        )
-        text_encoder_2 = (
-            _text_encoder(configs["text_encoder_2"], with_projection=True)
-            if spec.arch is Arch.SDXL and not settings.unet_only
-            else None
-        )
-    scheduler = DDIMScheduler.from_config(configs["scheduler"])
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    if spec.arch is Arch.SDXL:
-        pipe: Any = StableDiffusionXLPipeline(
-            vae=None,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-            unet=unet,
-            scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=None,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    for model in (unet, text_encoder, text_encoder_2):
+    pipe = build_random_pipeline(
+        ModelSpec(settings.arch.arch, size=settings.size),
+        with_vae=False,
+        with_text_encoders=not settings.unet_only,
+        dtype=settings.dtype,
+    )
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
         if model is not None:
             model.to(device=settings.device, dtype=settings.dtype).eval().requires_grad_(False)
     return pipe

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -144,20 +146,44 @@ def _realistic_norms(text_encoder: torch.nn.Module) -> None:
                 module.bias.normal_(0.0, 0.5)
 
 
-def build_pipeline(spec: ModelSpec, seed: int = 0) -> DiffusionPipeline:
-    """A pipeline with random weights (seeded, so the same spec and seed give the same model)."""
+@contextmanager
+def _created_in(dtype: torch.dtype | None) -> Iterator[None]:
+    # parameters created directly in `dtype`: no fp32 copy of a 2.6B-parameter UNet first
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_pipeline(
+    spec: ModelSpec,
+    seed: int = 0,
+    *,
+    with_vae: bool = True,
+    with_text_encoders: bool = True,
+    dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """A pipeline with random weights (seeded, so the same spec and seed give the same model).
+    Benchmarks that never decode or encode leave out the VAE or the text encoders (None)."""
     configs = component_configs(spec)
     folder = config_folder(spec.arch)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    vae = AutoencoderKL.from_config(configs["vae"])
-    text_encoder = _text_encoder(configs["text_encoder"], with_projection=False)
-    _realistic_norms(text_encoder)
+    text_encoder = text_encoder_2 = None
+    with _created_in(dtype):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"]) if with_vae else None
+        if with_text_encoders:
+            text_encoder = _text_encoder(configs["text_encoder"], with_projection=False)
+            _realistic_norms(text_encoder)
+            if spec.arch is Arch.SDXL:
+                text_encoder_2 = _text_encoder(configs["text_encoder_2"], with_projection=True)
+                _realistic_norms(text_encoder_2)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     scheduler = DDIMScheduler.from_config(configs["scheduler"])
     if spec.arch is Arch.SDXL:
-        text_encoder_2 = _text_encoder(configs["text_encoder_2"], with_projection=True)
-        _realistic_norms(text_encoder_2)
         return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
