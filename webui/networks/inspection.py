@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from webui.arch import Arch
+from webui.networks.catalog_index import tag_frequency
 from webui.networks.files import FileHashes, compute_hashes, is_safetensors, read_header
 from webui.networks.modules import LowRankModule, canonical_suffix, split_module_key
 from webui.networks.network import Network
@@ -175,25 +176,6 @@ def _counts(values: Iterable[float | None]) -> tuple[ValueCount, ...]:
     return tuple(ValueCount(value, count) for value, count in ordered)
 
 
-def _top_tags(raw: str | None) -> tuple[tuple[str, int], ...]:
-    """kohya's ss_tag_frequency is {dataset: {tag: count}}; sum over datasets, keep the top."""
-    if not raw:
-        return ()
-    try:
-        datasets = json.loads(raw)
-    except ValueError:
-        log.warning("ignoring unreadable ss_tag_frequency metadata")
-        return ()
-    totals: Counter[str] = Counter()
-    if isinstance(datasets, dict):
-        for tags in datasets.values():
-            if isinstance(tags, dict):
-                for tag, count in tags.items():
-                    if isinstance(count, int | float):
-                        totals[str(tag).strip()] += int(count)
-    return tuple(totals.most_common(TOP_TAGS))
-
-
 def summarize_metadata(metadata: Mapping[str, str]) -> MetadataSummary:
     """The fields of kohya (`ss_*`) and SAI modelspec metadata worth showing."""
 
@@ -216,7 +198,7 @@ def summarize_metadata(metadata: Mapping[str, str]) -> MetadataSummary:
         resolution=first("ss_resolution", "modelspec.resolution"),
         modelspec_title=first("modelspec.title"),
         modelspec_architecture=first("modelspec.architecture"),
-        top_tags=_top_tags(metadata.get("ss_tag_frequency")),
+        top_tags=tag_frequency(metadata.get("ss_tag_frequency"), TOP_TAGS),
         keys=len(metadata),
     )
 

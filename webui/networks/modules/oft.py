@@ -47,36 +47,52 @@ def _rescaled(rotated: Tensor, rescale: Tensor | None, like: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OftModule(NetworkModule):
-    """oft_blocks (num_blocks, block_size, block_size), alpha (the constraint), rescale (out,)."""
+class _BlockRotations(NetworkModule):
+    """Orthogonal block rotations of the output axis (OFT, BOFT): oft_blocks (..., num_blocks,
+    block_size, block_size), alpha (the constraint), rescale (out,)."""
 
-    variant: ClassVar[Variant] = Variant.OFT
     blocks: Tensor
     alpha: float | None = None
     rescale: Tensor | None = None
-    constraint_style: OftConstraint = OftConstraint.LYCORIS
 
     @property
     def out_features(self) -> int:
         """num_blocks · block_size."""
-        return self.blocks.shape[0] * self.blocks.shape[1]
+        return self.blocks.shape[-3] * self.blocks.shape[-2]
 
     def accepts(self, weight_shape: torch.Size | tuple[int, ...]) -> bool:
         """The blocks must tile the output axis exactly."""
         return len(weight_shape) > 0 and weight_shape[0] == self.out_features
 
+    def _rotations(
+        self,
+        original_weight: Tensor,
+        multiplier: float,
+        style: OftConstraint = OftConstraint.LYCORIS,
+    ) -> Tensor:
+        """The constrained Cayley rotations, each interpolated toward identity by `multiplier`
+        (LyCORIS interpolates every block and every BOFT stage, not their product)."""
+        self.check_shape(original_weight.shape)
+        blocks = to_compute(self.blocks, original_weight)
+        constraint = (self.alpha or 0.0) * self.out_features
+        rotations = cayley_rotations(blocks, constraint, style)
+        eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+        return multiplier * (rotations - eye) + eye
+
+
+@dataclass(frozen=True, kw_only=True)
+class OftModule(_BlockRotations):
+    """Diagonal OFT: oft_blocks (num_blocks, block_size, block_size); LyCORIS or kohya constraint."""
+
+    variant: ClassVar[Variant] = Variant.OFT
+    constraint_style: OftConstraint = OftConstraint.LYCORIS
+
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None
     ) -> WeightDelta:
         """rescale · (m·(R − I) + I)ᵀ W blockwise, minus W (LyCORIS diag-oft / kohya merge)."""
-        self.check_shape(original_weight.shape)
-        blocks = to_compute(self.blocks, original_weight)
-        constraint = (self.alpha or 0.0) * self.out_features
-        rotations = cayley_rotations(blocks, constraint, self.constraint_style)
-        eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
-        # The multiplier interpolates each rotation toward identity.
-        rotations = multiplier * (rotations - eye) + eye
-        num_blocks, block_size = blocks.shape[0], blocks.shape[1]
+        rotations = self._rotations(original_weight, multiplier, self.constraint_style)
+        num_blocks, block_size = self.blocks.shape[0], self.blocks.shape[1]
         grouped = original_weight.reshape(num_blocks, block_size, -1)
         rotated = torch.einsum("knm,knr->kmr", rotations, grouped).reshape(original_weight.shape)
         rotated = _rescaled(rotated, self.rescale, original_weight)
@@ -84,35 +100,21 @@ class OftModule(NetworkModule):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BoftModule(NetworkModule):
+class BoftModule(_BlockRotations):
     """oft_blocks (stages, num_blocks, block_size, block_size): butterfly-permuted OFT stages."""
 
     variant: ClassVar[Variant] = Variant.BOFT
-    blocks: Tensor
-    alpha: float | None = None
-    rescale: Tensor | None = None
-
-    @property
-    def out_features(self) -> int:
-        """num_blocks · block_size."""
-        return self.blocks.shape[1] * self.blocks.shape[2]
-
-    def accepts(self, weight_shape: torch.Size | tuple[int, ...]) -> bool:
-        """The blocks must tile the output axis exactly."""
-        return len(weight_shape) > 0 and weight_shape[0] == self.out_features
 
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None
     ) -> WeightDelta:
         """rescale · B_{s−1}⋯B_0 W − W, stage i acting on rows paired 2ⁱ·(block/2) apart."""
-        self.check_shape(original_weight.shape)
-        blocks = to_compute(self.blocks, original_weight)
-        stages, num_blocks, block_size = blocks.shape[0], blocks.shape[1], blocks.shape[2]
-        constraint = (self.alpha or 0.0) * self.out_features
-        rotations = cayley_rotations(blocks, constraint)
-        eye = torch.eye(block_size, device=blocks.device, dtype=blocks.dtype)
-        # LyCORIS interpolates every stage toward identity, not the product.
-        rotations = multiplier * (rotations - eye) + eye
+        rotations = self._rotations(original_weight, multiplier)
+        stages, num_blocks, block_size = (
+            self.blocks.shape[0],
+            self.blocks.shape[1],
+            self.blocks.shape[2],
+        )
         rows = original_weight.shape[0]
         current = original_weight.reshape(rows, -1)
         for stage in range(stages):
