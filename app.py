@@ -171,6 +171,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         result = engine.generate(request, on_progress=report)
         print(file=sys.stderr)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     except (CheckpointError, RequestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

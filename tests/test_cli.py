@@ -51,3 +51,14 @@ def test_generate_reports_a_non_checkpoint_without_traceback(tmp_path: Path) -> 
     assert done.returncode == 2
     assert "notes.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_generate_prints_tag_warnings(tmp_path: Path) -> None:
+    out = tmp_path / "x.png"
+    done = run_app(
+        "generate", "--model", "demo", "--prompt", "a fox <lora:nothere:1>", "--steps", "1",
+        "--width", "64", "--height", "64", "--loras-dir", str(tmp_path), "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: <lora:nothere>: no LoRA file named 'nothere'" in done.stderr
+    assert out.is_file()
