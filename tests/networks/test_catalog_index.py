@@ -439,3 +439,16 @@ def test_shared_index(loras: Path) -> None:
     catalog = NetworkCatalog(loras, index=index)
     assert catalog.index is index
     assert [f.name for f in catalog.files] == [e.name for e in index.entries()]
+
+
+def test_cache_with_damaged_tag_counts_means_a_cold_scan(loras: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "catalog.json"
+    cold = CatalogIndex(loras, cache, hash_in_background=False).entries()
+    data = json.loads(cache.read_text())
+    tagged = [r for r in data["files"].values() if r["header"]["tags"]]
+    assert tagged, "the fixture folder has a LoRA with ss_tag_frequency"
+    tagged[0]["header"]["tag_counts"] = "1"  # fewer counts than tags
+    cache.write_text(json.dumps(data))
+    again = CatalogIndex(loras, cache, hash_in_background=False).entries()
+    assert again == cold  # rebuilt from the files, not half-read from the damaged cache
+    assert [tuple(e.tag_frequency) for e in again] == [tuple(e.tag_frequency) for e in cold]

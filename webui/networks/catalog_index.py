@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +30,7 @@ from webui.networks.files import (
     read_header,
 )
 from webui.networks.modules.registry import canonical_suffix, split_module_key
+from webui.networks.tag_counts import Pair, TagCounts
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class NetworkEntry:
     size: int = 0
     mtime: float = 0.0
     training: TrainingFacts = TrainingFacts()
-    tag_frequency: tuple[tuple[str, int], ...] = ()  # caption tags, most frequent first
+    tag_frequency: Sequence[Pair] = TagCounts()  # caption tags, most frequent first
     trigger_words: tuple[str, ...] = ()
     preferred_weight: float | None = None
     notes: str = ""
@@ -102,7 +103,7 @@ class HeaderFacts:
     rank: int | None = None
     alpha: float | None = None
     training: TrainingFacts = TrainingFacts()
-    tag_frequency: tuple[tuple[str, int], ...] = ()
+    tag_frequency: Sequence[Pair] = TagCounts()
     spec_trigger_words: tuple[str, ...] = ()  # modelspec.trigger_phrase, modelspec.tags
     embedded_preview: bool = False
     error: str | None = None
@@ -271,7 +272,9 @@ def header_facts(path: Path) -> HeaderFacts:
         rank=rank,
         alpha=alpha,
         training=training_facts(metadata),
-        tag_frequency=tag_frequency(metadata.get("ss_tag_frequency"), TAG_FREQUENCY_LIMIT),
+        tag_frequency=TagCounts.of(
+            tag_frequency(metadata.get("ss_tag_frequency"), TAG_FREQUENCY_LIMIT)
+        ),
         spec_trigger_words=spec_words,
         embedded_preview=previews.has_embedded_preview(metadata),
     )
@@ -306,7 +309,7 @@ def trigger_words(header: HeaderFacts, side: SidecarFacts) -> tuple[str, ...]:
     for words in (
         side.user.activation_text if side.user else (),
         side.civitai.trained_words if side.civitai else (),
-        tuple(tag for tag, _ in header.tag_frequency[:TOP_TAG_TRIGGERS]),
+        TagCounts.of(header.tag_frequency).top(TOP_TAG_TRIGGERS),
         header.spec_trigger_words,
     ):
         if words:
@@ -357,17 +360,19 @@ def make_entry(
 # -- the cache --------------------------------------------------------------------------------
 
 
-def _pack_tags(tags: tuple[tuple[str, int], ...]) -> dict[str, str]:
+def _pack_tags(tags: Sequence[Pair]) -> dict[str, str]:
     # Two strings instead of a list of pairs: decoding thousands of small JSON lists was most
-    # of a warm start.
-    return {"tags": "\n".join(t for t, _ in tags), "tag_counts": " ".join(str(c) for _, c in tags)}
+    # of a warm start; TagCounts decodes them only when read.
+    packed_tags, packed_counts = TagCounts.of(tags).packed
+    return {"tags": packed_tags, "tag_counts": packed_counts}
 
 
-def _unpack_tags(data: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-    tags, counts = data.get("tags", ""), data.get("tag_counts", "")
-    if not tags:
-        return ()
-    return tuple(zip(tags.split("\n"), map(int, counts.split()), strict=True))
+def _unpack_tags(data: Mapping[str, Any]) -> TagCounts:
+    tags, counts = str(data.get("tags", "")), str(data.get("tag_counts", ""))
+    # checked here, cheaply, so that a damaged cache is dropped at load, not met in the UI
+    if tags and (tags.count("\n") != counts.count(" ") or not counts.replace(" ", "").isdigit()):
+        raise ValueError("tags and tag counts do not match")
+    return TagCounts(tags, counts)
 
 
 def _header_from_json(data: Mapping[str, Any]) -> HeaderFacts:
@@ -474,7 +479,7 @@ class _Found:
     """A network file seen by the walk, with the stamps of its sidecars."""
 
     relative: str
-    path: Path
+    path: str  # a string: building a Path per file was a sixth of a warm start
     size: int
     mtime: float
     mtime_ns: int
@@ -482,15 +487,36 @@ class _Found:
     names_in_folder: frozenset[str]
 
 
+_SIDE_SUFFIXES = (
+    sidecars.USER_METADATA_SUFFIX,
+    sidecars.CIVITAI_INFO_SUFFIX,
+    *(f".preview{suffix}" for suffix in previews.IMAGE_SUFFIXES),
+    *previews.IMAGE_SUFFIXES,
+)
+
+
+def _side_files_by_stem(names: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """The files of one folder listing that may be sidecars or previews of a network called
+    `stem` (a name can fit two stems: `a.preview.png` also fits a network `a.preview`). One pass
+    over the listing instead of a lookup per candidate name per network."""
+    found: dict[str, list[str]] = {}
+    for name in names:
+        if name.endswith(_SIDE_SUFFIXES):
+            for suffix in _SIDE_SUFFIXES:
+                if name.endswith(suffix):
+                    found.setdefault(name[: -len(suffix)], []).append(name)
+    return {stem: tuple(sorted(side)) for stem, side in found.items()}
+
+
 def _walk(folder: Path) -> Iterator[_Found]:
     """Every network file below `folder` (sub-folders too, symlinked ones followed once; hidden
     folders skipped), one directory listing per folder and one stat per file and sidecar."""
     visited: set[tuple[int, int]] = set()
-    pending: list[tuple[Path, str]] = [(folder, "")]
+    pending: list[tuple[str, str]] = [(str(folder), "")]
     while pending:
         directory, prefix = pending.pop()
         try:
-            stat = directory.stat()
+            stat = os.stat(directory)
             if (stat.st_dev, stat.st_ino) in visited:
                 continue
             visited.add((stat.st_dev, stat.st_ino))
@@ -501,11 +527,12 @@ def _walk(folder: Path) -> Iterator[_Found]:
             continue
         by_name = {child.name: child for child in children}
         names = frozenset(by_name)
+        side_files = _side_files_by_stem(names)
         for child in children:
             try:
                 if child.is_dir():
                     if not child.name.startswith("."):
-                        pending.append((Path(child.path), f"{prefix}{child.name}/"))
+                        pending.append((child.path, f"{prefix}{child.name}/"))
                     continue
                 if not child.name.lower().endswith(NETWORK_SUFFIXES) or not child.is_file():
                     continue
@@ -515,16 +542,14 @@ def _walk(folder: Path) -> Iterator[_Found]:
                 continue
             stem = child.name.rsplit(".", 1)[0]
             stamp: list[tuple[str, int]] = []
-            for side_name in (*sidecars.sidecar_names(stem), *previews.preview_names(stem)):
-                side_entry = by_name.get(side_name)
-                if side_entry is not None:
-                    try:
-                        stamp.append((side_name, side_entry.stat().st_mtime_ns))
-                    except OSError:
-                        continue
+            for side_name in side_files.get(stem, ()):
+                try:
+                    stamp.append((side_name, by_name[side_name].stat().st_mtime_ns))
+                except OSError:
+                    continue
             yield _Found(
                 relative=prefix + child.name,
-                path=Path(child.path),
+                path=child.path,
                 size=stat.st_size,
                 mtime=stat.st_mtime,
                 mtime_ns=stat.st_mtime_ns,
@@ -603,20 +628,28 @@ class CatalogIndex:
                         size=found.size,
                         mtime_ns=found.mtime_ns,
                         sidecar_stamp=found.sidecar_stamp,
-                        header=header_facts(found.path),
-                        side=sidecar_facts(found.path, found.names_in_folder),
+                        header=header_facts(Path(found.path)),
+                        side=sidecar_facts(Path(found.path), found.names_in_folder),
                     )
                     changed = True
                 elif record.sidecar_stamp != found.sidecar_stamp:
                     record = replace(
                         record,
                         sidecar_stamp=found.sidecar_stamp,
-                        side=sidecar_facts(found.path, found.names_in_folder),
+                        side=sidecar_facts(Path(found.path), found.names_in_folder),
                         entry=None,
                     )
                     changed = True
                 if record.entry is None:
-                    record.entry = self._make_entry(record, found.mtime)
+                    record.entry = make_entry(
+                        record.relative,
+                        Path(found.path),
+                        record.size,
+                        found.mtime,
+                        record.header,
+                        record.side,
+                        record.hashes,
+                    )
                 records[found.relative] = record
             changed = changed or len(records) != len(old)
             with self._lock:
@@ -626,17 +659,6 @@ class CatalogIndex:
                 self._save_cache()
         if self.hash_in_background:
             self.start_hashing()
-
-    def _make_entry(self, record: _Record, mtime: float) -> NetworkEntry:
-        return make_entry(
-            record.relative,
-            self.folder / record.relative,
-            record.size,
-            mtime,
-            record.header,
-            record.side,
-            record.hashes,
-        )
 
     # -- the cache file
 
