@@ -258,8 +258,8 @@ def test_listing_order_and_other_files(loras: Path, caplog: pytest.LogCaptureFix
     assert truncated.error is not None and truncated.error.startswith("truncated")
     assert truncated.variants == () and truncated.base is None
 
-    old = entries["old"]  # pickles are listed by name alone, never loaded by the scan
-    assert (old.error, old.variants, old.path.suffix) == (None, (), ".pt")
+    old = entries["old"]  # a pickle holding only an alpha: readable, no known variant
+    assert (old.error, old.variants, old.alpha, old.path.suffix) == (None, (), 1.0, ".pt")
 
 
 def test_missing_folder_is_empty(tmp_path: Path) -> None:
@@ -452,3 +452,25 @@ def test_cache_with_damaged_tag_counts_means_a_cold_scan(loras: Path, tmp_path: 
     again = CatalogIndex(loras, cache, hash_in_background=False).entries()
     assert again == cold  # rebuilt from the files, not half-read from the damaged cache
     assert [tuple(e.tag_frequency) for e in again] == [tuple(e.tag_frequency) for e in cold]
+
+
+class _NotAllowed:
+    """A class `torch.load(weights_only=True)` refuses to unpickle."""
+
+
+def test_pickled_networks_are_read_with_weights_only(tmp_path: Path) -> None:
+    torch.save(lora_tensors(rank=8, alpha=4.0), tmp_path / "legacy.pt")
+    torch.save({"state_dict": lora_tensors(rank=2, alpha=1.0)}, tmp_path / "nested.ckpt")
+    torch.save({"lora_unet_x.alpha": _NotAllowed()}, tmp_path / "unsafe.pt")
+    entries = by_name(CatalogIndex(tmp_path, hash_in_background=False))
+    legacy, nested, unsafe = entries["legacy"], entries["nested"], entries["unsafe"]
+    # SD1 from the 768-wide cross-attention keys, as for the same tensors in a safetensors file
+    assert (legacy.variants, legacy.rank, legacy.alpha, legacy.base) == (
+        ("lora",),
+        8,
+        4.0,
+        Arch.SD1,
+    )
+    assert (nested.variants, nested.rank, nested.alpha) == (("lora",), 2, 1.0)
+    assert unsafe.error is not None and "weights_only" in unsafe.error
+    assert unsafe.variants == ()

@@ -13,7 +13,8 @@ def test_packs_to_two_strings_and_back() -> None:
     packed = TagCounts.of(PAIRS)
     assert packed.packed == ("1girl\nink wash\nscenery", "15 30 8")
     unpacked = TagCounts(*packed.packed)
-    assert unpacked == PAIRS and PAIRS == unpacked  # equal to the tuple, both ways
+    assert unpacked == PAIRS
+    assert PAIRS == unpacked  # noqa: SIM300 - the tuple on the left is the point
     assert hash(unpacked) == hash(PAIRS)
     assert (len(unpacked), unpacked[1], unpacked[:2]) == (3, ("ink wash", 30), PAIRS[:2])
     assert list(unpacked) == list(PAIRS)

@@ -27,6 +27,7 @@ from webui.networks.files import (
     NetworkFileError,
     SafetensorsHeader,
     compute_hashes,
+    load_tensors,
     read_header,
 )
 from webui.networks.modules.registry import canonical_suffix, split_module_key
@@ -242,11 +243,36 @@ def _read_alphas(path: Path, header: SafetensorsHeader) -> float | None:
     return values.most_common(1)[0][0] if values else None
 
 
+def pickle_facts(path: Path) -> HeaderFacts:
+    """What a `.pt`/`.ckpt` network holds. Pickles have no header: the file is loaded, through
+    `torch.load(weights_only=True)` only, and its shapes and alphas read; it carries no
+    metadata. A refused or unreadable pickle gives facts carrying only `error`."""
+    try:
+        tensors = load_tensors(path)
+    except NetworkFileError as error:
+        return HeaderFacts(error=error.reason)
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    detection = detect_base({}, shapes)
+    variants, rank = variants_and_rank(shapes)
+    alphas = Counter(
+        round(float(tensor), 6)
+        for key, tensor in tensors.items()
+        if key.endswith(".alpha") and tensor.numel() == 1
+    )
+    return HeaderFacts(
+        base=detection.arch,
+        base_source=detection.source,
+        variants=variants,
+        rank=rank,
+        alpha=alphas.most_common(1)[0][0] if alphas else None,
+    )
+
+
 def header_facts(path: Path) -> HeaderFacts:
     """Read a network file's header (never its tensors) into HeaderFacts; an unreadable file
-    gives facts carrying only `error`. Pickles are not opened: they are listed by name alone."""
+    gives facts carrying only `error`. Pickles, which have no header, go to `pickle_facts`."""
     if path.suffix.lower() != ".safetensors":
-        return HeaderFacts()
+        return pickle_facts(path)
     try:
         header = read_header(path)
     except NetworkFileError as error:
