@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +28,17 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def autov3(path: Path) -> str:
+    """A1111's LoRA hash: sha256 of a safetensors file's tensor data (after the header)."""
+    data = path.read_bytes()
+    header_length = struct.unpack("<Q", data[:8])[0]
+    return hashlib.sha256(data[8 + header_length :]).hexdigest()[:12]
 
 
 def free_port() -> int:

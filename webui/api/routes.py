@@ -213,6 +213,15 @@ class A1111Api:
             )
         return items
 
+    def refresh_loras(self) -> dict[str, Any]:
+        # an empty object rather than A1111's null: webuiapi's custom_post needs an object
+        self.engine.catalog.refresh()
+        return {}
+
+    def interrupt(self) -> dict[str, Any]:
+        self.jobs.interrupt()
+        return {}
+
     def sd_models(self) -> list[SDModelItem]:
         return [
             SDModelItem(
@@ -279,11 +288,11 @@ def api_router(engine: Engine, credentials: Sequence[Credential] = ()) -> APIRou
         summary="Render images; waits its turn in the queue shared with the UI",
     )
     router.add_api_route("/loras", api.loras, methods=["GET"], response_model=list[LoraItem])
-    router.add_api_route("/refresh-loras", engine.catalog.refresh, methods=["POST"])
+    router.add_api_route("/refresh-loras", api.refresh_loras, methods=["POST"])
     router.add_api_route(
         "/sd-models", api.sd_models, methods=["GET"], response_model=list[SDModelItem]
     )
-    router.add_api_route("/refresh-checkpoints", _rescanned_on_every_list, methods=["POST"])
+    router.add_api_route("/refresh-checkpoints", _refresh_checkpoints, methods=["POST"])
     router.add_api_route("/options", api.options, methods=["GET"])
     router.add_api_route(
         "/options",
@@ -295,7 +304,7 @@ def api_router(engine: Engine, credentials: Sequence[Credential] = ()) -> APIRou
     router.add_api_route(
         "/progress", api.progress, methods=["GET"], response_model=ProgressResponse
     )
-    router.add_api_route("/interrupt", api.jobs.interrupt, methods=["POST"])
+    router.add_api_route("/interrupt", api.interrupt, methods=["POST"])
     router.add_api_route(
         "/png-info", api.png_info, methods=["POST"], response_model=PNGInfoResponse
     )
@@ -303,8 +312,9 @@ def api_router(engine: Engine, credentials: Sequence[Credential] = ()) -> APIRou
     return router
 
 
-def _rescanned_on_every_list() -> None:
+def _refresh_checkpoints() -> dict[str, Any]:
     """Checkpoints are found anew on every listing; nothing to refresh."""
+    return {}
 
 
 def _samplers() -> list[SamplerItem]:
