@@ -69,7 +69,11 @@ def start_server() -> Iterator:
         engine = Engine(settings)
         port = free_port()
         config = uvicorn.Config(
-            build_app(engine, access or Access()), host="127.0.0.1", port=port, log_level="warning"
+            build_app(engine, access or Access()),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
