@@ -315,6 +315,8 @@ def run_server(args: argparse.Namespace) -> int:
             "no checkpoint in %s: offering the demo model (random weights)", settings.models_dir
         )
     access = Access(ui=args.auth, api=args.api_auth)
+    if settings.listen and not access.ui:
+        log.warning("--listen without --auth: anyone on the network can use the UI")
     if settings.listen and not access.api_credentials:
         log.warning("--listen without --auth/--api-auth: anyone on the network can use the API")
     # warm the default model while the page loads; errors surface on first use

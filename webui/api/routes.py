@@ -218,7 +218,8 @@ class A1111Api:
         self.engine.catalog.refresh()
         return {}
 
-    def interrupt(self) -> dict[str, Any]:
+    # progress and interrupt run on the event loop, never behind requests waiting for a thread
+    async def interrupt(self) -> dict[str, Any]:
         self.jobs.interrupt()
         return {}
 
@@ -252,7 +253,7 @@ class A1111Api:
         if body.CLIP_stop_at_last_layers is not None:
             self.clip_skip = body.CLIP_stop_at_last_layers
 
-    def progress(self) -> ProgressResponse:
+    async def progress(self) -> ProgressResponse:
         job = self.jobs.status()
         state = ProgressState(
             interrupted=job.interrupted,
