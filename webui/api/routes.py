@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from webui.api.auth import Credential, basic_auth
 from webui.api.checkpoint_titles import CheckpointTitle, checkpoint_titles, find_checkpoint
@@ -59,9 +60,9 @@ def field_error(loc: Sequence[str], message: str, value: Any) -> RequestValidati
     )
 
 
-def encode_png(image: Image.Image, infotext_png: Any) -> str:
+def encode_png(image: Image.Image, text_chunks: PngInfo) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=infotext_png)
+    image.save(buffer, format="PNG", pnginfo=text_chunks)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
