@@ -20,6 +20,7 @@ from webui.settings import DeviceChoice, DtypeChoice, Settings
 if TYPE_CHECKING:
     import torch
 
+    from webui.api.auth import Credential
     from webui.networks.inspection import ModelCheck
     from webui.networks.network import Network
 
@@ -52,6 +53,15 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
     )
 
 
+def _credentials(text: str) -> tuple[Credential, ...]:
+    from webui.api.auth import parse_credentials
+
+    try:
+        return parse_credentials(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="LoRA WebUI for Stable Diffusion")
     _common_options(parser)
@@ -59,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", action="store_true", help="serve on all interfaces, not just 127.0.0.1"
     )
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--auth",
+        type=_credentials,
+        default=(),
+        metavar="USER:PASS[,USER2:PASS2]",
+        help="log-in for the UI (and for the API when --api-auth is not given)",
+    )
+    parser.add_argument(
+        "--api-auth",
+        type=_credentials,
+        default=(),
+        metavar="USER:PASS[,USER2:PASS2]",
+        help="HTTP basic credentials for /sdapi/v1",
+    )
     sub = parser.add_subparsers(dest="command")
 
     gen = sub.add_parser("generate", help="render images without the UI")
@@ -282,8 +306,7 @@ def run_server(args: argparse.Namespace) -> int:
     import threading
 
     from webui.engine.generate import Engine
-    from webui.ui import build_ui
-    from webui.ui.blocks import CSS
+    from webui.server import Access, build_app, serve
 
     settings = settings_from(args)
     engine = Engine(settings)
@@ -291,11 +314,14 @@ def run_server(args: argparse.Namespace) -> int:
         log.warning(
             "no checkpoint in %s: offering the demo model (random weights)", settings.models_dir
         )
+    access = Access(ui=args.auth, api=args.api_auth)
+    if settings.listen and not access.ui:
+        log.warning("--listen without --auth: anyone on the network can use the UI")
+    if settings.listen and not access.api_credentials:
+        log.warning("--listen without --auth/--api-auth: anyone on the network can use the API")
     # warm the default model while the page loads; errors surface on first use
     threading.Thread(target=_load_quietly, args=(engine,), daemon=True).start()
-    ui = build_ui(engine)
-    ui.queue(default_concurrency_limit=1)
-    ui.launch(server_name=settings.host, server_port=settings.port, css=CSS, footer_links=["api"])
+    serve(build_app(engine, access), settings.host, settings.port)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.generate import DEMO_MODEL_NAME, Engine
+from webui.engine.jobs import JobQueue
 from webui.ui.messages import user_message
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
@@ -73,7 +74,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         def on_select(name: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - gradio injects it
             try:
                 progress(0, desc=f"Loading {name}…")
-                engine.load(name)
+                JobQueue.for_engine(engine).load(name)  # in turn with generations
             except Exception as exc:  # shown as one line under the picker
                 return f"<span class='lw-warnings'>{html.escape(user_message(exc))}</span>"
             return _model_status(engine)

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
+from webui.engine.jobs import JobQueue
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
 from webui.ui.messages import user_message, warnings_html
 
@@ -37,16 +38,16 @@ def _infotext_html(result: GenerationResult) -> str:
 def _run_generation(
     engine: Engine, request: GenerationRequest, progress: gr.Progress
 ) -> tuple[Any, str, str]:
-    """Load a model if needed, generate, and shape the result for the gallery and panels."""
+    """Generate in turn with API jobs (loading a model if needed), and shape the result for
+    the gallery and panels."""
     try:
         if engine.model is None:
             progress(0, desc="Loading model…")
-            engine.load_default()
 
         def report(p: Progress) -> None:
             progress((p.step, p.total), desc=f"Step {p.step}/{p.total}", unit="steps")
 
-        result = engine.generate(request, on_progress=report)
+        result = JobQueue.for_engine(engine).generate(request, on_progress=report)
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
         return gr.update(), "", warnings_html([user_message(exc)])
     gallery = [
@@ -139,6 +140,6 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     prompt.submit(
         on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"
     )
-    interrupt.click(engine.interrupt, queue=False)
+    interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
     return Txt2ImgControls(prompt, negative, gallery)

@@ -1,0 +1,89 @@
+"""Access control: HTTP basic auth on the API, Gradio's log-in on the UI; wrong or missing
+credentials get 401 and nothing else, before the request is even validated."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from conftest import RunningServer, folders
+
+from app import build_parser, settings_from
+from webui.api.auth import Credential, parse_credentials
+from webui.server import Access
+
+DENIED = {"detail": "Incorrect username or password"}
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tmp_path_factory) -> RunningServer:
+    access = Access(ui=parse_credentials("admin:pw"), api=parse_credentials("bot:key,ci:t0k:en"))
+    return start_server(folders(tmp_path_factory.mktemp("access")), access)
+
+
+@pytest.mark.parametrize(
+    "auth", [None, ("bot", "wrong"), ("nobody", "key"), ("admin", "pw"), ("bot", "")]
+)
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/sdapi/v1/sd-models", None),
+        ("GET", "/sdapi/v1/loras", None),
+        ("GET", "/sdapi/v1/progress", None),
+        ("POST", "/sdapi/v1/txt2img", {"prompt": "x", "steps": -1}),  # 401 before the 422
+        ("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "nope"}),
+    ],
+)
+def test_api_refuses_wrong_credentials(
+    server: RunningServer, auth: tuple[str, str] | None, method: str, path: str, body: object
+) -> None:
+    response = requests.request(method, server.url + path, json=body, auth=auth, timeout=30)
+    assert response.status_code == 401
+    assert response.json() == DENIED
+    assert response.headers["www-authenticate"] == "Basic"
+
+
+@pytest.mark.parametrize("auth", [("bot", "key"), ("ci", "t0k:en")])
+def test_api_accepts_each_user(server: RunningServer, auth: tuple[str, str]) -> None:
+    response = requests.get(server.url + "/sdapi/v1/samplers", auth=auth, timeout=30)
+    assert response.status_code == 200 and response.json()[0]["name"] == "Euler a"
+
+
+def test_ui_needs_its_own_log_in(server: RunningServer) -> None:
+    for path in ("/config", "/gradio_api/info"):
+        assert requests.get(server.url + path, timeout=30).status_code == 401
+    session = requests.Session()
+    assert (
+        session.post(server.url + "/login", data={"username": "bot", "password": "key"}).ok is False
+    )
+    assert session.get(server.url + "/config", timeout=30).status_code == 401
+    assert session.post(server.url + "/login", data={"username": "admin", "password": "pw"}).ok
+    assert session.get(server.url + "/config", timeout=30).status_code == 200
+
+
+def test_docs_describe_the_api(server: RunningServer) -> None:
+    schema = requests.get(server.url + "/openapi.json", timeout=30).json()
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/loras", "/sdapi/v1/png-info"} <= set(schema["paths"])
+    assert requests.get(server.url + "/docs", timeout=30).status_code == 200
+
+
+def test_auth_alone_also_guards_the_api() -> None:
+    ui_only = Access(ui=(Credential("admin", "pw"),))
+    assert ui_only.api_credentials == (Credential("admin", "pw"),)
+    both = Access(ui=(Credential("admin", "pw"),), api=(Credential("bot", "key"),))
+    assert both.api_credentials == (Credential("bot", "key"),)
+
+
+def test_credentials_parse_and_bad_ones_are_refused() -> None:
+    assert parse_credentials("a:b, c:d:e") == (Credential("a", "b"), Credential("c", "d:e"))
+    for bad in ("nopass", "user:", ":pw", "a:b,"):
+        with pytest.raises(ValueError, match="is not user:password"):
+            parse_credentials(bad)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--api-auth", "nopass"])
+
+
+def test_listens_on_localhost_unless_told() -> None:
+    assert settings_from(build_parser().parse_args([])).host == "127.0.0.1"
+    args = build_parser().parse_args(["--listen", "--auth", "u:p", "--api-auth", "b:k"])
+    assert settings_from(args).host == "0.0.0.0"
+    assert args.auth == (Credential("u", "p"),) and args.api_auth == (Credential("b", "k"),)

@@ -1,0 +1,162 @@
+"""Request and response bodies of the A1111-compatible API: the same field names, defaults and
+JSON shapes as AUTOMATIC1111's `/sdapi/v1`, so its clients work unchanged.
+
+Range checks come from the engine (`GenerationRequest.validate`), one field at a time, so a bad
+field gets a 422 that names it. Fields A1111 clients send that this app does not use (hires fix,
+face restoration, scripts, ...) are accepted and ignored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from webui.engine.generate import GenerationRequest, RequestError
+from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+
+
+def check_with_engine(**fields: Any) -> None:
+    """Run the engine's own range checks on these request fields (all others at their valid
+    defaults); raises ValueError with the engine's message."""
+    try:
+        GenerationRequest(prompt="", **fields).validate()
+    except RequestError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+class Options(BaseModel):
+    """Options that can be set for one request (`override_settings`) or for all later ones
+    (`POST /options`). Other A1111 options are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(
+        None, description="checkpoint title, name or hash, as listed by /sdapi/v1/sd-models"
+    )
+    CLIP_stop_at_last_layers: int | None = Field(None, description="clip skip (1 = none)")
+
+    @field_validator("CLIP_stop_at_last_layers")
+    @classmethod
+    def _clip_skip(cls, value: int | None) -> int | None:
+        if value is not None:
+            check_with_engine(clip_skip=value)
+        return value
+
+
+class Txt2ImgRequest(BaseModel):
+    """`POST /sdapi/v1/txt2img`. LoRA tags go in the prompt: `<lora:NAME:WEIGHT>`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = Field(None, description="accepted, ignored")
+    seed: int = -1
+    subseed: int = Field(-1, description="accepted, ignored")
+    subseed_strength: float = Field(0.0, description="accepted, ignored")
+    scheduler: str | None = Field(None, description="schedule type: Automatic or Karras")
+    sampler_name: str | None = Field(None, description=f"default {DEFAULT_SAMPLER}")
+    sampler_index: str | None = Field(None, description="deprecated name of sampler_name")
+    batch_size: int = 1
+    n_iter: int = Field(1, description="batch count")
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    enable_hr: bool = Field(False, description="hires fix is not supported; ignored")
+    restore_faces: bool | None = Field(None, description="accepted, ignored")
+    tiling: bool | None = Field(None, description="accepted, ignored")
+    override_settings: Options | None = None
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = Field(True, description="false returns no images")
+    save_images: bool = Field(False, description="accepted; the server's setting decides")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="accepted, ignored")
+
+    @field_validator("steps", "cfg_scale", "width", "height", "seed", "batch_size")
+    @classmethod
+    def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        check_with_engine(**{info.field_name: value})
+        return value
+
+    @field_validator("n_iter")
+    @classmethod
+    def _batch_count(cls, value: int) -> int:
+        try:
+            check_with_engine(batch_count=value)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("batch_count", "n_iter", 1)) from exc
+        return value
+
+    @field_validator("sampler_name", "sampler_index")
+    @classmethod
+    def _known_sampler(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                get_sampler(value, info.data.get("scheduler") or "")
+            except UnknownSamplerError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @property
+    def sampler(self) -> str:
+        """The engine's sampler name: A1111's name plus the schedule type, when it has one."""
+        name = self.sampler_name or self.sampler_index or DEFAULT_SAMPLER
+        return get_sampler(name, self.scheduler or "").name
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, each with its infotext")
+    parameters: dict[str, Any] = Field(description="the request as received")
+    info: str = Field(description="JSON: seeds, infotexts, prompts, model")
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = Field(0, description="jobs running or waiting")
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the running job")
+    eta_relative: float = Field(description="seconds left, estimated")
+    state: ProgressState
+    current_image: str | None = Field(None, description="no live previews: always null")
+    textinfo: str | None = None
+
+
+class PNGInfoRequest(BaseModel):
+    image: str = Field(description="base64 image, with or without a data: URL prefix")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field(description="the parameters text")
+    items: dict[str, Any] = Field(description="the image's other text chunks")
+    parameters: dict[str, Any] = Field(description="the parameters as A1111 parses them")

@@ -1,0 +1,156 @@
+"""One queue for all work on the model: UI and API jobs run one at a time, first come first
+served, and the queue knows which job runs and how far it got (for progress reports)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from webui.engine.checkpoints import LoadedModel
+from webui.engine.generate import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    ProgressCallback,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of the queue: the running job (`job` is "" when idle) and how many wait."""
+
+    job: str = ""
+    job_count: int = 0  # running plus waiting
+    job_timestamp: str = "0"
+    step: int = 0
+    total: int = 0
+    interrupted: bool = False
+    elapsed: float = 0.0  # seconds since the running job started
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+    @property
+    def eta(self) -> float:
+        """Seconds left, extrapolated from the time per step so far (0 before the first step)."""
+        if not self.step or not self.total:
+            return 0.0
+        return self.elapsed / self.progress - self.elapsed
+
+
+@dataclass
+class _Running:
+    name: str
+    started: float
+    timestamp: str
+    step: int = 0
+    total: int = 0
+
+
+class JobQueue:
+    """Serializes work on one engine in arrival order. Every caller blocks until its own job
+    has run; `status()` can be read at any time from any thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._running: _Running | None = None
+        self._interrupted = False
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> JobQueue:
+        """The engine's one queue (made on first use), shared by the UI and the API."""
+        with _QUEUES_LOCK:
+            queue = _QUEUES.get(engine)
+            if queue is None:
+                queue = _QUEUES[engine] = cls(engine)
+            return queue
+
+    def run(self, name: str, work: Callable[[ProgressCallback], T]) -> T:
+        """Wait for this job's turn, then run `work(report)`; `report` records its progress."""
+        with self._turns:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+            self._running = _Running(name, time.monotonic(), time.strftime("%Y%m%d%H%M%S"))
+            self._interrupted = False
+        try:
+            return work(self._record)
+        finally:
+            with self._turns:
+                self._running = None
+                self._serving += 1
+                self._turns.notify_all()
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressCallback | None = None,
+        model: str | None = None,
+        name: str = "txt2img",
+    ) -> GenerationResult:
+        """Render `request` in turn: with checkpoint `model` loaded first when given, else with
+        the loaded model (the default one when none is loaded yet)."""
+        request.validate()  # a bad request fails at once instead of after waiting its turn
+
+        def work(report: ProgressCallback) -> GenerationResult:
+            if model is not None:
+                self.engine.load(model)
+            elif self.engine.model is None:
+                self.engine.load_default()
+
+            def progress(p: Progress) -> None:
+                report(p)
+                if on_progress is not None:
+                    on_progress(p)
+
+            return self.engine.generate(request, on_progress=progress)
+
+        return self.run(name, work)
+
+    def load(self, model: str) -> LoadedModel:
+        """Load checkpoint `model` in turn."""
+        return self.run("load model", lambda _report: self.engine.load(model))
+
+    def interrupt(self) -> None:
+        """Stop the running job after its current step; waiting jobs still run."""
+        with self._turns:
+            if self._running is None:
+                return
+            self._interrupted = True
+        self.engine.interrupt()
+
+    def status(self) -> JobStatus:
+        with self._turns:
+            running = self._running
+            waiting = self._next_ticket - self._serving
+            if running is None:
+                return JobStatus(job_count=waiting)
+            return JobStatus(
+                job=running.name,
+                job_count=waiting,
+                job_timestamp=running.timestamp,
+                step=running.step,
+                total=running.total,
+                interrupted=self._interrupted,
+                elapsed=time.monotonic() - running.started,
+            )
+
+    def _record(self, progress: Progress) -> None:
+        with self._turns:
+            if self._running is not None:
+                self._running.step, self._running.total = progress.step, progress.total
+
+
+_QUEUES: weakref.WeakKeyDictionary[Engine, JobQueue] = weakref.WeakKeyDictionary()
+_QUEUES_LOCK = threading.Lock()
