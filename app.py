@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from webui.settings import DeviceChoice, DtypeChoice, Settings
+from webui.settings import DeviceChoice, DtypeChoice, LoraBackend, Settings
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +49,13 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         action="store_true",
         default=default or False,
         help="keep models on the CPU until each part runs (accelerate offload)",
+    )
+    parser.add_argument(
+        "--lora-backend",
+        choices=[c.value for c in LoraBackend],
+        default=default or "auto",
+        help="apply LoRAs natively, through diffusers/PEFT, or per LoRA (auto: native where it "
+        "maps every module, diffusers for what it cannot)",
     )
 
 
@@ -120,6 +127,7 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,
+        lora_backend=LoraBackend(args.lora_backend),
         listen=getattr(args, "listen", False),
         port=getattr(args, "port", 7860),
         **overrides,  # type: ignore[arg-type]

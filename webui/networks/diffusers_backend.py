@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.networks.base_detection import is_compatible
-from webui.networks.blocks import OUTSIDE, BlockKind, UnetBlock, unet_blocks
+from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component
 from webui.networks.modules import Variant
 from webui.networks.modules.lora import LoraModule
