@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from webui.arch import Arch
 from webui.networks.base_detection import is_compatible
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
-from webui.networks.keys import Component
+from webui.networks.keys import Component, KeyMap
 from webui.networks.modules import Variant
 from webui.networks.modules.lora import LoraModule
 from webui.networks.network import Network
@@ -172,6 +172,7 @@ class DiffusersBackend:
         self._set: list[tuple[Network, Strengths]] = []
         self._scales: dict[tuple[str, Component], object] = {}
         self._fused: _FusedState | None = None
+        self._keymap = KeyMap.from_pipeline(pipe)  # where each file prefix should land
         unet = getattr(pipe, "unet", None)
         self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
 
@@ -291,13 +292,20 @@ class DiffusersBackend:
                 f"{network.path.name}: diffusers could not load it ({first_line[:160]})"
             ) from exc
         layers = self._layers_of(name)
-        placed = sum(len(paths) for paths in layers.values())
-        expected = len(network.modules)
-        if placed != expected:
+        wrapped = {(component, path) for component, paths in layers.items() for path in paths}
+        missed = [
+            prefix
+            for prefix in network.modules
+            # names native cannot resolve are checked by the count alone
+            if (ref := self._keymap.resolve(prefix)) is not None
+            and (ref.component, ref.path) not in wrapped
+        ]
+        if missed or len(wrapped) != len(network.modules):
             self._delete([name])
+            example = f", e.g. {missed[0]}" if missed else ""
             raise DiffusersLoadError(
-                f"{network.path.name}: diffusers placed {placed} of its {expected} layers; "
-                "not applied (its names do not convert to this model's modules)"
+                f"{network.path.name}: diffusers placed {len(wrapped)} of its "
+                f"{len(network.modules)} layers{example}; not applied"
             )
         loaded = _Loaded(network, name, layers)
         self._loaded[id(network)] = loaded
