@@ -413,3 +413,56 @@ def test_trap_hotswap_refuses_text_encoders(files: dict[str, Path], fallback: An
     backend.restore()
     backend.apply([(peft, 1.0)])
     assert np.array_equal(render(pipe), switched)
+
+
+# -- SDXL: two text encoders, original-layout names -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[DiffusionPipeline, dict[str, Path]]:
+    torch.manual_seed(0)
+    pipe = build_pipeline(ModelSpec(Arch.SDXL))
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("sdxl-loras")
+    out = {"kohya": folder / "kohya.safetensors", "locon": folder / "locon.safetensors"}
+    write_kohya_layers(
+        out["kohya"],
+        pipe,
+        Arch.SDXL,
+        include=lambda component, path: component != "unet" or ".attentions." in path,
+        std=0.15,
+    )
+    out["peft"] = write_peft(copy.deepcopy(pipe), folder / "peft")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        preset = register_preset(monkeypatch, "diffusers-backend-sdxl")
+        write_lycoris(copy.deepcopy(pipe), out["locon"], preset=preset, algo="locon", std=0.05)
+    return pipe, out
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_sdxl_text_encoders_and_blocks_agree_with_native(kind: str, sdxl: Any) -> None:
+    base, files = sdxl
+    network = load_network(files[kind])
+    strengths = Strengths(te=1.0, te1=0.3, te2=0.8, unet=1.0, in_blocks=0.5, mid=0.0, out=1.0)
+    native = copy.deepcopy(base)
+    NetworkPatcher(native, Arch.SDXL).apply([(network, strengths)])
+    pipe = copy.deepcopy(base)
+    report = DiffusersBackend(pipe, Arch.SDXL).apply([(network, strengths)])
+    assert report.warnings == []
+    difference = float(np.abs(render(pipe) - render(native)).max())
+    print(f"SDXL {kind}: max pixel difference native vs diffusers {difference:.5f}")
+    assert difference <= MAX_PIXEL_DIFF
+
+
+def test_sdxl_partial_load_is_refused(sdxl: Any) -> None:
+    """diffusers' converter drops SDXL's add_embedding layers without an error; the backend
+    counts the layers it placed and refuses rather than apply part of the file."""
+    base, files = sdxl
+    pipe = copy.deepcopy(base)
+    network = load_network(files["locon"])
+    assert refusal_reason(network, Arch.SDXL) is None
+    report = DiffusersBackend(pipe, Arch.SDXL).apply([(network, 1.0)])
+    (message,) = report.warnings
+    assert message.startswith("locon.safetensors: diffusers placed ")
+    assert "e.g. lora_unet_add_embedding_linear_" in message
+    assert not has_peft_layers(pipe)
