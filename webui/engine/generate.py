@@ -406,7 +406,7 @@ class Engine:
             if isinstance(a, RoutedNetwork) and a.route is not None
         ]
         if backends:
-            params["Lora backend"] = ", ".join(backends)
+            params["Lora backend"] = ", ".join(dict.fromkeys(backends))  # a name twice: once
         if trigger_words:
             params["Trigger words"] = ", ".join(trigger_words)
         params["Version"] = APP_VERSION

@@ -209,6 +209,7 @@ class DiffusersBackend:
         started = time.perf_counter()
         self.unfuse()
         wanted = [_normalise(entry) for entry in networks]
+        self._remove(set(self._loaded) - {id(network) for network, _ in wanted})
         reports: list[FallbackReport] = []
         kept: list[tuple[Network, Strengths]] = []
         for network, strengths in wanted:
@@ -357,21 +358,28 @@ class DiffusersBackend:
     # -- strengths ------------------------------------------------------------------------------
 
     def _set_scales(self, step: int, total_steps: int) -> frozenset[Component]:
-        """Set every adapter's scales for `step`; returns the components whose scales changed."""
+        """Set every adapter's scales for `step`; returns the components whose scales changed.
+        A file listed twice (two scheduled tags of one name) gets the sum of its multipliers,
+        layer by layer, as the native patcher sums the deltas."""
+        grouped: dict[int, list[Strengths]] = {}
+        for network, strengths in self._set:
+            grouped.setdefault(id(network), []).append(strengths.at_step(step, total_steps))
         plan: dict[tuple[str, Component], object] = {}
         names: list[str] = []
         weights: list[dict[str, Any]] = []
-        per_layer: list[tuple[_Loaded, Strengths]] = []
-        for network, strengths in self._set:
-            loaded = self._loaded[id(network)]
-            at_step = strengths.at_step(step, total_steps)
-            weight = self._component_weights(loaded, at_step)
+        per_layer: list[tuple[_Loaded, list[Strengths], tuple[Component, ...]]] = []
+        for key, at_step in grouped.items():
+            loaded = self._loaded[key]
+            weight = self._component_weights(loaded, at_step[0]) if len(at_step) == 1 else {}
+            by_layer = tuple(c for c in loaded.layers if weight.get(c.value) is None)
             for component in loaded.layers:
-                plan[loaded.adapter, component] = weight.get(component.value)
-            if weight.get("unet", 0.0) is None:
-                plan[loaded.adapter, Component.UNET] = _block_key(at_step)
-                per_layer.append((loaded, at_step))
-                del weight["unet"]  # diffusers sets 1.0, then every layer gets its own scale
+                plan[loaded.adapter, component] = weight.get(component.value) or tuple(
+                    _step_key(s) for s in at_step
+                )
+            for component in by_layer:
+                weight.pop(component.value, None)  # diffusers sets 1.0; each layer gets its own
+            if by_layer:
+                per_layer.append((loaded, at_step, by_layer))
             names.append(loaded.adapter)
             weights.append(weight)
         changed = frozenset(
@@ -381,8 +389,8 @@ class DiffusersBackend:
         )
         if names and plan != self._scales:
             self.pipe.set_adapters(names, weights)
-            for loaded, at_step in per_layer:
-                self._set_unet_scales_per_layer(loaded, at_step)
+            for loaded, at_step, components in per_layer:
+                self._set_scales_per_layer(loaded, at_step, components)
         self._scales = plan
         return changed
 
@@ -431,12 +439,16 @@ class DiffusersBackend:
             out["mid"] = mid
         return out
 
-    def _set_unet_scales_per_layer(self, loaded: _Loaded, strengths: Strengths) -> None:
-        unet = self.pipe.unet
-        for path in loaded.layers[Component.UNET]:
-            block = self._blocks.get(path, OUTSIDE)
-            layer = unet.get_submodule(path)
-            layer.set_scale(loaded.adapter, strengths.multiplier(Component.UNET, block))
+    def _set_scales_per_layer(
+        self, loaded: _Loaded, strengths: list[Strengths], components: tuple[Component, ...]
+    ) -> None:
+        """PEFT's `set_scale` on every layer: the summed multiplier of its component and block."""
+        for component in components:
+            model = getattr(self.pipe, component.value)
+            for path in loaded.layers[component]:
+                block = self._blocks.get(path, OUTSIDE) if component is Component.UNET else None
+                multiplier = sum(s.multiplier(component, block) for s in strengths)
+                model.get_submodule(path).set_scale(loaded.adapter, multiplier)
 
     # -- fusing ---------------------------------------------------------------------------------
 
@@ -465,9 +477,12 @@ class DiffusersBackend:
         return [self._loaded[id(network)].adapter for network, _ in self._set]
 
 
-def _block_key(strengths: Strengths) -> tuple[object, ...]:
-    """A comparable snapshot of the UNet strengths of one step."""
+def _step_key(strengths: Strengths) -> tuple[object, ...]:
+    """A comparable snapshot of the strengths of one step."""
     return (
+        strengths.te,
+        strengths.te1,
+        strengths.te2,
         strengths.unet,
         strengths.in_blocks,
         strengths.mid,
