@@ -60,7 +60,11 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="app.py", description="LoRA WebUI for Stable Diffusion")
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="LoRA WebUI for Stable Diffusion",
+        allow_abbrev=False,  # `merge --lora` must not read as a prefix of --lora-backend
+    )
     _common_options(parser)
     parser.add_argument(
         "--listen", action="store_true", help="serve on all interfaces, not just 127.0.0.1"

@@ -265,3 +265,9 @@ def test_lora_backend_infotext_quoting() -> None:
     one = Infotext("p", "", {"Steps": "3", "Seed": "1", "Lora backend": "name=diffusers"})
     assert "Lora backend: name=diffusers" in one.format()
     assert parse_infotext(many.format()).params["Lora backend"] == "a=native, b=diffusers"
+
+
+def test_merge_lora_option_is_not_read_as_lora_backend() -> None:
+    """`merge --lora F` next to a global `--lora-backend`: no prefix ambiguity."""
+    args = app.build_parser().parse_args(["merge", "--model", "m", "--lora", "x:0.5", "--out", "o"])
+    assert args.loras == ["x:0.5"] and args.lora_backend == "auto"
