@@ -76,8 +76,6 @@ class FallbackReport(NetworkReport):
 def refusal_reason(network: Network, arch: Arch | None) -> str | None:
     """Why diffusers cannot load `network` correctly, from its keys alone (None: it can try).
     Checked against diffusers 0.42.1's kohya converter and PEFT loader."""
-    if network.unsupported:
-        return f"{len(network.unsupported)} module(s) of an unknown format, e.g. {next(iter(network.unsupported))}"
     others = sorted({m.variant.value for m in network.modules.values()} - {Variant.LORA.value})
     if others:
         return f"{'/'.join(others)} layers (diffusers loads only plain LoRA/LoCon)"
@@ -264,7 +262,7 @@ class DiffusersBackend:
             variants=tuple(v.value for v in network.variants),
             matched=tuple(network.modules) if loaded is not None else (),
             unmatched=(),
-            unsupported=tuple(network.unsupported),
+            unsupported=() if loaded is not None else tuple(network.unsupported),
             shape_mismatch=(),
             base=network.base.arch,
             base_source=network.base.source,
@@ -301,12 +299,14 @@ class DiffusersBackend:
             if (ref := self._keymap.resolve(prefix)) is not None
             and (ref.component, ref.path) not in wrapped
         ]
-        if missed or len(wrapped) != len(network.modules):
+        # modules native does not understand are layers too: diffusers may know them
+        expected = len(network.modules) + len(network.unsupported)
+        if missed or len(wrapped) != expected:
             self._delete([name])
             example = f", e.g. {missed[0]}" if missed else ""
             raise DiffusersLoadError(
                 f"{network.path.name}: diffusers placed {len(wrapped)} of its "
-                f"{len(network.modules)} layers{example}; not applied"
+                f"{expected} layers{example}; not applied"
             )
         loaded = _Loaded(network, name, layers)
         self._loaded[id(network)] = loaded
