@@ -20,7 +20,8 @@ How it works, and the diffusers 0.42.1 / PEFT 0.21.2 traps it designs around (se
   weights back, because PEFT's unmerge subtracts (not bit-exact);
 - hotswap is never used: diffusers refuses it for files with text-encoder keys;
 - removal really removes: `delete_adapters` for a file that leaves the set, and
-  `unload_lora_weights` once none is left, so no PEFT wrapper slows later steps.
+  `unload_lora_weights` once none is left (or when a wrapper would be left serving no adapter;
+  the remaining files are then loaded again), so no PEFT wrapper slows later steps.
 
 Files diffusers cannot load (LoHa, LoKr, IA3, GLoRA, OFT/BOFT, full and norm diffs, Tucker
 `lora_mid`, DoRA, original-layout names on SD1/SD2) are refused before diffusers sees them, with
