@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from webui.settings import DeviceChoice, DtypeChoice, Settings
+from webui.settings import DeviceChoice, DtypeChoice, LoraBackend, Settings
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,13 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         default=default or False,
         help="keep models on the CPU until each part runs (accelerate offload)",
     )
+    parser.add_argument(
+        "--lora-backend",
+        choices=[c.value for c in LoraBackend],
+        default=default or "auto",
+        help="apply LoRAs natively, through diffusers/PEFT, or per LoRA (auto: native where it "
+        "maps every module, diffusers for what it cannot)",
+    )
 
 
 def _credentials(text: str) -> tuple[Credential, ...]:
@@ -63,7 +70,11 @@ def _credentials(text: str) -> tuple[Credential, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="app.py", description="LoRA WebUI for Stable Diffusion")
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="LoRA WebUI for Stable Diffusion",
+        allow_abbrev=False,  # `merge --lora` must not read as a prefix of --lora-backend
+    )
     _common_options(parser)
     parser.add_argument(
         "--listen", action="store_true", help="serve on all interfaces, not just 127.0.0.1"
@@ -144,6 +155,7 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,
+        lora_backend=LoraBackend(args.lora_backend),
         listen=getattr(args, "listen", False),
         port=getattr(args, "port", 7860),
         **overrides,  # type: ignore[arg-type]

@@ -25,6 +25,15 @@ class DtypeChoice(StrEnum):
     BF16 = "bf16"
 
 
+class LoraBackend(StrEnum):
+    """Which code applies LoRAs: our native patcher, the diffusers/PEFT fallback, or per LoRA
+    (native where it can apply every module, the fallback for what it cannot)."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    DIFFUSERS = "diffusers"
+
+
 _DTYPES = {
     DtypeChoice.FP32: torch.float32,
     DtypeChoice.FP16: torch.float16,
@@ -48,6 +57,9 @@ class Settings:
     cache_dir: Path = ROOT / ".cache"
     # trigger words added to the encoded prompt: 0 off, N the first N of each LoRA, -1 all
     auto_trigger_words: int = 0
+    lora_backend: LoraBackend = LoraBackend.AUTO
+    # fuse diffusers adapters into the weights (faster steps) when no native LoRA is applied
+    lora_fuse: bool = False
 
     @property
     def host(self) -> str:

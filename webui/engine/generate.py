@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from webui.engine.checkpoints import (
     place_pipeline,
 )
 from webui.engine.infotext import Infotext, save_png
+from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
 from webui.engine.network_set import ChosenNetwork, choose_networks
@@ -36,9 +37,8 @@ from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_samp
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.keys import Component
-from webui.networks.patcher import NetworkPatcher
 from webui.prompt import NetworkTag, parse_prompt
-from webui.settings import Settings
+from webui.settings import LoraBackend, Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class GenerationRequest:
     batch_count: int = 1
     sampler: str = DEFAULT_SAMPLER
     clip_skip: int = 1
+    lora_backend: LoraBackend | None = None  # None: the Settings default
 
     def validate(self) -> None:
         """Raise RequestError naming the first field that is out of range."""
@@ -114,6 +115,7 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    lora_routes: tuple[LoraRoute, ...] = ()  # which backend took each LoRA, and why
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,13 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class RoutedNetwork(ChosenNetwork):
+    """A chosen network with the backend that took it."""
+
+    route: LoraRoute | None = None
+
+
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
 
@@ -146,7 +155,7 @@ class Engine:
         self._model: LoadedModel | None = None
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
         self.catalog = NetworkCatalog(settings.loras_dir, settings.cache_dir / "catalog.json")
-        self._patcher: NetworkPatcher | None = None
+        self._networks: LoraBackends | None = None
         # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words
 
@@ -178,17 +187,17 @@ class Engine:
                     raise CheckpointError(
                         f"no checkpoint named {name!r} in {self.settings.models_dir}"
                     )
-                self._model, self._patcher = None, None  # free the old model first
+                self._model, self._networks = None, None  # free the old model first
                 loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
             self._model = loaded
-            self._patcher = None
+            self._networks = None
             return loaded
 
     def load_path(self, path: Path) -> LoadedModel:
         """Load a checkpoint file or diffusers folder from anywhere on disk."""
         checkpoint = checkpoint_from_path(path)
         with self._lock:
-            self._model, self._patcher = None, None
+            self._model, self._networks = None, None
             self._model = load_checkpoint(
                 checkpoint,
                 self.settings.torch_device(),
@@ -235,10 +244,11 @@ class Engine:
         prompt, negative = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
-        applied = self._apply_networks(model, prompt.tags, request.steps, warnings)
+        routes = self._apply_networks(model, request, prompt.tags, warnings)
+        applied = [routed for routed in routes if routed.route.applied]
         triggers = add_trigger_words(
             prompt.text,
-            [self.trigger_words(c.network.path) for c in applied],
+            [self.trigger_words(routed.network.path) for routed in applied],
             self.settings.auto_trigger_words,
         )
         texts = replace(request, prompt=triggers.prompt, negative_prompt=negative.text)
@@ -250,8 +260,8 @@ class Engine:
         for batch in range(request.batch_count):
             first = batch * request.batch_size
             seeds = [request.seed + first + i for i in range(request.batch_size)]
-            if self._patcher is not None and self._patcher.is_scheduled:
-                self._patcher.set_step(1, request.steps)  # each batch starts from step 1
+            if self._networks is not None and self._networks.is_scheduled:
+                self._networks.set_step(1, request.steps)  # each batch starts from step 1
             callback = self._step_callback(model, texts, batch, first, total_steps, on_progress)
             output = pipe(
                 **self._prompt_embeddings(model, texts),
@@ -271,28 +281,35 @@ class Engine:
             if self._interrupt.is_set():
                 interrupted = True
                 break
-        return GenerationResult(images, warnings, interrupted, time.perf_counter() - started)
+        return GenerationResult(
+            images,
+            warnings,
+            interrupted,
+            time.perf_counter() - started,
+            tuple(r.route for r in routes),
+        )
 
     def _apply_networks(
         self,
         model: LoadedModel,
+        request: GenerationRequest,
         tags: tuple[NetworkTag, ...],
-        total_steps: int,
         warnings: list[str],
-    ) -> list[ChosenNetwork]:
-        """Patch the model with the prompt's networks at step 1 (or restore it when there are
-        none). Problems with one network become warnings; the others still apply."""
+    ) -> list[RoutedNetwork]:
+        """Apply the prompt's networks at step 1, each through its backend (or restore the model
+        when there are none). Problems with one network become warnings; the others apply."""
         chosen = choose_networks(tags, self.catalog, warnings)
-        if self._patcher is None:
+        if self._networks is None:
             if not chosen:
                 return []
-            self._patcher = NetworkPatcher(model.pipe, model.kind.arch)
-        report = self._patcher.apply(
-            [(c.network, c.strengths) for c in chosen], step=1, total_steps=total_steps
-        )
-        warnings.extend(report.warnings)
-        applied = {r.name for r in report.networks if r.applied}
-        return [c for c in chosen if c.network.name in applied]
+            self._networks = LoraBackends(model.pipe, model.kind.arch, fuse=self.settings.lora_fuse)
+        choice = request.lora_backend or self.settings.lora_backend
+        routed = self._networks.apply(chosen, choice, total_steps=request.steps)
+        warnings.extend(routed.report.warnings)
+        return [
+            RoutedNetwork(c.name, c.network, c.strengths, route)
+            for c, route in zip(chosen, routed.routes, strict=True)
+        ]
 
     @staticmethod
     def _prompt_embeddings(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
@@ -334,7 +351,7 @@ class Engine:
     ) -> dict[str, Any]:
         """Move scheduled strengths to `step`; when a text encoder changed, the prompt is encoded
         again and the pipeline uses the new embeddings from this step on."""
-        patcher = self._patcher
+        patcher = self._networks
         if patcher is None or not patcher.is_scheduled:
             return {}
         report = patcher.set_step(step, request.steps)
@@ -363,7 +380,7 @@ class Engine:
         model: LoadedModel,
         request: GenerationRequest,
         seed: int,
-        applied: list[ChosenNetwork] | None = None,
+        applied: Sequence[ChosenNetwork] | None = None,
         trigger_words: tuple[str, ...] = (),
     ) -> Infotext:
         """A1111-format parameters for one image; the prompt keeps its tags as typed."""
@@ -383,6 +400,13 @@ class Engine:
         hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)
+        backends = [
+            f"{a.name}={a.route.backend.value}"
+            for a in applied or []
+            if isinstance(a, RoutedNetwork) and a.route is not None
+        ]
+        if backends:
+            params["Lora backend"] = ", ".join(dict.fromkeys(backends))  # a name twice: once
         if trigger_words:
             params["Trigger words"] = ", ".join(trigger_words)
         params["Version"] = APP_VERSION

@@ -12,6 +12,7 @@ import gradio as gr
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
 from webui.engine.jobs import JobQueue
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
+from webui.settings import LoraBackend
 from webui.ui.messages import user_message, warnings_html
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,15 @@ def _infotext_html(result: GenerationResult) -> str:
     text = html.escape(result.images[0].infotext.format())
     note = " <b>(interrupted)</b>" if result.interrupted else ""
     timing = f"<div class='lw-timing'>{len(result.images)} image(s) in {result.seconds:.1f} s{note}</div>"
-    return f"<pre class='lw-infotext'>{text}</pre>{timing}"
+    return f"<pre class='lw-infotext'>{text}</pre>{timing}{_backends_html(result)}"
+
+
+def _backends_html(result: GenerationResult) -> str:
+    """Which backend took each LoRA, and why."""
+    if not result.lora_routes:
+        return ""
+    items = "".join(f"<li>{html.escape(route.describe())}</li>" for route in result.lora_routes)
+    return f"<div class='lw-lora-backends'>LoRA backends:<ul>{items}</ul></div>"
 
 
 def _run_generation(
@@ -97,6 +106,13 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
             clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+            lora_backend = gr.Dropdown(
+                [c.value for c in LoraBackend],
+                value=engine.settings.lora_backend.value,
+                label="LoRA backend",
+                info="auto: native where it maps every module, diffusers for what it cannot",
+                elem_id="txt2img-lora-backend",
+            )
         with gr.Column(scale=3, min_width=360):
             gallery = gr.Gallery(
                 label="Images", columns=2, height=520, format="png", elem_id="txt2img-gallery"
@@ -105,7 +121,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             infotext = gr.HTML(elem_id="txt2img-infotext")
 
     def on_generate(*values: Any, progress: gr.Progress = gr.Progress()) -> tuple[Any, str, str]:  # noqa: B008 - gradio injects it
-        p, n, smp, st, w, h, c, sd, bc, bs, cs = values
+        p, n, smp, st, w, h, c, sd, bc, bs, cs, lb = values
         request = GenerationRequest(
             prompt=p,
             negative_prompt=n,
@@ -118,6 +134,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             batch_count=int(bc),
             batch_size=int(bs),
             clip_skip=int(cs),
+            lora_backend=LoraBackend(lb) if lb else None,
         )
         return _run_generation(engine, request, progress)
 
@@ -133,6 +150,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         batch_count,
         batch_size,
         clip_skip,
+        lora_backend,
     ]
     generate.click(
         on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"

@@ -1,0 +1,176 @@
+"""Which backend applies each LoRA of a prompt, and both backends driven as one.
+
+`auto` gives a LoRA to the native patcher when native understands and maps every module of it,
+and to the diffusers fallback when native cannot but diffusers can load it; a prompt may mix
+both. `native` and `diffusers` force one backend for every LoRA.
+
+Order, so that the two never corrupt each other's weights: fused fallback deltas are taken out
+(exactly) before the native patcher writes, and the fallback fuses only when native applies
+nothing; unfused PEFT adapters add their output at run time on top of the base layers the
+native patcher patched in place (PEFT wraps the very `nn.Linear`/`nn.Conv2d` objects native
+holds)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from webui.arch import Arch
+from webui.engine.network_set import ChosenNetwork
+from webui.networks.diffusers_backend import DiffusersBackend, refusal_reason
+from webui.networks.keys import KeyMap
+from webui.networks.network import Network
+from webui.networks.patcher import NetworkPatcher, PatchReport
+from webui.settings import LoraBackend
+
+
+@dataclass(frozen=True)
+class LoraRoute:
+    """Which backend took one LoRA of the prompt, why, and whether it was applied."""
+
+    name: str
+    backend: LoraBackend  # NATIVE or DIFFUSERS
+    reason: str
+    applied: bool = False
+
+    def describe(self) -> str:
+        """One line for the UI."""
+        state = "applied" if self.applied else "not applied"
+        return f"{self.name}: {self.backend.value} backend, {state} ({self.reason})"
+
+
+def native_problem(network: Network, keymap: KeyMap) -> str | None:
+    """Why the native patcher cannot apply all of `network` to this model (None: it can)."""
+    if network.unsupported:
+        return f"{len(network.unsupported)} module(s) in a format native does not know"
+    unmatched = keymap.match(network.modules).unmatched
+    if unmatched:
+        return f"{len(unmatched)} module(s) native does not map to this model, e.g. {unmatched[0]}"
+    return None
+
+
+def choose_backend(
+    name: str, choice: LoraBackend, native: str | None, diffusers: str | None
+) -> LoraRoute:
+    """The backend for one LoRA, given the setting and what each backend cannot do (None: it
+    can)."""
+    if choice is LoraBackend.NATIVE:
+        return LoraRoute(name, LoraBackend.NATIVE, "LoRA backend setting: native")
+    if choice is LoraBackend.DIFFUSERS:
+        return LoraRoute(name, LoraBackend.DIFFUSERS, "LoRA backend setting: diffusers")
+    if native is None:
+        return LoraRoute(name, LoraBackend.NATIVE, "auto: native maps every module")
+    if diffusers is None:
+        return LoraRoute(name, LoraBackend.DIFFUSERS, f"auto: native cannot, {native}")
+    return LoraRoute(
+        name,
+        LoraBackend.NATIVE,
+        f"auto: native applies what it can; diffusers cannot ({diffusers})",
+    )
+
+
+@dataclass(frozen=True)
+class RoutedReport:
+    """The routes of one apply and the backends' combined report."""
+
+    routes: tuple[LoraRoute, ...]
+    report: PatchReport
+
+    @property
+    def applied(self) -> tuple[LoraRoute, ...]:
+        return tuple(route for route in self.routes if route.applied)
+
+
+def _combined(reports: Sequence[PatchReport | None]) -> PatchReport | None:
+    present = [r for r in reports if r is not None]
+    if not present:
+        return None
+    return PatchReport(
+        tuple(n for r in present for n in r.networks),
+        sum(r.modules_changed for r in present),
+        sum(r.seconds for r in present),
+        frozenset(c for r in present for c in r.components_changed),
+    )
+
+
+class LoraBackends:
+    """The native patcher and the diffusers fallback on one pipeline, with the
+    `NetworkPatcher` interface (apply, set_step, restore, is_scheduled) plus routing."""
+
+    def __init__(self, pipe: Any, arch: Arch | None = None, *, fuse: bool = False) -> None:
+        self.native = NetworkPatcher(pipe, arch)
+        self.fallback = DiffusersBackend(pipe, arch)
+        self.keymap = KeyMap.from_pipeline(pipe)
+        self.arch = arch
+        self.fuse = fuse
+
+    def route(self, chosen: Sequence[ChosenNetwork], choice: LoraBackend) -> list[LoraRoute]:
+        """The backend for every chosen network under `choice`."""
+        return [
+            choose_backend(
+                c.name,
+                choice,
+                native_problem(c.network, self.keymap),
+                refusal_reason(c.network, self.arch),
+            )
+            for c in chosen
+        ]
+
+    def apply(
+        self, chosen: Sequence[ChosenNetwork], choice: LoraBackend, *, total_steps: int = 1
+    ) -> RoutedReport:
+        """Apply the set at step 1, each network through its backend."""
+        routes = self.route(chosen, choice)
+        native = [
+            (c.network, c.strengths)
+            for c, r in zip(chosen, routes, strict=True)
+            if r.backend is LoraBackend.NATIVE
+        ]
+        fallback = [
+            (c.network, c.strengths)
+            for c, r in zip(chosen, routes, strict=True)
+            if r.backend is LoraBackend.DIFFUSERS
+        ]
+        self.fallback.unfuse()  # fused deltas out (exactly) before native writes any weight
+        native_report = self.native.apply(native, step=1, total_steps=total_steps)
+        self.fallback.fuse = self.fuse and not native
+        fallback_report = self.fallback.apply(fallback, step=1, total_steps=total_steps)
+        applied = {
+            (id(backend), r.name)
+            for backend, report in ((self.native, native_report), (self.fallback, fallback_report))
+            for r in report.networks
+            if r.applied
+        }
+        routes = [
+            LoraRoute(
+                route.name,
+                route.backend,
+                route.reason,
+                (
+                    id(self.native if route.backend is LoraBackend.NATIVE else self.fallback),
+                    c.network.name,
+                )
+                in applied,
+            )
+            for c, route in zip(chosen, routes, strict=True)
+        ]
+        report = _combined([native_report, fallback_report])
+        assert report is not None
+        return RoutedReport(tuple(routes), report)
+
+    @property
+    def is_scheduled(self) -> bool:
+        return self.native.is_scheduled or self.fallback.is_scheduled
+
+    def set_step(self, step: int, total_steps: int) -> PatchReport | None:
+        """Move both backends' scheduled strengths to `step` (None when nothing is scheduled)."""
+        return _combined(
+            [self.native.set_step(step, total_steps), self.fallback.set_step(step, total_steps)]
+        )
+
+    def restore(self) -> None:
+        """Both backends off: the weights are the originals, no PEFT layer is left."""
+        self.fallback.unfuse()
+        self.native.restore()
+        self.fallback.restore()
