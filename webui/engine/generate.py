@@ -149,6 +149,7 @@ class Engine:
         self._patcher: NetworkPatcher | None = None
         # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words
+        self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
 
     # -- models -------------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Engine:
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         applied = self._apply_networks(model, prompt.tags, request.steps, warnings)
+        self.last_networks = applied
         triggers = add_trigger_words(
             prompt.text,
             [self.trigger_words(c.network.path) for c in applied],
