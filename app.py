@@ -313,6 +313,15 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from webui.networks.extract import RankRule
+
+    try:  # bad arguments are told before the (slow) engine import
+        rule = RankRule(rank=args.rank, energy=args.energy, max_rank=args.max_rank)
+        device = Settings(device=DeviceChoice(args.device)).torch_device()
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: --device cuda without a GPU
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     from webui.engine.checkpoints import CheckpointError
     from webui.engine.extract import (
         ExtractionError,
@@ -320,20 +329,13 @@ def run_extract(args: argparse.Namespace) -> int:
         extract_difference,
         load_combination,
     )
-    from webui.networks.extract import RankRule
     from webui.networks.files import NetworkFileError
 
     def report(done: int, total: int, what: str) -> None:
         print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
 
+    options = {"device": device, "dtype": _cpu_dtype(args), "progress": report}
     try:
-        device = Settings(device=DeviceChoice(args.device)).torch_device()
-    except RuntimeError as exc:  # --device cuda without a GPU
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        rule = RankRule(rank=args.rank, energy=args.energy, max_rank=args.max_rank)
-        options = {"device": device, "dtype": _cpu_dtype(args), "progress": report}
         if args.tuned is not None:
             result = extract_difference(args.model, args.tuned, args.out, rule, **options)
         else:
@@ -343,13 +345,7 @@ def run_extract(args: argparse.Namespace) -> int:
                     raise FileNotFoundError(f"{path}: no such LoRA file")
             parts = load_combination(loras)
             result = extract_combination(args.model, parts, args.out, rule, **options)
-    except (
-        ValueError,
-        ExtractionError,
-        CheckpointError,
-        NetworkFileError,
-        FileNotFoundError,
-    ) as exc:
+    except (ExtractionError, CheckpointError, NetworkFileError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     low, high = result.ranks

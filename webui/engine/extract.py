@@ -79,27 +79,50 @@ class CombinationPart:
 
     @property
     def strength_text(self) -> str:
-        strength = self.strength
-        if not isinstance(strength, Strengths):
-            return f"{strength:g}"
-        if isinstance(strength.te, int | float) and strength == Strengths.uniform(strength.te):
-            return f"{strength.te:g}"
-        values = [
-            f"{name}={value:g}"
-            for name, value in (
-                ("te", strength.te),
-                ("te1", strength.te1),
-                ("te2", strength.te2),
-                ("unet", strength.unet),
-                ("in", strength.in_blocks),
-                ("mid", strength.mid),
-                ("out", strength.out),
-            )
-            if isinstance(value, int | float)
-        ]
-        if strength.blocks:
-            values.append("lbw=" + ",".join(f"{k}:{v:g}" for k, v in strength.blocks.items()))
-        return " ".join(values)
+        """The strength as a tag would write it: `0.8`, or only the fields that differ."""
+        if not isinstance(self.strength, Strengths):
+            return f"{self.strength:g}"
+        return strengths_text(self.strength)
+
+
+def uniform_strength(strengths: Strengths) -> float | None:
+    """The one multiplier `strengths` applies everywhere, or None when parts differ."""
+    values = {strengths.te, strengths.unet}
+    values |= {v for v in (strengths.te1, strengths.te2, strengths.in_blocks) if v is not None}
+    values |= {v for v in (strengths.mid, strengths.out) if v is not None}
+    if strengths.blocks or len(values) != 1:
+        return None
+    value = values.pop()
+    return float(value) if isinstance(value, int | float) else None
+
+
+def strengths_text(strengths: Strengths) -> str:
+    """Constant strengths as `0.8`, or `te=0 unet=1 out=0.5` naming what differs from the
+    defaults (te1/te2 default to te, in/mid/out to unet)."""
+    uniform = uniform_strength(strengths)
+    if uniform is not None:
+        return f"{uniform:g}"
+    fields = [("te", strengths.te, None), ("unet", strengths.unet, None)]
+    fields += [
+        (name, value, strengths.te)
+        for name, value in (("te1", strengths.te1), ("te2", strengths.te2))
+    ]
+    fields += [
+        (name, value, strengths.unet)
+        for name, value in (
+            ("in", strengths.in_blocks),
+            ("mid", strengths.mid),
+            ("out", strengths.out),
+        )
+    ]
+    parts = [
+        f"{name}={value:g}"
+        for name, value, default in fields
+        if isinstance(value, int | float) and value != default
+    ]
+    if strengths.blocks:
+        parts.append("lbw=" + ",".join(f"{k}:{v:g}" for k, v in strengths.blocks.items()))
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,14 @@ from webui.engine.extract import (
     ExtractionResult,
     extract_combination,
     extract_difference,
+    strengths_text,
+    uniform_strength,
 )
 from webui.engine.generate import Engine
 from webui.engine.merge import MergeError, MergeResult, merge_checkpoint
 from webui.engine.network_set import ChosenNetwork, choose_networks
 from webui.networks.extract import RankRule
 from webui.networks.files import NetworkFileError
-from webui.networks.strengths import Strengths
 from webui.prompt import parse_prompt
 from webui.ui.messages import user_message, warnings_html
 
@@ -182,10 +183,7 @@ def last_generation_html(engine: Engine) -> str:
     networks = engine.last_networks
     if not networks:
         return "<i>The last generation used no LoRA (or nothing was generated yet).</i>"
-    parts = ", ".join(
-        html.escape(f"{c.name} ×{CombinationPart(c.network, c.strengths).strength_text}")
-        for c in networks
-    )
+    parts = ", ".join(html.escape(f"{c.name} ×{strengths_text(c.strengths)}") for c in networks)
     return f"Last generation: {parts}"
 
 
@@ -307,9 +305,9 @@ def run_bake(
 
 
 def _single_strength(chosen: ChosenNetwork) -> float:
-    strengths = chosen.strengths
-    if isinstance(strengths.te, int | float) and strengths == Strengths.uniform(strengths.te):
-        return float(strengths.te)
+    strength = uniform_strength(chosen.strengths)
+    if strength is not None:
+        return strength
     raise ToolError(f"{chosen.name}: baking takes one strength per LoRA (name:strength)")
 
 
