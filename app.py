@@ -144,7 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=".safetensors for a single-file input, a new folder for a diffusers one",
     )
+    _extract_parser(sub)
     return parser
+
+
+def _extract_parser(sub: argparse._SubParsersAction) -> None:
+    extract = sub.add_parser(
+        "extract",
+        help="extract one LoRA from a LoRA combination or from two checkpoints",
+        description="SVD on the GPU when present (--device); --dtype is the saved factors' "
+        "precision (default fp32)",
+    )
+    _common_options(extract, in_subcommand=True)
+    extract.add_argument("--model", type=Path, required=True, help="base checkpoint")
+    source = extract.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        metavar="FILE:WEIGHT",
+        help="LoRA file and strength (default 1) of the combination; repeat for several",
+    )
+    source.add_argument(
+        "--tuned", type=Path, help="fine-tuned checkpoint: extract its difference to --model"
+    )
+    size = extract.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="rank of every module")
+    size.add_argument(
+        "--energy",
+        type=float,
+        help="per module, the smallest rank keeping this fraction of the squared singular values",
+    )
+    extract.add_argument("--max-rank", type=int, help="cap on the rank chosen by --energy")
+    extract.add_argument(
+        "--out", type=Path, required=True, help="LoRA file to write (.safetensors)"
+    )
 
 
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -314,6 +348,58 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_extract(args: argparse.Namespace) -> int:
+    from webui.networks.extract import RankRule
+
+    try:  # bad arguments are told before the (slow) engine import
+        rule = RankRule(rank=args.rank, energy=args.energy, max_rank=args.max_rank)
+        device = Settings(device=DeviceChoice(args.device)).torch_device()
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: --device cuda without a GPU
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from webui.engine.checkpoints import CheckpointError
+    from webui.engine.extract import (
+        ExtractionError,
+        extract_combination,
+        extract_difference,
+        load_combination,
+    )
+    from webui.networks.files import NetworkFileError
+
+    def report(done: int, total: int, what: str) -> None:
+        print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+
+    options = {"device": device, "dtype": _cpu_dtype(args), "progress": report}
+    try:
+        if args.tuned is not None:
+            result = extract_difference(args.model, args.tuned, args.out, rule, **options)
+        else:
+            loras = [parse_lora_arg(value) for value in args.loras]
+            for path, _ in loras:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no such LoRA file")
+            parts = load_combination(loras)
+            result = extract_combination(args.model, parts, args.out, rule, **options)
+    except (ExtractionError, CheckpointError, NetworkFileError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    low, high = result.ranks
+    worst = result.worst
+    print(
+        f"extracted {len(result.modules)} modules of {result.kind.label} ({result.rule.describe()}, "
+        f"ranks {low}-{high}) in {result.seconds:.1f} s\n"
+        f"  relative error: overall {result.overall_error:.3g}, mean {result.mean_error:.3g}, "
+        f"worst {worst.relative_error:.3g} ({worst.name})\n"
+        f"  size: {result.file_bytes / 2**20:.1f} MiB (deltas stored whole: "
+        f"{result.dense_bytes / 2**20:.1f} MiB; sources: {result.source_bytes / 2**20:.1f} MiB)"
+    )
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+    print(result.out)
+    return 0
+
+
 def run_server(args: argparse.Namespace) -> int:
     import threading
 
@@ -353,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_inspect_lora(args)
     if args.command == "merge":
         return run_merge(args)
+    if args.command == "extract":
+        return run_extract(args)
     return run_server(args)
 
 

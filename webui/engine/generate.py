@@ -158,6 +158,7 @@ class Engine:
         self._networks: LoraBackends | None = None
         # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words
+        self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
 
     # -- models -------------------------------------------------------------------------------
 
@@ -246,6 +247,7 @@ class Engine:
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         routes = self._apply_networks(model, request, prompt.tags, warnings)
         applied = [routed for routed in routes if routed.route.applied]
+        self.last_networks = applied
         triggers = add_trigger_words(
             prompt.text,
             [self.trigger_words(routed.network.path) for routed in applied],

@@ -110,7 +110,8 @@ def _check_output(checkpoint: CheckpointFile, out: Path) -> OutputLayout:
     return OutputLayout.SINGLE_FILE
 
 
-def _check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
+def check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
+    """Raise MergeError naming every network made for another base than `arch`."""
     wrong = [n for n in networks if not is_compatible(n.base.arch, arch)]
     if wrong:
         details = "; ".join(
@@ -120,7 +121,8 @@ def _check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
         raise MergeError(f"{model} is {arch.value}, but {details}")
 
 
-def _load_lora(path: Path) -> Network:
+def load_lora_file(path: Path) -> Network:
+    """Load a LoRA given by path; MergeError for a checkpoint or a file with no LoRA module."""
     try:
         refuse_checkpoint(path)  # from the header: a checkpoint is never loaded as a LoRA
     except NotALoraError as exc:
@@ -153,17 +155,17 @@ def merge_checkpoint(
         raise MergeError("no LoRA to merge")
     checkpoint = checkpoint_from_path(model_path)
     layout = _check_output(checkpoint, out)
-    networks = [_load_lora(path) for path, _ in loras]
+    networks = [load_lora_file(path) for path, _ in loras]
     source_metadata: dict[str, str] = {}
     if checkpoint.format is not CheckpointFormat.DIFFUSERS:
         header = read_header(checkpoint.path)
         source_metadata = dict(header.metadata)
         # refuse a wrong base before the (slow) load
-        _check_bases(networks, detect_kind(header, checkpoint.path.name).arch, checkpoint.path.name)
+        check_bases(networks, detect_kind(header, checkpoint.path.name).arch, checkpoint.path.name)
 
     say(f"loading {checkpoint.path.name} on the CPU in {str(dtype).removeprefix('torch.')}")
     model = load_checkpoint(checkpoint, torch.device("cpu"), dtype)
-    _check_bases(networks, model.kind.arch, checkpoint.path.name)
+    check_bases(networks, model.kind.arch, checkpoint.path.name)
 
     say(f"applying {len(networks)} LoRA(s)")
     patcher = NetworkPatcher(model.pipe, model.kind.arch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -331,6 +331,31 @@ class NetworkPatcher:
         elif bias is not None and backup.bias is not None:
             bias.copy_(backup.bias)
 
+    @torch.no_grad()
+    def deltas(self) -> Iterator[ModuleDelta]:
+        """What the current set changed, one patched module at a time (read-only): current
+        weight (and bias) minus the original, in fp32 on the weight's device."""
+        for key in list(self._applied):
+            module, backup = self._refs[key].module, self._backups[key]
+            weight, bias = _weight_of(module), _bias_of(module)
+            bias_delta = None
+            if bias is not None and backup.bias is not None and not torch.equal(bias, backup.bias):
+                bias_delta = bias.float() - backup.bias.to(bias.device, torch.float32)
+            yield ModuleDelta(
+                self._refs[key],
+                weight.float() - backup.weight.to(weight.device, torch.float32),
+                bias_delta,
+            )
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """One module's weight change under the applied set (fp32); `bias` is None when unchanged."""
+
+    ref: ModuleRef
+    weight: Tensor
+    bias: Tensor | None = None
+
 
 def _weight_of(module: nn.Module) -> Tensor | None:
     weight = getattr(module, "weight", None)
@@ -342,4 +367,4 @@ def _bias_of(module: nn.Module) -> Tensor | None:
     return bias if isinstance(bias, Tensor) else None
 
 
-__all__ = ["Component", "NetworkPatcher", "NetworkReport", "PatchReport"]
+__all__ = ["Component", "ModuleDelta", "NetworkPatcher", "NetworkReport", "PatchReport"]

@@ -13,6 +13,7 @@ from webui.engine.jobs import JobQueue
 from webui.ui.messages import user_message
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
+from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab
 from webui.ui.txt2img import build_txt2img_tab
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ CSS = (
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
 """
     + NETWORKS_CSS
+    + TOOLS_CSS
 )
 
 
@@ -70,6 +72,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 build_networks_tab(engine, txt2img.prompt, txt2img.gallery, networks)
             with gr.Tab("PNG Info", id="png-info"):
                 build_png_info_tab()
+            with gr.Tab("Tools", id="tools") as tools:
+                build_tools_tab(engine, tools)
 
         def on_select(name: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - gradio injects it
             try:

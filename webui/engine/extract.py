@@ -1,0 +1,546 @@
+"""Extract one LoRA file: from a combination of LoRAs (their summed delta on a checkpoint) or
+from two checkpoints (fine-tuned minus base). Models are loaded on the CPU in fp32; each module's
+delta is approximated by a truncated SVD (`networks.extract`) on the given device, one module at
+a time, and written as a kohya `.safetensors` with its metadata.
+
+A combination's deltas are the native patcher's own (every format it applies, DoRA and OFT
+included): the set is applied a few dozen modules at a time, each module's change is read back
+and the weights are restored, so memory stays near one model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from webui.arch import Arch, Prediction
+from webui.engine.checkpoints import (
+    CheckpointFormat,
+    LoadedModel,
+    ModelKind,
+    checkpoint_from_path,
+    detect_kind,
+    load_checkpoint,
+    read_header,
+)
+from webui.engine.merge import MergeError, check_bases, load_lora_file
+from webui.engine.trigger_words import TriggerWordSource
+from webui.layouts.unet import unet_module_names
+from webui.networks.catalog_index import tag_frequency
+from webui.networks.extract import (
+    ExtractedModule,
+    ExtractionRecord,
+    RankRule,
+    SourceLora,
+    kohya_name,
+    lora_metadata,
+    lora_state_dict,
+    low_rank,
+    overall_error,
+)
+from webui.networks.keys import Component, KeyMap, ModuleRef
+from webui.networks.network import Network
+from webui.networks.patcher import ModuleDelta, NetworkPatcher
+from webui.networks.sidecars import read_civitai_info, read_user_metadata, split_words
+from webui.networks.strengths import Strengths
+
+log = logging.getLogger(__name__)
+
+# (done, total, what): modules done of all, and what is being worked on.
+ProgressCallback = Callable[[int, int, str], None]
+# Modules patched at once when reading a combination's deltas (bounds the backups' memory).
+CHUNK_MODULES = 64
+# A checkpoint difference below this (relative to the weight) is rounding, not fine-tuning.
+MIN_RELATIVE_DELTA = 1e-4
+_CPU = torch.device("cpu")
+
+
+class ExtractionError(Exception):
+    """An extraction refused before anything is written; the message says why."""
+
+
+@dataclass(frozen=True)
+class CombinationPart:
+    """One LoRA of a combination, at its strength; `name` is how the metadata lists it."""
+
+    network: Network
+    strength: float | Strengths
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.network.name
+
+    @property
+    def strength_text(self) -> str:
+        """The strength as a tag would write it: `0.8`, or only the fields that differ."""
+        if not isinstance(self.strength, Strengths):
+            return f"{self.strength:g}"
+        return strengths_text(self.strength)
+
+
+def uniform_strength(strengths: Strengths) -> float | None:
+    """The one multiplier `strengths` applies everywhere, or None when parts differ."""
+    values = {strengths.te, strengths.unet}
+    values |= {v for v in (strengths.te1, strengths.te2, strengths.in_blocks) if v is not None}
+    values |= {v for v in (strengths.mid, strengths.out) if v is not None}
+    if strengths.blocks or len(values) != 1:
+        return None
+    value = values.pop()
+    return float(value) if isinstance(value, int | float) else None
+
+
+def strengths_text(strengths: Strengths) -> str:
+    """Constant strengths as `0.8`, or `te=0 unet=1 out=0.5` naming what differs from the
+    defaults (te1/te2 default to te, in/mid/out to unet)."""
+    uniform = uniform_strength(strengths)
+    if uniform is not None:
+        return f"{uniform:g}"
+    fields = [("te", strengths.te, None), ("unet", strengths.unet, None)]
+    fields += [
+        (name, value, strengths.te)
+        for name, value in (("te1", strengths.te1), ("te2", strengths.te2))
+    ]
+    fields += [
+        (name, value, strengths.unet)
+        for name, value in (
+            ("in", strengths.in_blocks),
+            ("mid", strengths.mid),
+            ("out", strengths.out),
+        )
+    ]
+    parts = [
+        f"{name}={value:g}"
+        for name, value, default in fields
+        if isinstance(value, int | float) and value != default
+    ]
+    if strengths.blocks:
+        parts.append("lbw=" + ",".join(f"{k}:{v:g}" for k, v in strengths.blocks.items()))
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One written module: kohya name, weight shape, rank kept and relative error."""
+
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """What an extraction wrote, with its sizes and errors."""
+
+    out: Path
+    kind: ModelKind
+    rule: RankRule
+    modules: tuple[ModuleSummary, ...]
+    overall_error: float  # ||all residuals|| / ||all deltas||
+    file_bytes: int
+    dense_bytes: int  # the same deltas stored whole, in the same dtype
+    source_bytes: int  # the LoRA files of a combination, or the fine-tuned checkpoint
+    warnings: tuple[str, ...]
+    seconds: float
+
+    @property
+    def worst(self) -> ModuleSummary:
+        return max(self.modules, key=lambda m: m.relative_error)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(m.relative_error for m in self.modules) / len(self.modules)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """The smallest and largest rank kept."""
+        ranks = [m.rank for m in self.modules]
+        return min(ranks), max(ranks)
+
+
+def file_trigger_words(path: Path) -> tuple[str, ...]:
+    """A LoRA's trigger words from its sidecars: the user's activation text, else civitai's."""
+    user = read_user_metadata(path)
+    if user is not None and user.activation_text:
+        return user.activation_text
+    civitai = read_civitai_info(path)
+    return civitai.trained_words if civitai is not None else ()
+
+
+def load_combination(loras: Sequence[tuple[Path, float]]) -> list[CombinationPart]:
+    """LoRA files and strengths (the CLI's `--lora FILE:W`) as a combination."""
+    try:
+        return [CombinationPart(load_lora_file(path), weight) for path, weight in loras]
+    except MergeError as exc:
+        raise ExtractionError(str(exc)) from exc
+
+
+def extract_combination(
+    model_path: Path,
+    parts: Sequence[CombinationPart],
+    out: Path,
+    rule: RankRule,
+    *,
+    device: torch.device = _CPU,
+    dtype: torch.dtype = torch.float32,
+    trigger_words: TriggerWordSource = file_trigger_words,
+    progress: ProgressCallback | None = None,
+) -> ExtractionResult:
+    """Write to `out` one LoRA approximating the combination `parts` on the checkpoint at
+    `model_path`: per module, the SVD of the summed delta truncated by `rule` (on `device`),
+    factors in `dtype`. Raises ExtractionError (before writing) for an empty set, a scheduled
+    strength, a LoRA of another base or one that matches nothing, or a bad output path;
+    CheckpointError / NetworkFileError / FileNotFoundError for unreadable inputs."""
+    started = time.perf_counter()
+    report = progress or _quiet
+    if not parts:
+        raise ExtractionError("no LoRA to extract from")
+    for part in parts:
+        if isinstance(part.strength, Strengths) and part.strength.is_scheduled:
+            raise ExtractionError(
+                f"{part.label}: a per-step schedule cannot be baked into one LoRA file; "
+                "give it a constant strength"
+            )
+    _check_output(out, [model_path, *(p.network.path for p in parts)])
+    networks = [p.network for p in parts]
+    checkpoint = checkpoint_from_path(model_path)
+    try:
+        if (
+            checkpoint.format is not CheckpointFormat.DIFFUSERS
+        ):  # refuse a wrong base before the load
+            kind = detect_kind(read_header(checkpoint.path), checkpoint.path.name)
+            check_bases(networks, kind.arch, checkpoint.path.name)
+        report(0, 1, f"loading {checkpoint.path.name}")
+        model = load_checkpoint(checkpoint, _CPU, torch.float32)
+        check_bases(networks, model.kind.arch, checkpoint.path.name)
+    except MergeError as exc:
+        raise ExtractionError(str(exc)) from exc
+
+    patcher = NetworkPatcher(model.pipe, model.kind.arch)
+    plan = patcher.apply([(n, 0.0) for n in networks])  # strength 0: matches, writes nothing
+    idle = [r.name for r in plan.networks if not r.matched]
+    if idle:
+        raise ExtractionError(f"{', '.join(idle)}: no module matches {checkpoint.path.name}")
+    chunks = _chunks(patcher.keymap, parts, [r.matched for r in plan.networks])
+    total = sum(len(chunk.targets) for chunk in chunks)
+    extracted = _Extraction(model, rule, device, dtype, total, report)
+    extracted.add_all(_combination_deltas(patcher, chunks))
+
+    sources = [_source(part, trigger_words) for part in parts]
+    record = ExtractionRecord(
+        arch=model.kind.arch,
+        v_prediction=model.kind.prediction is Prediction.V,
+        title=out.stem,
+        rule=rule,
+        base_model=checkpoint.path.name,
+        modules=extracted.modules,
+        sources=sources,
+    )
+    source_bytes = sum(p.network.path.stat().st_size for p in parts)
+    return extracted.save(out, record, plan.warnings, source_bytes, started)
+
+
+def extract_difference(
+    base_path: Path,
+    tuned_path: Path,
+    out: Path,
+    rule: RankRule,
+    *,
+    device: torch.device = _CPU,
+    dtype: torch.dtype = torch.float32,
+    min_relative_delta: float = MIN_RELATIVE_DELTA,
+    progress: ProgressCallback | None = None,
+) -> ExtractionResult:
+    """Write to `out` one LoRA approximating `tuned_path` minus `base_path` (text encoders and
+    UNet, Linear and Conv2d layers; modules whose change is below `min_relative_delta` of the
+    weight are left out). Raises ExtractionError for checkpoints of different architectures or
+    shapes, or ones that do not differ."""
+    started = time.perf_counter()
+    report = progress or _quiet
+    _check_output(out, [base_path, tuned_path])
+    base_file, tuned_file = checkpoint_from_path(base_path), checkpoint_from_path(tuned_path)
+    report(0, 1, f"loading {base_file.path.name}")
+    base = load_checkpoint(base_file, _CPU, torch.float32)
+    report(0, 1, f"loading {tuned_file.path.name}")
+    tuned = load_checkpoint(tuned_file, _CPU, torch.float32)
+    if tuned.kind.arch is not base.kind.arch:
+        raise ExtractionError(
+            f"{tuned_file.path.name} is {tuned.kind.label} but {base_file.path.name} is "
+            f"{base.kind.label}: no difference to take"
+        )
+    pairs = _module_pairs(KeyMap.from_pipeline(base.pipe), KeyMap.from_pipeline(tuned.pipe))
+    extracted = _Extraction(base, rule, device, dtype, len(pairs), report)
+    extracted.add_all(_difference_deltas(pairs, min_relative_delta))
+    if not extracted.modules:
+        raise ExtractionError(
+            f"{tuned_file.path.name} and {base_file.path.name} have the same text encoder and "
+            "UNet weights: nothing to extract"
+        )
+    record = ExtractionRecord(
+        arch=base.kind.arch,
+        v_prediction=base.kind.prediction is Prediction.V,
+        title=out.stem,
+        rule=rule,
+        base_model=base_file.path.name,
+        modules=extracted.modules,
+        tuned_model=tuned_file.path.name,
+    )
+    return extracted.save(out, record, [], _size(tuned_file.path), started)
+
+
+# -- the deltas ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Some target modules and the (sub)networks that change exactly those."""
+
+    targets: frozenset[tuple[Component, str]]
+    networks: tuple[tuple[Network, float | Strengths], ...]
+
+
+def _chunks(
+    keymap: KeyMap, parts: Sequence[CombinationPart], matched: Sequence[Iterable[str]]
+) -> list[_Chunk]:
+    """The set split into chunks of CHUNK_MODULES target modules; every network's modules on
+    one target go into the same chunk, so each target gets its whole sum."""
+    owners: dict[tuple[Component, str], list[tuple[int, str]]] = {}
+    for index, prefixes in enumerate(matched):
+        for prefix in prefixes:
+            ref = keymap.resolve(prefix)
+            if ref is not None:
+                owners.setdefault((ref.component, ref.path), []).append((index, prefix))
+    keys = list(owners)
+    chunks: list[_Chunk] = []
+    for start in range(0, len(keys), CHUNK_MODULES):
+        targets = keys[start : start + CHUNK_MODULES]
+        wanted: dict[int, list[str]] = {}
+        for key in targets:
+            for index, prefix in owners[key]:
+                wanted.setdefault(index, []).append(prefix)
+        networks = tuple(
+            (_subset(parts[index].network, prefixes), parts[index].strength)
+            for index, prefixes in sorted(wanted.items())
+        )
+        chunks.append(_Chunk(frozenset(targets), networks))
+    return chunks
+
+
+def _subset(network: Network, prefixes: Sequence[str]) -> Network:
+    return replace(network, modules={p: network.modules[p] for p in prefixes})
+
+
+def _combination_deltas(patcher: NetworkPatcher, chunks: Sequence[_Chunk]) -> Iterator[ModuleDelta]:
+    for chunk in chunks:
+        try:
+            patcher.apply(list(chunk.networks))
+            yield from patcher.deltas()
+        finally:
+            patcher.restore()
+
+
+@dataclass(frozen=True)
+class _Pair:
+    base: ModuleRef
+    tuned: ModuleRef
+
+
+def _module_pairs(base: KeyMap, tuned: KeyMap) -> list[_Pair]:
+    pairs: list[_Pair] = []
+    for component in base.components:
+        tuned_modules = tuned.modules(component)
+        for path, ref in base.modules(component).items():
+            weight = getattr(ref.module, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue  # a norm without affine parameters
+            other = tuned_modules.get(path)
+            if other is None or other.module.weight.shape != weight.shape:
+                raise ExtractionError(
+                    f"{component.value} module {path} differs in shape between the checkpoints"
+                )
+            pairs.append(_Pair(ref, other))
+    return pairs
+
+
+@torch.no_grad()
+def _difference_deltas(pairs: Sequence[_Pair], min_relative: float) -> Iterator[ModuleDelta | None]:
+    """Each module's change, or None for an unchanged one (so progress still counts it)."""
+    for pair in pairs:
+        weight = pair.base.module.weight.float()
+        delta = pair.tuned.module.weight.float() - weight
+        if float(delta.norm()) <= min_relative * float(weight.norm()):
+            yield None
+            continue
+        base_bias, tuned_bias = (
+            getattr(pair.base.module, "bias", None),
+            getattr(pair.tuned.module, "bias", None),
+        )
+        bias = None
+        if (
+            base_bias is not None
+            and tuned_bias is not None
+            and not torch.equal(base_bias, tuned_bias)
+        ):
+            bias = tuned_bias.float() - base_bias.float()
+        yield ModuleDelta(pair.base, delta, bias)
+
+
+# -- compression and writing --------------------------------------------------------------------
+
+
+class _Extraction:
+    """Turns deltas into kohya modules one at a time and counts what cannot be written."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        rule: RankRule,
+        device: torch.device,
+        dtype: torch.dtype,
+        total: int,
+        progress: ProgressCallback,
+    ) -> None:
+        self.arch: Arch = model.kind.arch
+        self.rule, self.device, self.dtype = rule, device, dtype
+        self.total, self.progress = total, progress
+        self.kind = model.kind
+        unet = model.pipe.unet
+        self.ldm_names: Mapping[str, str] = unet_module_names(unet.config)
+        self.modules: list[ExtractedModule] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.not_lora: list[str] = []  # norms and embeddings: no LoRA form
+        self.bias_changed: list[str] = []
+        self.done = 0
+
+    def add_all(self, deltas: Iterable[ModuleDelta | None]) -> None:
+        for delta in deltas:
+            self.done += 1
+            if delta is None:
+                self.progress(self.done, self.total, "unchanged module")
+                continue
+            name = f"{delta.ref.component.value}.{delta.ref.path}"
+            self.progress(self.done, self.total, name)
+            self._add(delta, name)
+        self.progress(self.total, self.total, "factors computed")
+
+    def _add(self, delta: ModuleDelta, name: str) -> None:
+        if delta.bias is not None:
+            self.bias_changed.append(name)
+        if delta.weight.ndim not in (2, 4) or _is_embedding(delta.ref):
+            self.not_lora.append(name)
+            return
+        if not bool(delta.weight.any()):
+            log.info("%s: the combination's deltas cancel out; left out", name)
+            return
+        factors = low_rank(delta.weight, self.rule, dtype=self.dtype, device=self.device)
+        component, path = delta.ref.component, delta.ref.path
+        self.modules.append(
+            ExtractedModule(kohya_name(component, path, self.arch, self.ldm_names), factors)
+        )
+        self.shapes.append(tuple(delta.weight.shape))
+
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        if self.not_lora:
+            out.append(
+                f"{len(self.not_lora)} changed norm/embedding module(s) have no LoRA form and "
+                f"are left out, e.g. {self.not_lora[0]}"
+            )
+        if self.bias_changed:
+            out.append(
+                f"{len(self.bias_changed)} bias change(s) have no LoRA form and are left out, "
+                f"e.g. {self.bias_changed[0]}"
+            )
+        return out
+
+    def save(
+        self,
+        out: Path,
+        record: ExtractionRecord,
+        warnings: Sequence[str],
+        source_bytes: int,
+        started: float,
+    ) -> ExtractionResult:
+        if not self.modules:
+            raise ExtractionError("no Linear or Conv2d module changed: nothing to write")
+        _save_lora(lora_state_dict(self.modules), lora_metadata(record), out)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        summaries = tuple(
+            ModuleSummary(m.name, shape, m.factors.rank, m.factors.relative_error)
+            for m, shape in zip(self.modules, self.shapes, strict=True)
+        )
+        return ExtractionResult(
+            out=out,
+            kind=self.kind,
+            rule=self.rule,
+            modules=summaries,
+            overall_error=overall_error(self.modules),
+            file_bytes=_size(out),
+            dense_bytes=sum(_numel(shape) for shape in self.shapes) * element,
+            source_bytes=source_bytes,
+            warnings=(*warnings, *self.warnings()),
+            seconds=time.perf_counter() - started,
+        )
+
+
+def _is_embedding(ref: ModuleRef) -> bool:
+    return isinstance(ref.module, torch.nn.Embedding)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _source(part: CombinationPart, trigger_words: TriggerWordSource) -> SourceLora:
+    network = part.network
+    words = tuple(trigger_words(network.path)) or split_words(
+        network.metadata.get("modelspec.trigger_phrase", "")
+    )
+    return SourceLora(
+        name=part.label,
+        strength=part.strength_text,
+        file=network.path.name,
+        tag_frequency=tag_frequency(network.metadata.get("ss_tag_frequency")),
+        trigger_words=words,
+    )
+
+
+def _check_output(out: Path, inputs: Sequence[Path]) -> None:
+    if out.suffix.lower() != ".safetensors":
+        raise ExtractionError(f"{out}: a LoRA is written as .safetensors; name it so")
+    if out.is_dir():
+        raise ExtractionError(f"{out}: is a folder")
+    for path in inputs:
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise ExtractionError(f"{out}: the output must not be one of the inputs")
+
+
+def _save_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
+    """Write the file complete or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _quiet(done: int, total: int, what: str) -> None:
+    pass

@@ -1,0 +1,307 @@
+"""Low-rank extraction, the pure part: weight deltas -> truncated-SVD factors with their error,
+kohya module names, and the kohya LoRA state dict and metadata that A1111, Forge, ComfyUI and
+diffusers all load. No file or model access here (the engine's `extract` does that).
+
+Layout written: `NAME.lora_up.weight` [out, r] (convs [out, r, 1, 1]), `NAME.lora_down.weight`
+[r, in] (convs [r, in, kh, kw]) and `NAME.alpha` = r, so the delta is exactly up @ down."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+from torch import Tensor
+
+from webui.arch import Arch
+from webui.networks.keys import Component
+
+# Random projections wider than the rank by this much make `svd_lowrank` as good as the full SVD
+# on the leading singular vectors (Halko et al.); the full SVD is used when it is not much bigger.
+_OVERSAMPLE = 8
+_LOWRANK_POWER_ITERATIONS = 4
+# CLIP's module names below `text_model.` (kohya always writes them with `text_model_`).
+_CLIP_INNER_ROOTS = ("encoder", "embeddings", "final_layer_norm")
+_TEXT_PREFIXES: Mapping[tuple[Component, bool], str] = {
+    (Component.TEXT_ENCODER, False): "lora_te_",
+    (Component.TEXT_ENCODER, True): "lora_te1_",
+    (Component.TEXT_ENCODER_2, True): "lora_te2_",
+}
+# kohya sd-scripts' `ss_base_model_version` and SAI model-spec architectures of a LoRA.
+BASE_MODEL_VERSION = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
+_SPEC_ARCHITECTURE = {
+    Arch.SD1: "stable-diffusion-v1",
+    Arch.SD2: "stable-diffusion-v2-512",
+    Arch.SDXL: "stable-diffusion-xl-v1-base",
+}
+_SPEC_IMPLEMENTATION = {
+    Arch.SD1: "diffusers",
+    Arch.SD2: "diffusers",
+    Arch.SDXL: "https://github.com/Stability-AI/generative-models",
+}
+EXTRACTION_METADATA_KEY = "lora_webui.extraction"
+TRIGGER_WORDS_DATASET = "trigger words"
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular values a module keeps: a fixed `rank`, or the fewest whose squared sum
+    reaches `energy` (a fraction of the total), capped by `max_rank` when given."""
+
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give either a rank or an energy threshold, not both")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be at least 1 (got {self.rank})")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1] (got {self.energy})")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ValueError(f"max rank must be at least 1 (got {self.max_rank})")
+
+    def choose(self, singular_values: Tensor) -> int:
+        """The rank to keep of a matrix with these singular values (descending, not all 0)."""
+        available = singular_values.numel()
+        if self.rank is not None:
+            rank = self.rank
+        else:
+            squares = singular_values.double() ** 2
+            kept = torch.cumsum(squares, 0) / squares.sum()
+            # the first index whose cumulative share reaches the threshold (rounding may leave
+            # the last share a hair under 1: then everything is kept)
+            rank = int(torch.searchsorted(kept, torch.tensor([self.energy], dtype=kept.dtype)))
+            rank += 1
+        if self.max_rank is not None:
+            rank = min(rank, self.max_rank)
+        return max(1, min(rank, available))
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        cap = f", max rank {self.max_rank}" if self.max_rank is not None else ""
+        return f"energy {self.energy:g}{cap}"
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A delta's truncated SVD as kohya factors, and how far their product is from the delta."""
+
+    up: Tensor
+    down: Tensor
+    relative_error: float  # ||D - up @ down||_F / ||D||_F, with the factors as stored
+    delta_norm: float  # ||D||_F
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def product(self) -> Tensor:
+        """up @ down in fp32, shaped as the weight (what a loader adds at strength 1)."""
+        matrix = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return matrix.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+def _svd(matrix: Tensor, rule: RankRule) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vh of `matrix` (fp32): randomized for a fixed rank well below the matrix size."""
+    smallest = min(matrix.shape)
+    if rule.rank is not None and (rule.rank + _OVERSAMPLE) * 4 <= smallest:
+        u, s, v = torch.svd_lowrank(
+            matrix, q=rule.rank + _OVERSAMPLE, niter=_LOWRANK_POWER_ITERATIONS
+        )
+        return u, s, v.mT
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+@torch.no_grad()
+def low_rank(
+    delta: Tensor,
+    rule: RankRule,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> LowRankDelta:
+    """Approximate a Linear ([out, in]) or Conv2d ([out, in, kh, kw]) weight delta by rank-r
+    factors (SVD in fp32 on `device`, the delta's own by default; the singular values are split
+    evenly between up and down). The factors come back on the CPU in `dtype`; the error is
+    measured with them as stored. Raises ValueError for other shapes and for an all-zero delta."""
+    if delta.ndim not in (2, 4):
+        raise ValueError(
+            f"only Linear and Conv2d deltas have a LoRA form (shape {tuple(delta.shape)})"
+        )
+    matrix = delta.to(device or delta.device, torch.float32).reshape(delta.shape[0], -1)
+    norm = float(torch.linalg.matrix_norm(matrix))
+    if norm == 0 or not math.isfinite(norm):
+        raise ValueError(f"delta norm is {norm}: nothing to approximate")
+    u, s, vh = _svd(matrix, rule)
+    rank = rule.choose(s)
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).to(dtype)
+    down = (root[:, None] * vh[:rank]).to(dtype)
+    error = float(torch.linalg.matrix_norm(matrix - up.float() @ down.float())) / norm
+    if delta.ndim == 4:
+        up = up.reshape(*up.shape, 1, 1)
+        down = down.reshape(rank, *delta.shape[1:])
+    return LowRankDelta(up.cpu().contiguous(), down.cpu().contiguous(), error, norm)
+
+
+def kohya_name(component: Component, path: str, arch: Arch, ldm_names: Mapping[str, str]) -> str:
+    """The kohya module name of a model module, as sd-scripts writes it: SD1/SD2 UNets by their
+    diffusers paths, SDXL UNets by the original SGM paths (`ldm_names`, diffusers -> SGM, from
+    `layouts.unet.unet_module_names`), CLIP layers under `text_model_` with `lora_te_` (SD1/SD2)
+    or `lora_te1_`/`lora_te2_` (SDXL). Raises ValueError for a module with no such name."""
+    sdxl = arch is Arch.SDXL
+    if component is Component.UNET:
+        if sdxl:
+            if path not in ldm_names:
+                raise ValueError(f"UNet module {path} has no SGM name")
+            path = ldm_names[path]
+        return "lora_unet_" + path.replace(".", "_")
+    head = _TEXT_PREFIXES.get((component, sdxl))
+    if head is None:
+        raise ValueError(f"{component.value} is not a text encoder of {arch.value}")
+    inner = path.removeprefix("text_model.")
+    if inner.split(".", 1)[0] in _CLIP_INNER_ROOTS:
+        inner = "text_model." + inner
+    return head + inner.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class ExtractedModule:
+    """One module of the extracted LoRA: its kohya name and factors."""
+
+    name: str
+    factors: LowRankDelta
+
+
+def lora_state_dict(modules: Iterable[ExtractedModule]) -> dict[str, Tensor]:
+    """kohya keys: up, down and alpha (= rank, so the file's scale alpha/rank is 1)."""
+    tensors: dict[str, Tensor] = {}
+    for module in modules:
+        factors = module.factors
+        tensors[f"{module.name}.lora_up.weight"] = factors.up
+        tensors[f"{module.name}.lora_down.weight"] = factors.down
+        tensors[f"{module.name}.alpha"] = torch.tensor(float(factors.rank), dtype=factors.up.dtype)
+    return tensors
+
+
+@dataclass(frozen=True)
+class SourceLora:
+    """A LoRA of the combination, for the metadata: name, strength as given, file, training
+    tags (summed over its datasets) and trigger words."""
+
+    name: str
+    strength: str
+    file: str
+    tag_frequency: tuple[tuple[str, int], ...] = ()
+    trigger_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExtractionRecord:
+    """Everything the metadata of an extracted LoRA says."""
+
+    arch: Arch
+    v_prediction: bool
+    title: str
+    rule: RankRule
+    base_model: str  # file name of the checkpoint the deltas are relative to
+    modules: Sequence[ExtractedModule]
+    sources: Sequence[SourceLora] = ()  # a combination's LoRAs
+    tuned_model: str | None = None  # the fine-tuned checkpoint, for a difference
+    created: datetime = field(default_factory=datetime.now)
+
+
+def merged_tag_frequency(sources: Sequence[SourceLora]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency` for a combination: each source's tags as one dataset named
+    after it, and the sources' trigger words as a first dataset counted above every tag, so UIs
+    that list the most frequent tags show them first."""
+    top = max((count for source in sources for _, count in source.tag_frequency), default=0)
+    triggers: dict[str, int] = {}
+    for source in sources:
+        for word in source.trigger_words:
+            triggers.setdefault(word, top + 1)
+    datasets = {TRIGGER_WORDS_DATASET: triggers} if triggers else {}
+    for source in sources:
+        if source.tag_frequency:
+            datasets[source.name] = dict(source.tag_frequency)
+    return datasets
+
+
+def overall_error(modules: Sequence[ExtractedModule]) -> float:
+    """||all residuals|| / ||all deltas||, the modules taken together."""
+    total = sum(m.factors.delta_norm**2 for m in modules)
+    residual = sum((m.factors.relative_error * m.factors.delta_norm) ** 2 for m in modules)
+    return math.sqrt(residual / total) if total else 0.0
+
+
+def _architecture(record: ExtractionRecord) -> str:
+    architecture = _SPEC_ARCHITECTURE[record.arch]
+    if record.arch is Arch.SD2 and record.v_prediction:
+        architecture = "stable-diffusion-v2-768-v"
+    return architecture + "/lora"
+
+
+def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
+    """kohya (`ss_*`) and SAI model-spec (`modelspec.*`) metadata, plus our own record of the
+    extraction: rule, sources and each module's rank and relative error."""
+    ranks = {m.factors.rank for m in record.modules}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    has_conv = any(m.factors.down.ndim == 4 for m in record.modules)
+    triggers = list(dict.fromkeys(w for s in record.sources for w in s.trigger_words))
+    origin = (
+        f"{record.tuned_model} - {record.base_model}"
+        if record.tuned_model
+        else " + ".join(f"{s.name}:{s.strength}" for s in record.sources)
+    )
+    meta = {
+        "ss_base_model_version": BASE_MODEL_VERSION[record.arch],
+        "ss_v2": str(record.arch is Arch.SD2),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
+        "ss_output_name": record.title,
+        "ss_sd_model_name": record.base_model,
+        "ss_training_comment": f"extracted by lora-webui (SVD, {record.rule.describe()}): {origin}",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _architecture(record),
+        "modelspec.implementation": _SPEC_IMPLEMENTATION[record.arch],
+        "modelspec.title": record.title,
+        "modelspec.date": record.created.isoformat(timespec="seconds"),
+        "modelspec.prediction_type": "v" if record.v_prediction else "epsilon",
+    }
+    if has_conv:
+        meta["ss_network_args"] = json.dumps({"conv_dim": dim, "conv_alpha": dim})
+    if record.sources:
+        meta["modelspec.merged_from"] = ", ".join(f"{s.file}:{s.strength}" for s in record.sources)
+        tags = merged_tag_frequency(record.sources)
+        if tags:
+            meta["ss_tag_frequency"] = json.dumps(tags)
+    if triggers:
+        meta["modelspec.trigger_phrase"] = ", ".join(triggers)
+    meta[EXTRACTION_METADATA_KEY] = json.dumps(
+        {
+            "method": "svd",
+            "rule": {
+                "rank": record.rule.rank,
+                "energy": record.rule.energy,
+                "max_rank": record.rule.max_rank,
+            },
+            "base_model": record.base_model,
+            "tuned_model": record.tuned_model,
+            "sources": [
+                {"file": s.file, "name": s.name, "strength": s.strength} for s in record.sources
+            ],
+            "overall_relative_error": overall_error(record.modules),
+            "modules": {
+                m.name: {"rank": m.factors.rank, "relative_error": m.factors.relative_error}
+                for m in record.modules
+            },
+        }
+    )
+    return meta
