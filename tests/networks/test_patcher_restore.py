@@ -120,11 +120,13 @@ def nets(request: pytest.FixtureRequest, lora_dir: Path) -> Networks:
 
 @dataclass
 class DeltaCalls:
-    """Calls of LoraModule.weight_delta, by module key; can raise on the N-th call."""
+    """Computations of a LoraModule's delta (full-size `weight_delta` or `low_rank_factors`), by
+    module key; can raise on the N-th call."""
 
     keys: list[str]
     fail_at: int | None = None
     error: Callable[[], BaseException] = lambda: RuntimeError("injected failure")
+    raised_at: int | None = None  # the call that raised
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -133,15 +135,19 @@ class DeltaCalls:
 @pytest.fixture
 def delta_calls(monkeypatch: pytest.MonkeyPatch) -> DeltaCalls:
     calls = DeltaCalls([])
-    original = LoraModule.weight_delta
 
-    def counting(self: LoraModule, *args: Any, **kwargs: Any) -> Any:
-        calls.keys.append(self.key)
-        if calls.fail_at is not None and len(calls.keys) == calls.fail_at:
-            raise calls.error()
-        return original(self, *args, **kwargs)
+    def counting(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: LoraModule, *args: Any, **kwargs: Any) -> Any:
+            calls.keys.append(self.key)
+            if calls.fail_at is not None and len(calls.keys) == calls.fail_at:
+                calls.raised_at = len(calls.keys)
+                raise calls.error()
+            return method(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoraModule, "weight_delta", counting)
+        return wrapper
+
+    monkeypatch.setattr(LoraModule, "weight_delta", counting(LoraModule.weight_delta))
+    monkeypatch.setattr(LoraModule, "low_rank_factors", counting(LoraModule.low_rank_factors))
     return calls
 
 
@@ -230,7 +236,7 @@ def test_failure_mid_apply_leaves_the_model_as_before(
     with pytest.raises(error_type):
         patcher.apply(failing)
 
-    assert len(delta_calls) == delta_calls.fail_at
+    assert delta_calls.raised_at == delta_calls.fail_at  # it failed part-way, at that call
     assert differing(pipe, before) == []
     patched_after_failure = patcher.patched_modules
     delta_calls.fail_at = None

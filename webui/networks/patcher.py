@@ -22,7 +22,7 @@ from webui.arch import Arch
 from webui.networks.base_detection import is_compatible
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap, ModuleRef
-from webui.networks.modules import NetworkModule
+from webui.networks.modules import LowRankFactors, NetworkModule
 from webui.networks.network import Network
 from webui.networks.strengths import Strengths
 
@@ -87,6 +87,8 @@ class PatchReport:
 
 @dataclass
 class _Backup:
+    """The original weight and bias of one patched module, as they were before the first apply."""
+
     weight: Tensor
     bias: Tensor | None
 
@@ -94,13 +96,11 @@ class _Backup:
 @dataclass(frozen=True)
 class _UndoEntry:
     """How to put one module back if an apply fails: from its backup when this call patched it
-    first (`fresh`), else from the weights and signature it had before the call."""
+    first (`previous` None), else by re-patching it from the backup with the contributions it had
+    (deterministic, so bit-identical to before, and no copy of the weight to keep)."""
 
     key: ModuleRef
-    fresh: bool
-    weight: Tensor | None = None
-    bias: Tensor | None = None
-    signature: tuple[tuple[int, str, float], ...] | None = None
+    previous: tuple[_Contribution, ...] | None
 
 
 def _copy(tensor: Tensor | None) -> Tensor | None:
@@ -116,6 +116,22 @@ def _copy_into(
         bias.copy_(source_bias)
 
 
+class _Scratch:
+    """One fp32 buffer per device, reused by every module of one call: the fp32 accumulator of
+    weights stored in another dtype (allocating fresh full-size tensors dominates on a CPU)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, Tensor] = {}
+
+    def fp32_like(self, tensor: Tensor) -> Tensor:
+        """An uninitialised contiguous fp32 tensor of `tensor`'s shape, on its device."""
+        buffer = self._buffers.get(tensor.device)
+        if buffer is None or buffer.numel() < tensor.numel():
+            buffer = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+            self._buffers[tensor.device] = buffer
+        return buffer[: tensor.numel()].view(tensor.shape)
+
+
 @dataclass
 class _Plan:
     """Per target module: the contributions wanted after this call."""
@@ -127,8 +143,13 @@ class _Plan:
         entry[1].append(contribution)
 
 
-def _signature(contributions: Iterable[_Contribution]) -> tuple[tuple[int, str, float], ...]:
-    return tuple((id(net), module.key, multiplier) for net, module, multiplier in contributions)
+# What decides whether a module must be rewritten: its (network, module key, multiplier) list.
+# Networks compare by identity (a reloaded file is another network).
+_Signature = tuple[tuple[Network, str, float], ...]
+
+
+def _signature(contributions: Iterable[_Contribution]) -> _Signature:
+    return tuple((net, module.key, multiplier) for net, module, multiplier in contributions)
 
 
 def _normalise(entry: tuple[Network, float | Strengths]) -> tuple[Network, Strengths]:
@@ -147,8 +168,8 @@ class NetworkPatcher:
         self.arch = arch
         self._backups: dict[ModuleRef, _Backup] = {}
         self._refs: dict[ModuleRef, ModuleRef] = {}
-        self._applied: dict[ModuleRef, tuple[tuple[int, str, float], ...]] = {}
-        self._keep_alive: tuple[Network, ...] = ()  # signatures hold ids: keep those objects alive
+        # per patched module, the contributions its weight holds now
+        self._applied: dict[ModuleRef, tuple[_Contribution, ...]] = {}
         self._set: list[tuple[Network, Strengths]] = []
         unet = getattr(pipe, "unet", None)
         self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
@@ -176,14 +197,10 @@ class NetworkPatcher:
         wanted = {
             key: _signature(contribs) for key, (_, contribs) in plan.targets.items() if contribs
         }
-        changed = [
-            key
-            for key in set(wanted) | set(self._applied)
-            if wanted.get(key) != self._applied.get(key)
-        ]
+        current = {key: _signature(contribs) for key, contribs in self._applied.items()}
+        changed = [key for key in set(wanted) | set(current) if wanted.get(key) != current.get(key)]
         self._write(changed, plan)
         self._set = wanted_set  # only a set that was fully written becomes the current one
-        self._keep_alive = tuple(network for network, _ in wanted_set)
         return PatchReport(
             tuple(reports),
             len(changed),
@@ -206,7 +223,6 @@ class NetworkPatcher:
     def restore(self) -> None:
         """Put every patched weight back exactly as it was before the first apply."""
         self._write(list(self._applied), _Plan())
-        self._keep_alive = ()
         self._set = []
 
     # -- planning -----------------------------------------------------------------------------
@@ -256,6 +272,7 @@ class NetworkPatcher:
         """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
         included) put back what this call wrote, bookkeeping included, then re-raise."""
         undo: list[_UndoEntry] = []
+        scratch = _Scratch()
         try:
             for key in changed:
                 ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
@@ -263,73 +280,38 @@ class NetworkPatcher:
                 if key not in self._backups:
                     self._backups[key] = _Backup(_copy(weight), _copy(bias))
                     self._refs[key] = ref
-                    undo.append(_UndoEntry(key, fresh=True))
-                else:  # patched by an earlier call: keep its current weights and signature
-                    undo.append(
-                        _UndoEntry(key, False, _copy(weight), _copy(bias), self._applied.get(key))
-                    )
+                    undo.append(_UndoEntry(key, previous=None))
+                else:  # patched by an earlier call: re-patch with these contributions on failure
+                    undo.append(_UndoEntry(key, previous=self._applied.get(key, ())))
                 backup = self._backups[key]
                 if contributions:
-                    self._patch(weight, bias, backup, contributions)
-                    self._applied[key] = _signature(contributions)
+                    _patch(weight, bias, backup, contributions, scratch)
+                    self._applied[key] = tuple(contributions)
                 else:
                     _copy_into(weight, bias, backup.weight, backup.bias)
                     self._applied.pop(key, None)
         except BaseException:
-            self._undo(undo)
+            self._undo(undo, scratch)
             raise
         for key in changed:
             if key not in self._applied:
                 self._backups.pop(key, None)
                 self._refs.pop(key, None)
 
-    def _undo(self, undo: list[_UndoEntry]) -> None:
+    def _undo(self, undo: list[_UndoEntry], scratch: _Scratch) -> None:
         for entry in reversed(undo):
             key = entry.key
             module = self._refs[key].module
             weight, bias = _weight_of(module), _bias_of(module)
-            if entry.fresh:
-                backup = self._backups.pop(key)
-                _copy_into(weight, bias, backup.weight, backup.bias)
-                del self._refs[key]
-                self._applied.pop(key, None)
+            backup = self._backups[key]
+            if entry.previous:
+                _patch(weight, bias, backup, list(entry.previous), scratch)
+                self._applied[key] = entry.previous
                 continue
-            _copy_into(weight, bias, entry.weight, entry.bias)
-            if entry.signature is None:
-                self._applied.pop(key, None)
-            else:
-                self._applied[key] = entry.signature
-
-    @staticmethod
-    def _patch(
-        weight: Tensor, bias: Tensor | None, backup: _Backup, contributions: list[_Contribution]
-    ) -> None:
-        """weight = original + sum of deltas, computed in fp32 and written once."""
-        in_place = backup.weight.dtype == torch.float32 and backup.weight.device == weight.device
-        # fp32 weights are accumulated in place (no full-size temporary); others in an fp32 copy
-        original = backup.weight if in_place else backup.weight.to(weight.device, torch.float32)
-        original_bias = (
-            None if backup.bias is None else backup.bias.to(weight.device, torch.float32)
-        )
-        deltas = [
-            module.weight_delta(original, m, original_bias) for _net, module, m in contributions
-        ]
-        target = weight if in_place else original
-        if in_place:
-            weight.copy_(backup.weight)
-        for delta in deltas:
-            if delta.weight is not None:
-                target.add_(delta.weight.reshape(target.shape))
-        if not in_place:
-            weight.copy_(target)  # casts to the weight's dtype
-        bias_deltas = [d.bias for d in deltas if d.bias is not None]
-        if bias is not None and original_bias is not None and bias_deltas:
-            patched_bias = original_bias.clone()
-            for delta_bias in bias_deltas:
-                patched_bias.add_(delta_bias.reshape(patched_bias.shape))
-            bias.copy_(patched_bias)
-        elif bias is not None and backup.bias is not None:
-            bias.copy_(backup.bias)
+            _copy_into(weight, bias, backup.weight, backup.bias)
+            self._applied.pop(key, None)
+            if entry.previous is None:  # first patched by the failed call: forget it
+                del self._backups[key], self._refs[key]
 
     @torch.no_grad()
     def deltas(self) -> Iterator[ModuleDelta]:
@@ -346,6 +328,66 @@ class NetworkPatcher:
                 weight.float() - backup.weight.to(weight.device, torch.float32),
                 bias_delta,
             )
+
+
+def _patch(
+    weight: Tensor,
+    bias: Tensor | None,
+    backup: _Backup,
+    contributions: list[_Contribution],
+    scratch: _Scratch,
+) -> None:
+    """weight = original + sum of deltas, computed in fp32 and written once.
+
+    Low-rank deltas (LoRA, LoCon) are never built full-size: their factors, every scale folded
+    into `up`, are concatenated and added by one matrix product for all networks together. Other
+    variants add their full-size `weight_delta`. Every delta is computed before the weight is
+    written, so a failure there leaves the weight untouched."""
+    factors: list[LowRankFactors] = []
+    general: list[tuple[NetworkModule, float]] = []
+    for _net, module, multiplier in contributions:
+        low_rank = module.low_rank_factors(weight, multiplier)
+        if low_rank is None:
+            general.append((module, multiplier))
+        else:
+            factors.append(low_rank)
+    # fp32 weights are written in place (no full-size temporary); others accumulate in scratch
+    in_place = (
+        weight.dtype == torch.float32
+        and backup.weight.dtype == torch.float32
+        and backup.weight.device == weight.device
+        and weight.is_contiguous()
+        and backup.weight.is_contiguous()
+    )
+    original = backup.weight if in_place else scratch.fp32_like(weight).copy_(backup.weight)
+    original_bias = None if backup.bias is None else backup.bias.to(weight.device, torch.float32)
+    deltas = [module.weight_delta(original, m, original_bias) for module, m in general]
+
+    target = weight if in_place else original
+    rows = target.shape[0]
+    if factors:
+        up = torch.cat([f.up for f in factors], dim=1)
+        down = torch.cat([f.down for f in factors], dim=0)
+        if in_place:  # weight = original + up @ down, straight from the backup
+            torch.addmm(original.view(rows, -1), up, down, out=target.view(rows, -1))
+        else:
+            target.view(rows, -1).addmm_(up, down)
+    elif in_place:
+        weight.copy_(original)
+    for delta in deltas:
+        if delta.weight is not None:
+            target.add_(delta.weight.reshape(target.shape))
+    if not in_place:
+        weight.copy_(target)  # casts to the weight's dtype
+
+    bias_deltas = [d.bias for d in deltas if d.bias is not None]
+    if bias is not None and original_bias is not None and bias_deltas:
+        patched_bias = original_bias.clone()
+        for delta_bias in bias_deltas:
+            patched_bias.add_(delta_bias.reshape(patched_bias.shape))
+        bias.copy_(patched_bias)
+    elif bias is not None and backup.bias is not None:
+        bias.copy_(backup.bias)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Per-variant LoRA math: typed modules that turn a file's tensors into weight deltas."""
 
 from .base import (
+    LowRankFactors,
     LowRankModule,
     NetworkModule,
     ShapeMismatchError,
@@ -32,6 +33,7 @@ __all__ = [
     "LohaModule",
     "LokrModule",
     "LoraModule",
+    "LowRankFactors",
     "LowRankModule",
     "NetworkModule",
     "NormModule",

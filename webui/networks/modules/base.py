@@ -34,6 +34,16 @@ class ShapeMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
+class LowRankFactors:
+    """A weight delta kept as two small fp32 factors: ΔW = up @ down, with every scale (alpha/rank,
+    the strength) already folded into `up`. `down` is flattened past dim 0, so the product has the
+    shape of the target weight flattened to (out, -1)."""
+
+    up: Tensor  # (out, r)
+    down: Tensor  # (r, in·k·k)
+
+
+@dataclass(frozen=True)
 class WeightDelta:
     """fp32 tensors to add to the original weight and bias (None: leave it as it is)."""
 
@@ -93,6 +103,15 @@ class NetworkModule(ABC):
 
         `original_weight` is fp32 on the target device; the delta lands on the same device.
         """
+
+    def low_rank_factors(self, weight: Tensor, multiplier: float) -> LowRankFactors | None:
+        """The delta at `multiplier` as two small factors, for variants whose delta is exactly
+        one product of two matrices (so the patcher can add it without building it full-size);
+        None for the others, whose delta comes from `weight_delta`.
+
+        `weight` is the target weight (any dtype): it gives the device and the shape to check.
+        """
+        return None
 
 
 @dataclass(frozen=True)
