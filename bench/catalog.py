@@ -7,7 +7,9 @@ every 5th with an A1111 `<name>.json`, every 10th with a `<name>.preview.png`, t
 
 - cold: a new `CatalogIndex` with no cache file, first `entries()` (reads every header, writes
   the cache);
-- warm: a new `CatalogIndex` on the same cache, first `entries()` (a new process's start-up);
+- warm: a new `CatalogIndex` on the same cache, first `entries()`, in this process;
+- warm, new process: the same in a fresh Python process (imports not counted), which is what a
+  restart of the app pays;
 - refresh: `refresh()` again on that warm index (the Refresh button).
 
 Hashing is off (it runs in the background in the app and is not part of the scan).
@@ -23,6 +25,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,9 +125,35 @@ def _timed(action: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+_WARM_IN_NEW_PROCESS = """
+import sys, time
+from pathlib import Path
+from webui.networks.catalog_index import CatalogIndex
+index = CatalogIndex(Path(sys.argv[1]), Path(sys.argv[2]), hash_in_background=False)
+started = time.perf_counter()
+index.entries()
+print(time.perf_counter() - started)
+"""
+
+
+def _warm_in_new_process(folder: Path, cache: Path) -> float:
+    """A warm start as a restarted app pays it: a fresh interpreter, the cache on disk."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_IN_NEW_PROCESS, str(folder), str(cache)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def measure(folder: Path, cache: Path, repeats: int) -> dict[str, Any]:
     cold: list[float] = []
     warm: list[float] = []
+    warm_new: list[float] = []
     refresh: list[float] = []
     entries = 0
     for _ in range(repeats):
@@ -137,11 +166,17 @@ def measure(folder: Path, cache: Path, repeats: int) -> dict[str, Any]:
         index = CatalogIndex(folder, cache, hash_in_background=False)
         warm.append(_timed(index.entries)[0])
         refresh.append(_timed(index.refresh)[0])
+        warm_new.append(_warm_in_new_process(folder, cache))
     return {
         "entries": entries,
         "cache_bytes": cache.stat().st_size,
         "cold_s": {"median": statistics.median(cold), "min": min(cold), "all": cold},
         "warm_s": {"median": statistics.median(warm), "min": min(warm), "all": warm},
+        "warm_new_process_s": {
+            "median": statistics.median(warm_new),
+            "min": min(warm_new),
+            "all": warm_new,
+        },
         "refresh_s": {"median": statistics.median(refresh), "min": min(refresh), "all": refresh},
     }
 
