@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from webui.arch import Arch, Prediction
 from webui.engine.model_factory import config_folder
 from webui.layouts.single_file import to_single_file
+from webui.networks.files import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -452,13 +453,7 @@ def save_single_file(
     meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
     if embed_configs:
         meta[CONFIGS_METADATA_KEY] = json.dumps(_component_configs(pipe))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        safetensors.torch.save_file(state, str(partial), metadata=meta)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_safetensors(path, state, meta)
     return len(kept)
 
 

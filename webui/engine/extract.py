@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from webui.arch import Arch, Prediction
@@ -44,6 +43,7 @@ from webui.networks.extract import (
     low_rank,
     overall_error,
 )
+from webui.networks.files import write_safetensors
 from webui.networks.keys import Component, KeyMap, ModuleRef
 from webui.networks.network import Network
 from webui.networks.patcher import ModuleDelta, NetworkPatcher
@@ -470,7 +470,7 @@ class _Extraction:
     ) -> ExtractionResult:
         if not self.modules:
             raise ExtractionError("no Linear or Conv2d module changed: nothing to write")
-        _save_lora(lora_state_dict(self.modules), lora_metadata(record), out)
+        write_safetensors(out, lora_state_dict(self.modules), lora_metadata(record))
         element = torch.empty((), dtype=self.dtype).element_size()
         summaries = tuple(
             ModuleSummary(m.name, shape, m.factors.rank, m.factors.relative_error)
@@ -523,17 +523,6 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
     for path in inputs:
         if out.exists() and path.exists() and os.path.samefile(out, path):
             raise ExtractionError(f"{out}: the output must not be one of the inputs")
-
-
-def _save_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    """Write the file complete or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _size(path: Path) -> int:

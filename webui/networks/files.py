@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +246,16 @@ def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The `__metadata__` of a safetensors file; pickles carry none."""
     return read_header(path).metadata if is_safetensors(path) else {}
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a safetensors file complete or not at all: into `<name>.partial`, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        save_file(dict(tensors), str(partial), metadata=dict(metadata) if metadata else None)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
