@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from fastapi_swagger import patch_fastapi
 
 from webui.api.auth import Credential
 from webui.api.routes import api_router
@@ -17,6 +18,8 @@ from webui.ui import build_ui
 from webui.ui.blocks import CSS
 
 log = logging.getLogger(__name__)
+
+DOCS_ASSETS = "/docs-assets"
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,29 @@ def build_app(engine: Engine, access: Access = Access()) -> FastAPI:
         title="LoRA WebUI",
         version=APP_VERSION,
         description="AUTOMATIC1111-compatible API: same routes, fields and JSON shapes.",
-        docs_url="/docs",
+        docs_url=None,  # see _add_offline_docs
+        swagger_ui_oauth2_redirect_url=None,
+        redoc_url=None,
     )
+    _add_offline_docs(app)
     app.include_router(api_router(engine, access.api_credentials))
     ui = build_ui(engine)
     ui.queue(default_concurrency_limit=1)
     auth = [(c.user, c.password) for c in access.ui] or None
     return gr.mount_gradio_app(app, ui, path="/", auth=auth, css=CSS, footer_links=["api"])
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at `/docs` from the assets of the pinned `fastapi-swagger` package (FastAPI's
+    own page loads them from a CDN, blank on a machine without internet)."""
+    patch_fastapi(
+        app,
+        docs_url="/docs",
+        redirect_from_root_to_docs=False,  # `/` is the UI
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+    )
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
