@@ -164,3 +164,17 @@ def test_the_app_has_a_tools_tab(engine: Engine) -> None:
     ui = build_ui(engine)
     ids = {block.elem_id for block in ui.blocks.values()}
     assert {"extract-go", "difference-go", "bake-go"} <= ids
+
+
+def _markdown_texts(engine: Engine) -> str:
+    ui = build_ui(engine)
+    return "\n".join(
+        str(getattr(b, "value", "")) for b in ui.blocks.values() if b.get_block_name() == "markdown"
+    )
+
+
+def test_an_empty_models_folder_is_explained(engine: Engine) -> None:
+    assert "No checkpoint in" not in _markdown_texts(engine)
+    for checkpoint in engine.settings.models_dir.iterdir():
+        checkpoint.unlink()
+    assert f"No checkpoint in `{engine.settings.models_dir}`" in _markdown_texts(engine)

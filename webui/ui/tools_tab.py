@@ -375,9 +375,15 @@ def _current_checkpoint(engine: Engine) -> str | None:
 def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
     """Lay out the three forms inside the current Blocks context and wire them."""
     names, current = _checkpoint_names(engine), _current_checkpoint(engine)
-    gr.Markdown(
+    intro = (
         "Extracted LoRAs are written to the LoRA folder, baked checkpoints to the models folder."
     )
+    if not names:  # the demo model has no file to extract from
+        intro += (
+            f"\n\n⚠ No checkpoint in `{engine.settings.models_dir}`: these tools read checkpoint"
+            " files. Put a Stable Diffusion checkpoint there and restart."
+        )
+    gr.Markdown(intro)
     with gr.Accordion("Extract a LoRA from a combination", open=True):
         with gr.Row():
             combo_model = gr.Dropdown(
