@@ -145,13 +145,6 @@ class _Loaded:
         )
 
 
-def _normalise(entry: tuple[Network, float | Strengths]) -> tuple[Network, Strengths]:
-    network, strength = entry
-    if isinstance(strength, Strengths):
-        return network, strength
-    return network, Strengths.uniform(float(strength))
-
-
 @dataclass
 class _FusedState:
     """Base weights saved before a fuse, so unfusing gives them back bit for bit."""
@@ -207,7 +200,7 @@ class DiffusersBackend:
         and left out; the others still apply."""
         started = time.perf_counter()
         self.unfuse()
-        wanted = [_normalise(entry) for entry in networks]
+        wanted = [(network, Strengths.of(strength)) for network, strength in networks]
         self._remove(set(self._loaded) - {id(network) for network, _ in wanted})
         reports: list[FallbackReport] = []
         kept: list[tuple[Network, Strengths]] = []

@@ -152,13 +152,6 @@ def _signature(contributions: Iterable[_Contribution]) -> _Signature:
     return tuple((net, module.key, multiplier) for net, module, multiplier in contributions)
 
 
-def _normalise(entry: tuple[Network, float | Strengths]) -> tuple[Network, Strengths]:
-    network, strength = entry
-    return network, strength if isinstance(strength, Strengths) else Strengths.uniform(
-        float(strength)
-    )
-
-
 class NetworkPatcher:
     """Patches one pipeline's text encoder(s) and UNet in place. Not thread-safe: the engine
     serializes calls."""
@@ -188,7 +181,7 @@ class NetworkPatcher:
         """Make the model's weights equal base + the given set (replacing any previous set).
         Scheduled strengths are taken at `step` (1-based) of `total_steps`."""
         started = time.perf_counter()
-        wanted_set = [_normalise(entry) for entry in networks]
+        wanted_set = [(network, Strengths.of(strength)) for network, strength in networks]
         plan = _Plan()
         reports = [
             self._plan_network(network, strengths.at_step(step, total_steps), plan)

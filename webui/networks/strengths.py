@@ -58,6 +58,11 @@ class Strengths:
         """The same multiplier everywhere, as `<lora:name:W>` means."""
         return cls(te=weight, unet=weight)
 
+    @classmethod
+    def of(cls, strength: float | Strengths) -> Strengths:
+        """A set entry's strength as Strengths: a plain number means `uniform`."""
+        return strength if isinstance(strength, Strengths) else cls.uniform(float(strength))
+
     @property
     def is_scheduled(self) -> bool:
         """True when any value changes with the step."""
