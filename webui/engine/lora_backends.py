@@ -13,7 +13,7 @@ holds)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from webui.arch import Arch
@@ -22,6 +22,7 @@ from webui.networks.diffusers_backend import DiffusersBackend, refusal_reason
 from webui.networks.keys import KeyMap
 from webui.networks.network import Network
 from webui.networks.patcher import NetworkPatcher, PatchReport
+from webui.networks.strengths import Strengths
 from webui.settings import LoraBackend
 
 
@@ -122,37 +123,28 @@ class LoraBackends:
     ) -> RoutedReport:
         """Apply the set at step 1, each network through its backend."""
         routes = self.route(chosen, choice)
-        native = [
-            (c.network, c.strengths)
-            for c, r in zip(chosen, routes, strict=True)
-            if r.backend is LoraBackend.NATIVE
-        ]
-        fallback = [
-            (c.network, c.strengths)
-            for c, r in zip(chosen, routes, strict=True)
-            if r.backend is LoraBackend.DIFFUSERS
-        ]
+        by_backend: dict[LoraBackend, list[tuple[Network, Strengths]]] = {
+            LoraBackend.NATIVE: [],
+            LoraBackend.DIFFUSERS: [],
+        }
+        for c, route in zip(chosen, routes, strict=True):
+            by_backend[route.backend].append((c.network, c.strengths))
+        native = by_backend[LoraBackend.NATIVE]
         self.fallback.unfuse()  # fused deltas out (exactly) before native writes any weight
         native_report = self.native.apply(native, step=1, total_steps=total_steps)
         self.fallback.fuse = self.fuse and not native
-        fallback_report = self.fallback.apply(fallback, step=1, total_steps=total_steps)
+        fallback_report = self.fallback.apply(
+            by_backend[LoraBackend.DIFFUSERS], step=1, total_steps=total_steps
+        )
         applied = {
-            (id(backend), r.name)
-            for backend, report in ((self.native, native_report), (self.fallback, fallback_report))
-            for r in report.networks
-            if r.applied
+            backend: {r.name for r in report.networks if r.applied}
+            for backend, report in (
+                (LoraBackend.NATIVE, native_report),
+                (LoraBackend.DIFFUSERS, fallback_report),
+            )
         }
         routes = [
-            LoraRoute(
-                route.name,
-                route.backend,
-                route.reason,
-                (
-                    id(self.native if route.backend is LoraBackend.NATIVE else self.fallback),
-                    c.network.name,
-                )
-                in applied,
-            )
+            replace(route, applied=c.network.name in applied[route.backend])
             for c, route in zip(chosen, routes, strict=True)
         ]
         report = _combined([native_report, fallback_report])
