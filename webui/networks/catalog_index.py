@@ -724,15 +724,6 @@ class CatalogIndex:
 
     # -- hashes
 
-    def hash_of(self, name: str) -> FileHashes | None:
-        """The hashes of the network called `name` (or with that path below the folder), once
-        the background hashing has reached it; None before, and for unreadable files."""
-        with self._lock:
-            for record in (self._records or {}).values():
-                if record.entry is not None and name in (record.entry.name, record.relative):
-                    return record.hashes
-        return None
-
     def start_hashing(self) -> None:
         """Hash every file not hashed yet, in a background thread (one at a time)."""
         with self._lock:
