@@ -72,11 +72,16 @@ def test_docs_describe_the_api(server: RunningServer) -> None:
         assert response.status_code == 200 and len(response.content) > 10_000
 
 
-def test_auth_alone_also_guards_the_api() -> None:
+def test_auth_alone_also_guards_the_api(start_server, tmp_path_factory) -> None:
     ui_only = Access(ui=(Credential("admin", "pw"),))
     assert ui_only.api_credentials == (Credential("admin", "pw"),)
     both = Access(ui=(Credential("admin", "pw"),), api=(Credential("bot", "key"),))
     assert both.api_credentials == (Credential("bot", "key"),)
+    # and the served app really guards its API with them
+    server = start_server(folders(tmp_path_factory.mktemp("ui-only")), ui_only)
+    samplers = server.url + "/sdapi/v1/samplers"
+    assert requests.get(samplers, timeout=30).status_code == 401
+    assert requests.get(samplers, auth=("admin", "pw"), timeout=30).status_code == 200
 
 
 def test_credentials_parse_and_bad_ones_are_refused() -> None:

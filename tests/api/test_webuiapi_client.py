@@ -4,12 +4,14 @@ listings, refreshes and model switching, with HTTP basic auth on."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import webuiapi
 from conftest import RunningServer, autov3, folders, sha256
 from lora_files import write_kohya_lora
 
+from webui.api import routes
 from webui.api.auth import Credential
 from webui.api.infotext_fields import a1111_fields
 from webui.arch import Arch
@@ -104,6 +106,36 @@ def test_loras_are_listed_as_a1111_lists_them(
         api.custom_post("refresh-loras", baseurl=True)
 
 
+def test_lora_headers_are_read_once_per_file_version(
+    api: webuiapi.WebUIApi, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    original = routes.read_metadata
+
+    def counting(path):
+        reads.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(routes, "read_metadata", counting)
+    later = server.engine.settings.loras_dir / "later.safetensors"
+
+    def listed() -> dict:
+        api.custom_post("refresh-loras", baseurl=True)
+        return {lora["name"]: lora["metadata"] for lora in api.get_loras()}
+
+    try:
+        write_kohya_lora(later, Arch.SD1, {"ss_output_name": "first"})
+        assert listed()["later"] == {"ss_output_name": "first"}
+        assert listed()["later"] == {"ss_output_name": "first"}
+        assert reads.count("later.safetensors") == 1  # not once per request
+        write_kohya_lora(later, Arch.SD1, {"ss_output_name": "second version"})
+        assert listed()["later"] == {"ss_output_name": "second version"}
+        assert reads.count("later.safetensors") == 2
+    finally:
+        later.unlink(missing_ok=True)
+        api.custom_post("refresh-loras", baseurl=True)
+
+
 def test_sd_models_have_a1111_titles_and_hashes(
     api: webuiapi.WebUIApi, server: RunningServer
 ) -> None:
@@ -162,3 +194,16 @@ def test_clip_skip_through_override_settings(api: webuiapi.WebUIApi) -> None:
     )
     assert a1111_fields(result.image.info["parameters"])["Clip skip"] == "2"
     assert result.info["clip_skip"] == 2
+
+
+def test_clip_skip_set_through_options_holds_for_later_requests(api: webuiapi.WebUIApi) -> None:
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    try:
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+        result = api.txt2img(prompt="a dog", seed=3, **SMALL)
+        assert a1111_fields(result.image.info["parameters"])["Clip skip"] == "2"
+        assert result.info["clip_skip"] == 2
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+    result = api.txt2img(prompt="a dog", seed=3, **SMALL)
+    assert "Clip skip" not in a1111_fields(result.image.info["parameters"])

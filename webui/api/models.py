@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from webui.engine.generate import GenerationRequest, RequestError
+from webui.engine.jobs import JobStatus
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
 
 
@@ -103,6 +104,23 @@ class Txt2ImgRequest(BaseModel):
         name = self.sampler_name or self.sampler_index or DEFAULT_SAMPLER
         return get_sampler(name, self.scheduler or "").name
 
+    def generation_request(self, clip_skip: int) -> GenerationRequest:
+        """The engine's request for this body, with `clip_skip` unless it overrides it."""
+        overrides = self.override_settings or Options()
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
+            width=self.width,
+            height=self.height,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            batch_count=self.n_iter,
+            sampler=self.sampler,
+            clip_skip=overrides.CLIP_stop_at_last_layers or clip_skip,
+        )
+
 
 class Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs, each with its infotext")
@@ -150,6 +168,20 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = Field(None, description="no live previews: always null")
     textinfo: str | None = None
+
+    @classmethod
+    def of(cls, job: JobStatus) -> ProgressResponse:
+        """The queue's snapshot as A1111 reports progress."""
+        state = ProgressState(
+            interrupted=job.interrupted,
+            job=job.job,
+            job_count=job.job_count,
+            job_timestamp=job.job_timestamp,
+            sampling_step=job.step,
+            sampling_steps=job.total,
+        )
+        text = f"{job.job}: step {job.step}/{job.total}" if job.job else None
+        return cls(progress=job.progress, eta_relative=job.eta, state=state, textinfo=text)
 
 
 class PNGInfoRequest(BaseModel):

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -25,7 +26,6 @@ from webui.api.models import (
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
-    ProgressState,
     SamplerItem,
     SDModelItem,
     Txt2ImgRequest,
@@ -88,10 +88,18 @@ def lora_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return parsed
 
 
+def _read_lora_metadata(path: Path) -> dict[str, Any]:
+    try:
+        return lora_metadata(read_metadata(path))
+    except (NetworkFileError, OSError):
+        return {}  # listed all the same, as the Networks tab lists it
+
+
 def generation_info(
-    body: Txt2ImgRequest, request: GenerationRequest, result: GenerationResult, model: str
+    body: Txt2ImgRequest, request: GenerationRequest, result: GenerationResult, model: str | None
 ) -> dict[str, Any]:
-    """The `info` object A1111 returns with generated images."""
+    """The `info` object A1111 returns with generated images; `model` names the model only
+    when no image (whose infotext names it) was made."""
     seeds = [image.seed for image in result.images]
     infotexts = [image.infotext for image in result.images]
     params = dict(infotexts[0].params) if infotexts else {}
@@ -143,6 +151,8 @@ class A1111Api:
         self.engine = engine
         self.jobs = JobQueue.for_engine(engine)
         self.clip_skip = 1  # CLIP_stop_at_last_layers, as set by POST /options
+        # each listed LoRA's parsed metadata, keyed by the file version the catalog last saw
+        self._lora_metadata: dict[tuple[Path, int, float], dict[str, Any]] = {}
 
     def checkpoint(self, wanted: str, loc: Sequence[str]) -> CheckpointTitle:
         """The checkpoint a client names, or a 422 at `loc` listing the known titles."""
@@ -154,33 +164,17 @@ class A1111Api:
         return found
 
     def current_title(self) -> CheckpointTitle:
+        """The loaded checkpoint, else the first one (what the first generation will load)."""
         titles = checkpoint_titles(self.engine)
         loaded = self.engine.model
-        if loaded is not None:
-            found = next((t for t in titles if t.engine_name == loaded.name), None)
-            if found is not None:
-                return found
-        return titles[0]  # what the first generation will load
+        name = loaded.name if loaded is not None else None
+        return next((t for t in titles if t.engine_name == name), titles[0])
 
     def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
-        overrides = body.override_settings or Options()
-        model = None
-        if overrides.sd_model_checkpoint:
-            loc = ["override_settings", "sd_model_checkpoint"]
-            model = self.checkpoint(overrides.sd_model_checkpoint, loc).engine_name
-        request = GenerationRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            steps=body.steps,
-            cfg_scale=body.cfg_scale,
-            width=body.width,
-            height=body.height,
-            seed=body.seed,
-            batch_size=body.batch_size,
-            batch_count=body.n_iter,
-            sampler=body.sampler,
-            clip_skip=overrides.CLIP_stop_at_last_layers or self.clip_skip,
-        )
+        wanted = (body.override_settings or Options()).sd_model_checkpoint
+        loc = ["override_settings", "sd_model_checkpoint"]
+        model = self.checkpoint(wanted, loc).engine_name if wanted else None
+        request = body.generation_request(self.clip_skip)
         try:
             result = self.jobs.generate(request, model=model)
         except RequestError as exc:  # the body's validators should have caught it first
@@ -192,26 +186,30 @@ class A1111Api:
             if body.send_images
             else []
         )
-        info = generation_info(body, request, result, self.current_title().model_name)
+        # the images' infotexts name the model; the checkpoints are listed only when none was made
+        fallback = None if result.images else self.current_title().model_name
+        info = generation_info(body, request, result, fallback)
         return Txt2ImgResponse(
             images=images, parameters=body.model_dump(mode="json"), info=json.dumps(info)
         )
 
     def loras(self) -> list[LoraItem]:
+        """The catalog's LoRAs; a file's header is read once per version the catalog lists."""
+        known: dict[tuple[Path, int, float], dict[str, Any]] = {}
         items = []
         for entry in self.engine.catalog.index.entries():
-            try:
-                metadata = lora_metadata(read_metadata(entry.path))
-            except (NetworkFileError, OSError):
-                metadata = {}  # listed all the same, as the Networks tab lists it
+            version = (entry.path, entry.size, entry.mtime)
+            metadata = self._lora_metadata.get(version)
+            known[version] = metadata if metadata is not None else _read_lora_metadata(entry.path)
             items.append(
                 LoraItem(
                     name=entry.name,
                     alias=entry.alias or entry.name,
                     path=str(entry.path),
-                    metadata=metadata,
+                    metadata=known[version],
                 )
             )
+        self._lora_metadata = known  # files gone or changed since are dropped
         return items
 
     def refresh_loras(self) -> dict[str, Any]:
@@ -255,19 +253,7 @@ class A1111Api:
             self.clip_skip = body.CLIP_stop_at_last_layers
 
     async def progress(self) -> ProgressResponse:
-        job = self.jobs.status()
-        state = ProgressState(
-            interrupted=job.interrupted,
-            job=job.job,
-            job_count=job.job_count,
-            job_timestamp=job.job_timestamp,
-            sampling_step=job.step,
-            sampling_steps=job.total,
-        )
-        text = f"{job.job}: step {job.step}/{job.total}" if job.job else None
-        return ProgressResponse(
-            progress=job.progress, eta_relative=job.eta, state=state, textinfo=text
-        )
+        return ProgressResponse.of(self.jobs.status())
 
     def png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
         image = decode_image(body.image)
