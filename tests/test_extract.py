@@ -25,11 +25,16 @@ from webui.engine.extract import (
     extract_combination,
     extract_difference,
     load_combination,
+    strengths_text,
+    uniform_strength,
 )
 from webui.engine.merge import merge_checkpoint
-from webui.networks.extract import EXTRACTION_METADATA_KEY, RankRule
+from webui.layouts.unet import unet_module_names
+from webui.networks.extract import EXTRACTION_METADATA_KEY, RankRule, kohya_name
+from webui.networks.keys import KeyMap
 from webui.networks.network import load_network
 from webui.networks.patcher import NetworkPatcher
+from webui.networks.strengths import Strengths
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -156,12 +161,13 @@ def test_low_rank_extraction_reports_the_error_it_makes(combination, tmp_path: P
         model, load_combination(loras), out, RankRule(rank=3), dtype=torch.float16
     )
 
-    base = weights(load(model).pipe)
+    loaded = load(model)
+    base = weights(loaded.pipe)
     reference = diffusers_fused(model, loras)
     extracted, _ = patched(model, [(out, 1.0)])
     with safe_open(str(out), framework="pt") as handle:
         recorded = json.loads(handle.metadata()[EXTRACTION_METADATA_KEY])["modules"]
-    keys = _module_keys(load(model))
+    keys = _module_keys(loaded)
     assert len(recorded) == len(result.modules) > 100
     for module in result.modules:
         key = keys[module.name]
@@ -176,10 +182,6 @@ def test_low_rank_extraction_reports_the_error_it_makes(combination, tmp_path: P
 
 def _module_keys(model: LoadedModel) -> dict[str, str]:
     """kohya module name -> weight key of `weights()`, through the names our patcher resolves."""
-    from webui.layouts.unet import unet_module_names
-    from webui.networks.extract import kohya_name
-    from webui.networks.keys import KeyMap
-
     keymap = KeyMap.from_pipeline(model.pipe)
     ldm = unet_module_names(model.pipe.unet.config)
     return {
@@ -257,3 +259,21 @@ def test_cli_extracts_a_combination_and_explains_bad_arguments(combination, tmp_
     # energy 0.9 keeps at least 90% of each delta's energy: error at most sqrt(0.1)
     assert max(m["relative_error"] for m in recorded["modules"].values()) <= 0.1**0.5 + 1e-6
     assert procs[1].returncode == 2 and bad_err.strip() == "error: rank must be at least 1 (got 0)"
+
+
+# How a `<lora:...>` tag writes these strengths (te1/te2 default to te, in/mid/out to unet).
+@pytest.mark.parametrize(
+    ("strengths", "uniform", "text"),
+    [
+        (Strengths.uniform(0.8), 0.8, "0.8"),
+        (Strengths(te=1, unet=1, out=1), 1.0, "1"),
+        (Strengths(te=0, unet=1), None, "te=0 unet=1"),
+        (Strengths(te=1, unet=0.5, te2=1, mid=0.25), None, "te=1 unet=0.5 mid=0.25"),
+        (Strengths(te=0.5, unet=0.5, blocks={"IN04": 1.0}), None, "te=0.5 unet=0.5 lbw=IN04:1"),
+    ],
+)
+def test_strengths_are_written_as_a_tag_would(
+    strengths: Strengths, uniform: float | None, text: str
+) -> None:
+    assert uniform_strength(strengths) == uniform
+    assert strengths_text(strengths) == text

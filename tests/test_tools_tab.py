@@ -68,6 +68,22 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata())
 
 
+def _delta_norms(path: Path) -> dict[str, float]:
+    """||alpha / rank * up @ down|| of each module of a kohya LoRA file, computed by hand, by
+    module name (CLIP's `text_model_` left out: the test files are written without it)."""
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key).float() for key in handle.keys()}  # noqa: SIM118
+    norms: dict[str, float] = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            up = tensors[f"{name}.lora_up.weight"]
+            scale = float(tensors[f"{name}.alpha"]) / down.shape[0]
+            module = name.replace("lora_te_text_model_", "lora_te_")
+            norms[module] = float((up.flatten(1) @ down.flatten(1)).norm()) * scale
+    return norms
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -119,6 +135,16 @@ def test_extract_the_last_generations_set(engine: Engine) -> None:
     assert recorded["rule"] == {"rank": None, "energy": 0.9, "max_rank": 4}
     # fox has te=0: only ink changes the text encoder
     assert all(m["rank"] <= 4 for m in recorded["modules"].values())
+    # ink and fox are the same file, so the text encoder gets 0.5 x its delta and the UNet 1.5 x;
+    # energy 0.9 keeps at least sqrt(0.9) of each delta's norm
+    source, extracted = (
+        _delta_norms(engine.settings.loras_dir / "ink.safetensors"),
+        _delta_norms(out),
+    )
+    assert extracted.keys() == source.keys()
+    for name, norm in extracted.items():
+        strength = 0.5 if name.startswith("lora_te") else 1.5
+        assert 0.9**0.5 * strength - 1e-4 < norm / source[name] < strength + 1e-4, name
 
 
 def test_bad_values_get_one_line_naming_them(engine: Engine) -> None:
@@ -149,13 +175,24 @@ def test_difference_and_bake(engine: Engine) -> None:
     )
 
     shown = run_difference(engine, "tiny", "tuned", RANK_8, "fp32", "diff", Recorder())
-    assert (engine.settings.loras_dir / "diff.safetensors").is_file(), shown
+    difference = engine.settings.loras_dir / "diff.safetensors"
+    assert difference.is_file(), shown
     assert "Relative error" in shown
+    recorded = json.loads(_metadata(difference)["lora_webui.extraction"])
+    assert (recorded["base_model"], recorded["tuned_model"]) == (
+        "tiny.safetensors",
+        "tuned.safetensors",
+    )
+    # tuned = tiny + ink at 1: the difference is ink's delta (rank 4 < 8, so kept whole)
+    source = _delta_norms(engine.settings.loras_dir / "ink.safetensors")
+    assert _delta_norms(difference) == pytest.approx(source, rel=1e-3)
 
     progress = Recorder()
     baked = run_bake(engine, "tiny", "ink:0.5\nfox:0.25", "fp16", "baked", progress)
     assert (models / "baked.safetensors").is_file(), baked
     assert "ink ×0.5" in baked and progress.calls[0][1].startswith("loading")
+    merged_from = _metadata(models / "baked.safetensors")["modelspec.merged_from"]
+    assert merged_from == "tiny.safetensors, ink.safetensors:0.5, fox.safetensors:0.25"
     blocks = run_bake(engine, "tiny", "<lora:ink:1:0.5>", "fp16", "baked2", Recorder())
     assert "one strength per LoRA" in blocks
 

@@ -10,7 +10,7 @@ and the weights are restored, so memory stays near one model."""
 from __future__ import annotations
 
 import logging
-import os
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -18,17 +18,15 @@ from pathlib import Path
 
 import torch
 
-from webui.arch import Arch, Prediction
-from webui.engine.checkpoints import (
-    CheckpointFormat,
-    LoadedModel,
-    ModelKind,
-    checkpoint_from_path,
-    detect_kind,
-    load_checkpoint,
-    read_header,
+from webui.arch import Prediction
+from webui.engine.checkpoints import LoadedModel, ModelKind, checkpoint_from_path, load_checkpoint
+from webui.engine.merge import (
+    MergeError,
+    check_bases,
+    check_header_bases,
+    load_lora_file,
+    same_path,
 )
-from webui.engine.merge import MergeError, check_bases, load_lora_file
 from webui.engine.trigger_words import TriggerWordSource
 from webui.layouts.unet import unet_module_names
 from webui.networks.catalog_index import tag_frequency
@@ -87,10 +85,9 @@ class CombinationPart:
 
 def uniform_strength(strengths: Strengths) -> float | None:
     """The one multiplier `strengths` applies everywhere, or None when parts differ."""
-    values = {strengths.te, strengths.unet}
-    values |= {v for v in (strengths.te1, strengths.te2, strengths.in_blocks) if v is not None}
-    values |= {v for v in (strengths.mid, strengths.out) if v is not None}
-    if strengths.blocks or len(values) != 1:
+    s = strengths
+    values = {s.te, s.unet, s.te1, s.te2, s.in_blocks, s.mid, s.out} - {None}
+    if s.blocks or len(values) != 1:
         return None
     value = values.pop()
     return float(value) if isinstance(value, int | float) else None
@@ -102,26 +99,23 @@ def strengths_text(strengths: Strengths) -> str:
     uniform = uniform_strength(strengths)
     if uniform is not None:
         return f"{uniform:g}"
-    fields = [("te", strengths.te, None), ("unet", strengths.unet, None)]
-    fields += [
-        (name, value, strengths.te)
-        for name, value in (("te1", strengths.te1), ("te2", strengths.te2))
-    ]
-    fields += [
-        (name, value, strengths.unet)
-        for name, value in (
-            ("in", strengths.in_blocks),
-            ("mid", strengths.mid),
-            ("out", strengths.out),
-        )
+    s = strengths
+    fields = [
+        ("te", s.te, None),
+        ("unet", s.unet, None),
+        ("te1", s.te1, s.te),
+        ("te2", s.te2, s.te),
+        ("in", s.in_blocks, s.unet),
+        ("mid", s.mid, s.unet),
+        ("out", s.out, s.unet),
     ]
     parts = [
         f"{name}={value:g}"
         for name, value, default in fields
         if isinstance(value, int | float) and value != default
     ]
-    if strengths.blocks:
-        parts.append("lbw=" + ",".join(f"{k}:{v:g}" for k, v in strengths.blocks.items()))
+    if s.blocks:
+        parts.append("lbw=" + ",".join(f"{k}:{v:g}" for k, v in s.blocks.items()))
     return " ".join(parts)
 
 
@@ -212,11 +206,7 @@ def extract_combination(
     networks = [p.network for p in parts]
     checkpoint = checkpoint_from_path(model_path)
     try:
-        if (
-            checkpoint.format is not CheckpointFormat.DIFFUSERS
-        ):  # refuse a wrong base before the load
-            kind = detect_kind(read_header(checkpoint.path), checkpoint.path.name)
-            check_bases(networks, kind.arch, checkpoint.path.name)
+        check_header_bases(networks, checkpoint)
         report(0, 1, f"loading {checkpoint.path.name}")
         model = load_checkpoint(checkpoint, _CPU, torch.float32)
         check_bases(networks, model.kind.arch, checkpoint.path.name)
@@ -233,18 +223,14 @@ def extract_combination(
     extracted = _Extraction(model, rule, device, dtype, total, report)
     extracted.add_all(_combination_deltas(patcher, chunks))
 
-    sources = [_source(part, trigger_words) for part in parts]
-    record = ExtractionRecord(
-        arch=model.kind.arch,
-        v_prediction=model.kind.prediction is Prediction.V,
-        title=out.stem,
-        rule=rule,
+    return extracted.save(
+        out,
         base_model=checkpoint.path.name,
-        modules=extracted.modules,
-        sources=sources,
+        sources=[_source(part, trigger_words) for part in parts],
+        warnings=plan.warnings,
+        source_bytes=sum(p.network.path.stat().st_size for p in parts),
+        started=started,
     )
-    source_bytes = sum(p.network.path.stat().st_size for p in parts)
-    return extracted.save(out, record, plan.warnings, source_bytes, started)
 
 
 def extract_difference(
@@ -283,16 +269,13 @@ def extract_difference(
             f"{tuned_file.path.name} and {base_file.path.name} have the same text encoder and "
             "UNet weights: nothing to extract"
         )
-    record = ExtractionRecord(
-        arch=base.kind.arch,
-        v_prediction=base.kind.prediction is Prediction.V,
-        title=out.stem,
-        rule=rule,
+    return extracted.save(
+        out,
         base_model=base_file.path.name,
-        modules=extracted.modules,
         tuned_model=tuned_file.path.name,
+        source_bytes=_size(tuned_file.path),
+        started=started,
     )
-    return extracted.save(out, record, [], _size(tuned_file.path), started)
 
 
 # -- the deltas ---------------------------------------------------------------------------------
@@ -378,16 +361,10 @@ def _difference_deltas(pairs: Sequence[_Pair], min_relative: float) -> Iterator[
         if float(delta.norm()) <= min_relative * float(weight.norm()):
             yield None
             continue
-        base_bias, tuned_bias = (
-            getattr(pair.base.module, "bias", None),
-            getattr(pair.tuned.module, "bias", None),
-        )
+        base_bias = getattr(pair.base.module, "bias", None)
+        tuned_bias = getattr(pair.tuned.module, "bias", None)
         bias = None
-        if (
-            base_bias is not None
-            and tuned_bias is not None
-            and not torch.equal(base_bias, tuned_bias)
-        ):
+        if not (base_bias is None or tuned_bias is None or torch.equal(base_bias, tuned_bias)):
             bias = tuned_bias.float() - base_bias.float()
         yield ModuleDelta(pair.base, delta, bias)
 
@@ -407,44 +384,36 @@ class _Extraction:
         total: int,
         progress: ProgressCallback,
     ) -> None:
-        self.arch: Arch = model.kind.arch
+        self.kind = model.kind
         self.rule, self.device, self.dtype = rule, device, dtype
         self.total, self.progress = total, progress
-        self.kind = model.kind
-        unet = model.pipe.unet
-        self.ldm_names: Mapping[str, str] = unet_module_names(unet.config)
+        self.ldm_names: Mapping[str, str] = unet_module_names(model.pipe.unet.config)
         self.modules: list[ExtractedModule] = []
-        self.shapes: list[tuple[int, ...]] = []
         self.not_lora: list[str] = []  # norms and embeddings: no LoRA form
         self.bias_changed: list[str] = []
-        self.done = 0
 
     def add_all(self, deltas: Iterable[ModuleDelta | None]) -> None:
-        for delta in deltas:
-            self.done += 1
+        for done, delta in enumerate(deltas, 1):
             if delta is None:
-                self.progress(self.done, self.total, "unchanged module")
+                self.progress(done, self.total, "unchanged module")
                 continue
             name = f"{delta.ref.component.value}.{delta.ref.path}"
-            self.progress(self.done, self.total, name)
+            self.progress(done, self.total, name)
             self._add(delta, name)
         self.progress(self.total, self.total, "factors computed")
 
     def _add(self, delta: ModuleDelta, name: str) -> None:
         if delta.bias is not None:
             self.bias_changed.append(name)
-        if delta.weight.ndim not in (2, 4) or _is_embedding(delta.ref):
+        if delta.weight.ndim not in (2, 4) or isinstance(delta.ref.module, torch.nn.Embedding):
             self.not_lora.append(name)
             return
         if not bool(delta.weight.any()):
             log.info("%s: the combination's deltas cancel out; left out", name)
             return
         factors = low_rank(delta.weight, self.rule, dtype=self.dtype, device=self.device)
-        component, path = delta.ref.component, delta.ref.path
-        self.modules.append(
-            ExtractedModule(kohya_name(component, path, self.arch, self.ldm_names), factors)
-        )
-        self.shapes.append(tuple(delta.weight.shape))
+        name = kohya_name(delta.ref.component, delta.ref.path, self.kind.arch, self.ldm_names)
+        self.modules.append(ExtractedModule(name, factors))
 
     def warnings(self) -> list[str]:
         out: list[str] = []
@@ -463,18 +432,33 @@ class _Extraction:
     def save(
         self,
         out: Path,
-        record: ExtractionRecord,
-        warnings: Sequence[str],
+        *,
+        base_model: str,
         source_bytes: int,
         started: float,
+        sources: Sequence[SourceLora] = (),
+        tuned_model: str | None = None,
+        warnings: Sequence[str] = (),
     ) -> ExtractionResult:
+        """Write the modules to `out` with their metadata (`base_model`, and the combination's
+        `sources` or the difference's `tuned_model`) and sum up what was written."""
         if not self.modules:
             raise ExtractionError("no Linear or Conv2d module changed: nothing to write")
+        record = ExtractionRecord(
+            arch=self.kind.arch,
+            v_prediction=self.kind.prediction is Prediction.V,
+            title=out.stem,
+            rule=self.rule,
+            base_model=base_model,
+            modules=self.modules,
+            sources=sources,
+            tuned_model=tuned_model,
+        )
         write_safetensors(out, lora_state_dict(self.modules), lora_metadata(record))
         element = torch.empty((), dtype=self.dtype).element_size()
         summaries = tuple(
-            ModuleSummary(m.name, shape, m.factors.rank, m.factors.relative_error)
-            for m, shape in zip(self.modules, self.shapes, strict=True)
+            ModuleSummary(m.name, m.factors.shape, m.factors.rank, m.factors.relative_error)
+            for m in self.modules
         )
         return ExtractionResult(
             out=out,
@@ -483,22 +467,11 @@ class _Extraction:
             modules=summaries,
             overall_error=overall_error(self.modules),
             file_bytes=_size(out),
-            dense_bytes=sum(_numel(shape) for shape in self.shapes) * element,
+            dense_bytes=sum(math.prod(m.factors.shape) for m in self.modules) * element,
             source_bytes=source_bytes,
             warnings=(*warnings, *self.warnings()),
             seconds=time.perf_counter() - started,
         )
-
-
-def _is_embedding(ref: ModuleRef) -> bool:
-    return isinstance(ref.module, torch.nn.Embedding)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _source(part: CombinationPart, trigger_words: TriggerWordSource) -> SourceLora:
@@ -520,9 +493,8 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
         raise ExtractionError(f"{out}: a LoRA is written as .safetensors; name it so")
     if out.is_dir():
         raise ExtractionError(f"{out}: is a folder")
-    for path in inputs:
-        if out.exists() and path.exists() and os.path.samefile(out, path):
-            raise ExtractionError(f"{out}: the output must not be one of the inputs")
+    if any(same_path(out, path) for path in inputs):
+        raise ExtractionError(f"{out}: the output must not be one of the inputs")
 
 
 def _size(path: Path) -> int:

@@ -20,6 +20,7 @@ from webui.arch import Arch, Prediction
 from webui.engine.checkpoints import (
     CheckpointFile,
     CheckpointFormat,
+    CheckpointHeader,
     ModelKind,
     checkpoint_from_path,
     detect_kind,
@@ -29,6 +30,7 @@ from webui.engine.checkpoints import (
     save_single_file,
 )
 from webui.networks.base_detection import is_compatible
+from webui.networks.extract import modelspec_architecture
 from webui.networks.inspection import NotALoraError, refuse_checkpoint
 from webui.networks.network import Network, load_network
 from webui.networks.patcher import NetworkPatcher, NetworkReport
@@ -38,11 +40,6 @@ log = logging.getLogger(__name__)
 MERGE_METADATA_KEY = "lora_webui.merge"
 # Source metadata that describes the source's bytes, wrong for the merged file.
 _STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
-_MODELSPEC_ARCHITECTURE = {
-    Arch.SD1: "stable-diffusion-v1",
-    Arch.SD2: "stable-diffusion-v2-512",
-    Arch.SDXL: "stable-diffusion-xl-v1-base",
-}
 
 
 class MergeError(Exception):
@@ -84,14 +81,15 @@ class MergeResult:
         return [w for lora in self.loras for w in lora.report.warnings]
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name the same file or folder (through links, too)."""
     if a.resolve() == b.resolve():
         return True
     return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def _check_output(checkpoint: CheckpointFile, out: Path) -> OutputLayout:
-    if _same_path(checkpoint.path, out):
+    if same_path(checkpoint.path, out):
         raise MergeError(f"{out}: the output must not be the input checkpoint")
     if checkpoint.format is CheckpointFormat.DIFFUSERS:
         if out.is_file():
@@ -119,6 +117,19 @@ def check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
             for n in wrong
         )
         raise MergeError(f"{model} is {arch.value}, but {details}")
+
+
+def check_header_bases(
+    networks: Sequence[Network], checkpoint: CheckpointFile
+) -> CheckpointHeader | None:
+    """Refuse (MergeError) networks of another base than a single-file checkpoint's, from its
+    header, before the (slow) load; returns the header, or None for a diffusers folder (whose
+    base is known only once loaded)."""
+    if checkpoint.format is CheckpointFormat.DIFFUSERS:
+        return None
+    header = read_header(checkpoint.path)
+    check_bases(networks, detect_kind(header, checkpoint.path.name).arch, checkpoint.path.name)
+    return header
 
 
 def load_lora_file(path: Path) -> Network:
@@ -156,12 +167,8 @@ def merge_checkpoint(
     checkpoint = checkpoint_from_path(model_path)
     layout = _check_output(checkpoint, out)
     networks = [load_lora_file(path) for path, _ in loras]
-    source_metadata: dict[str, str] = {}
-    if checkpoint.format is not CheckpointFormat.DIFFUSERS:
-        header = read_header(checkpoint.path)
-        source_metadata = dict(header.metadata)
-        # refuse a wrong base before the (slow) load
-        check_bases(networks, detect_kind(header, checkpoint.path.name).arch, checkpoint.path.name)
+    header = check_header_bases(networks, checkpoint)
+    source_metadata = dict(header.metadata) if header is not None else {}
 
     say(f"loading {checkpoint.path.name} on the CPU in {str(dtype).removeprefix('torch.')}")
     model = load_checkpoint(checkpoint, torch.device("cpu"), dtype)
@@ -210,14 +217,12 @@ def _merge_metadata(
 ) -> dict[str, str]:
     """The source's metadata (component configs included), with modelspec merge fields."""
     meta = {k: v for k, v in source.items() if k not in _STALE_METADATA}
-    architecture = _MODELSPEC_ARCHITECTURE[kind.arch]
-    if kind.arch is Arch.SD2 and kind.prediction is Prediction.V:
-        architecture = "stable-diffusion-v2-768-v"
+    v_prediction = kind.prediction is Prediction.V
     meta.setdefault("modelspec.sai_model_spec", "1.0.0")
-    meta.setdefault("modelspec.architecture", architecture)
+    meta.setdefault("modelspec.architecture", modelspec_architecture(kind.arch, v_prediction))
     meta["modelspec.title"] = out.stem
     meta["modelspec.date"] = datetime.now(UTC).date().isoformat()
-    meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
+    meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     meta["modelspec.merged_from"] = ", ".join(
         [checkpoint.path.name, *(f"{lora.path.name}:{lora.weight:g}" for lora in loras)]
     )

@@ -23,6 +23,7 @@ from webui.networks.keys import Component
 # on the leading singular vectors (Halko et al.); the full SVD is used when it is not much bigger.
 _OVERSAMPLE = 8
 _LOWRANK_POWER_ITERATIONS = 4
+_LOWRANK_SEED = 0
 # CLIP's module names below `text_model.` (kohya always writes them with `text_model_`).
 _CLIP_INNER_ROOTS = ("encoder", "embeddings", "final_layer_norm")
 _TEXT_PREFIXES: Mapping[tuple[Component, bool], str] = {
@@ -101,19 +102,28 @@ class LowRankDelta:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape: [out, in] or [out, in, kh, kw]."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
     def product(self) -> Tensor:
         """up @ down in fp32, shaped as the weight (what a loader adds at strength 1)."""
-        matrix = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return matrix.reshape(self.up.shape[0], *self.down.shape[1:])
+        return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.shape)
 
 
 def _svd(matrix: Tensor, rule: RankRule) -> tuple[Tensor, Tensor, Tensor]:
     """U, S, Vh of `matrix` (fp32): randomized for a fixed rank well below the matrix size."""
     smallest = min(matrix.shape)
     if rule.rank is not None and (rule.rank + _OVERSAMPLE) * 4 <= smallest:
-        u, s, v = torch.svd_lowrank(
-            matrix, q=rule.rank + _OVERSAMPLE, niter=_LOWRANK_POWER_ITERATIONS
-        )
+        # a fixed seed, without touching the caller's random state: the same inputs give the
+        # same file
+        devices = [matrix.device] if matrix.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_LOWRANK_SEED)
+            u, s, v = torch.svd_lowrank(
+                matrix, q=rule.rank + _OVERSAMPLE, niter=_LOWRANK_POWER_ITERATIONS
+            )
         return u, s, v.mT
     return torch.linalg.svd(matrix, full_matrices=False)
 
@@ -240,11 +250,11 @@ def overall_error(modules: Sequence[ExtractedModule]) -> float:
     return math.sqrt(residual / total) if total else 0.0
 
 
-def _architecture(record: ExtractionRecord) -> str:
-    architecture = _SPEC_ARCHITECTURE[record.arch]
-    if record.arch is Arch.SD2 and record.v_prediction:
-        architecture = "stable-diffusion-v2-768-v"
-    return architecture + "/lora"
+def modelspec_architecture(arch: Arch, v_prediction: bool) -> str:
+    """SAI model-spec's `modelspec.architecture` of a model (a LoRA of it adds `/lora`)."""
+    if arch is Arch.SD2 and v_prediction:
+        return "stable-diffusion-v2-768-v"
+    return _SPEC_ARCHITECTURE[arch]
 
 
 def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
@@ -269,7 +279,8 @@ def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
         "ss_sd_model_name": record.base_model,
         "ss_training_comment": f"extracted by lora-webui (SVD, {record.rule.describe()}): {origin}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _architecture(record),
+        "modelspec.architecture": modelspec_architecture(record.arch, record.v_prediction)
+        + "/lora",
         "modelspec.implementation": _SPEC_IMPLEMENTATION[record.arch],
         "modelspec.title": record.title,
         "modelspec.date": record.created.isoformat(timespec="seconds"),

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ def extraction_html(result: ExtractionResult) -> str:
 
 def merge_html(result: MergeResult) -> str:
     loras = ", ".join(f"{lora.name} ×{lora.weight:g}" for lora in result.loras)
-    size = sum(p.stat().st_size for p in [result.out] if p.is_file())
+    size = result.out.stat().st_size if result.out.is_file() else 0  # a folder: no one size
     rows = [
         ("Written", str(result.out)),
         ("Model", f"{result.kind.label} ({result.layout.value})"),
@@ -205,6 +206,28 @@ def _error_html(exc: BaseException) -> str:
     return warnings_html([user_message(exc)])
 
 
+def _extract_into_loras(
+    engine: Engine,
+    extract: Callable[..., ExtractionResult],
+    inputs: Sequence[Any],
+    rank: RankChoice,
+    precision: str,
+    out_name: str,
+    progress: ProgressFn,
+) -> ExtractionResult:
+    """`extract(*inputs, out, rule, ...)` with the form's output name (in `loras/`), rank rule,
+    precision and progress bar, on the settings' device."""
+    out = output_path(engine.settings.loras_dir, out_name, ".safetensors")
+    return extract(
+        *inputs,
+        out,
+        rank.rule(),
+        device=engine.settings.torch_device(),
+        dtype=PRECISIONS[precision],
+        progress=_progress_callback(progress),
+    )
+
+
 def run_combination(
     engine: Engine,
     source: str,
@@ -225,16 +248,14 @@ def run_combination(
             chosen = chosen_networks(engine, lora_text)
         parts = [CombinationPart(c.network, c.strengths, c.name) for c in chosen]
         checkpoint = checkpoint_named(engine, model_name, "Checkpoint")
-        out = output_path(engine.settings.loras_dir, out_name, ".safetensors")
-        result = extract_combination(
-            checkpoint.path,
-            parts,
-            out,
-            rank.rule(),
-            device=engine.settings.torch_device(),
-            dtype=PRECISIONS[precision],
-            trigger_words=engine.trigger_words,
-            progress=_progress_callback(progress),
+        result = _extract_into_loras(
+            engine,
+            partial(extract_combination, trigger_words=engine.trigger_words),
+            (checkpoint.path, parts),
+            rank,
+            precision,
+            out_name,
+            progress,
         )
     except Exception as exc:  # one line in the form; unexpected ones are logged in full
         return _error_html(exc)
@@ -257,15 +278,14 @@ def run_difference(
         tuned = checkpoint_named(engine, tuned_name, "Fine-tuned checkpoint")
         if base.path == tuned.path:
             raise ToolError("Fine-tuned checkpoint: choose another checkpoint than the base")
-        out = output_path(engine.settings.loras_dir, out_name, ".safetensors")
-        result = extract_difference(
-            base.path,
-            tuned.path,
-            out,
-            rank.rule(),
-            device=engine.settings.torch_device(),
-            dtype=PRECISIONS[precision],
-            progress=_progress_callback(progress),
+        result = _extract_into_loras(
+            engine,
+            extract_difference,
+            (base.path, tuned.path),
+            rank,
+            precision,
+            out_name,
+            progress,
         )
     except Exception as exc:  # one line in the form; unexpected ones are logged in full
         return _error_html(exc)
@@ -360,12 +380,18 @@ def _rank_controls(prefix: str) -> _RankControls:
     return _RankControls(mode, rank, energy, max_rank)
 
 
+def _rank_form(values: Sequence[Any]) -> tuple[RankChoice, str, str]:
+    """The values of `_RankControls.inputs`, precision and output name, as the handlers take
+    them."""
+    mode, rank, energy, max_rank, precision, out_name = values
+    return RankChoice(mode, rank, energy, max_rank), precision, out_name
+
+
 def _checkpoint_names(engine: Engine) -> list[str]:
     return [c.name for c in engine.checkpoints()]
 
 
-def _current_checkpoint(engine: Engine) -> str | None:
-    names = _checkpoint_names(engine)
+def _current_checkpoint(engine: Engine, names: Sequence[str]) -> str | None:
     model = engine.model
     if model is not None and model.name in names:
         return model.name
@@ -374,7 +400,8 @@ def _current_checkpoint(engine: Engine) -> str | None:
 
 def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
     """Lay out the three forms inside the current Blocks context and wire them."""
-    names, current = _checkpoint_names(engine), _current_checkpoint(engine)
+    names = _checkpoint_names(engine)  # one walk of models/
+    current = _current_checkpoint(engine, names)
     intro = (
         "Extracted LoRAs are written to the LoRA folder, baked checkpoints to the models folder."
     )
@@ -433,8 +460,7 @@ def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
     ) -> str:
-        mode, rank, energy, max_rank, precision, out_name = values
-        choice = RankChoice(mode, rank, energy, max_rank)
+        choice, precision, out_name = _rank_form(values)
         return run_combination(engine, source, text, model, choice, precision, out_name, progress)
 
     def on_difference(
@@ -443,8 +469,7 @@ def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
     ) -> str:
-        mode, rank, energy, max_rank, precision, out_name = values
-        choice = RankChoice(mode, rank, energy, max_rank)
+        choice, precision, out_name = _rank_form(values)
         return run_difference(engine, base, tuned, choice, precision, out_name, progress)
 
     def on_bake(
