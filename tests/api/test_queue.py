@@ -14,7 +14,7 @@ from conftest import RunningServer, folders
 from gradio_client import Client
 
 from webui.api.infotext_fields import a1111_fields
-from webui.engine.generate import Engine
+from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.jobs import JobQueue
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "sampler_name": "Euler"}
@@ -63,6 +63,26 @@ def test_a_failing_job_does_not_block_the_next(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         queue.run("bad", fail)
     assert queue.run("good", lambda report: 1) == 1
+
+
+def test_an_interrupt_while_the_model_loads_stops_the_job(tmp_path) -> None:
+    engine = Engine(folders(tmp_path))
+    queue = JobQueue(engine)
+    loading, generated = threading.Event(), []
+
+    def slow_load() -> None:
+        loading.set()
+        time.sleep(0.5)
+
+    engine.load_default = slow_load  # type: ignore[method-assign]
+    engine.generate = lambda *a, **k: generated.append(1)  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(queue.generate, GenerationRequest(prompt="x", steps=2))
+        assert loading.wait(10)
+        queue.interrupt()
+        result = future.result(timeout=10)
+    assert result.interrupted and result.images == []
+    assert generated == []  # the interrupt was not lost to the engine's fresh start
 
 
 def test_ten_concurrent_requests_and_a_ui_job_all_complete(

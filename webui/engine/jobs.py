@@ -108,6 +108,9 @@ class JobQueue:
                 self.engine.load(model)
             elif self.engine.model is None:
                 self.engine.load_default()
+            with self._turns:  # interrupted while the model loaded: the engine would forget it
+                if self._interrupted:
+                    return GenerationResult([], interrupted=True)
 
             def progress(p: Progress) -> None:
                 report(p)
