@@ -421,3 +421,55 @@ def test_fp16_model_patches_in_fp32_and_restores_exactly(arch: Arch, nets: Netwo
 
     patcher.restore()
     assert differing(half, base) == []
+
+
+def weight_tensors(pipe: Any) -> dict[str, Tensor]:
+    """Every module weight and bias of every component, not copied: the tensors themselves."""
+    return {
+        f"{name}.{key}": tensor.detach()
+        for name, component in vars(pipe).items()
+        if isinstance(component, nn.Module)
+        for key, tensor in component.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_patching_never_writes_into_the_original_tensors(
+    arch: Arch, pipe: Any, nets: Networks
+) -> None:
+    """The originals are the backup: a patched module gets new tensors, so taking the backup
+    copies nothing, and restore gives every module back the very tensors it had."""
+    base = snapshot(pipe)
+    originals = weight_tensors(pipe)
+    pointers = {k: t.data_ptr() for k, t in originals.items()}
+    patcher = NetworkPatcher(pipe, arch)
+    patcher.apply([(nets.a, 0.8), (nets.c, 1.0)])
+    patcher.apply([(nets.a, 0.8), (nets.b, 0.5)])  # a switch writes into the new tensors
+    changed = differing(pipe, base)
+    assert changed
+    now = weight_tensors(pipe)
+    assert all(now[k].data_ptr() != pointers[k] for k in changed)
+    assert all(torch.equal(originals[k], base[k]) for k in originals)
+
+    patcher.restore()
+    assert {k: t.data_ptr() for k, t in weight_tensors(pipe).items()} == pointers
+    assert differing(pipe, base) == []
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_restore_after_the_model_changed_dtype_copies_the_originals(
+    arch: Arch, pipe: Any, nets: Networks
+) -> None:
+    """A model moved while patched (another dtype here, another device under offload) cannot
+    take the original tensors back as they are: their values are copied into its own."""
+    moved = ("unet", "text_encoder")
+    expected = {
+        k: t.to(torch.float64) if t.is_floating_point() and k.split(".")[0] in moved else t
+        for k, t in snapshot(pipe).items()
+    }
+    patcher = NetworkPatcher(pipe, arch)
+    patcher.apply([(nets.a, 0.8)])
+    for name in moved:
+        getattr(pipe, name).to(torch.float64)
+    patcher.restore()
+    assert differing(pipe, expected) == []

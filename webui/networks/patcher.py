@@ -2,7 +2,8 @@
 
 - The deltas of every network on one module are summed in fp32 on the weight's device and
   written once, in the weight's dtype.
-- The original of every touched weight is kept, so `restore()` is bit-exact.
+- A touched weight (or bias) is given a new tensor and its original tensor is kept untouched
+  as the backup: no copy is made, and `restore()` hands the originals back (bit-exact).
 - Applying a new set recomputes only the modules whose (network, strength) list changed.
 - An exception or interrupt part-way puts every weight back as it was before the call.
 
@@ -11,6 +12,7 @@ The only module that writes model weights."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from webui.arch import Arch
 from webui.networks.base_detection import is_compatible
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap, ModuleRef
-from webui.networks.modules import LowRankFactors, NetworkModule
+from webui.networks.modules import LowRankFactors, NetworkModule, WeightDelta
 from webui.networks.network import Network
 from webui.networks.strengths import Strengths
 
@@ -87,7 +89,9 @@ class PatchReport:
 
 @dataclass
 class _Backup:
-    """The original weight and bias of one patched module, as they were before the first apply."""
+    """The original weight and bias of one patched module: the original tensors themselves. A
+    patched module is given new tensors, so taking a backup copies nothing and restoring puts the
+    originals back in place (bit-exact by construction)."""
 
     weight: Tensor
     bias: Tensor | None
@@ -103,33 +107,62 @@ class _UndoEntry:
     previous: tuple[_Contribution, ...] | None
 
 
-def _copy(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach().clone()
+def _holds(param: Tensor, original: Tensor) -> bool:
+    """Whether `param` still holds `original`'s memory (it has not been given its own yet)."""
+    return param.device == original.device and param.data_ptr() == original.data_ptr()
 
 
-def _copy_into(
-    weight: Tensor, bias: Tensor | None, source_weight: Tensor | None, source_bias: Tensor | None
-) -> None:
-    if source_weight is not None:
-        weight.copy_(source_weight)
-    if bias is not None and source_bias is not None:
-        bias.copy_(source_bias)
+def _writable(param: Tensor, original: Tensor) -> Tensor:
+    """Where `param`'s patched values go: a new tensor while it still holds the original (the
+    backup must stay untouched), else its own tensor, written in place."""
+    return torch.empty_like(param) if _holds(param, original) else param.detach()
+
+
+def _install(param: Tensor, values: Tensor) -> None:
+    """Make `values` (from `_writable`) the parameter's data; nothing to do when written in place."""
+    if not (param.device == values.device and param.data_ptr() == values.data_ptr()):
+        param.data = values
+
+
+def _put_back(param: Tensor | None, original: Tensor | None) -> None:
+    """Give `param` its original values: the original tensor itself, or a copy of its values when
+    the module has been moved to another device or dtype since."""
+    if param is None or original is None:
+        return
+    if (param.device, param.dtype, param.shape) == (
+        original.device,
+        original.dtype,
+        original.shape,
+    ):
+        param.data = original
+    else:
+        param.copy_(original)
 
 
 class _Scratch:
-    """One fp32 buffer per device, reused by every module of one call: the fp32 accumulator of
-    weights stored in another dtype (allocating fresh full-size tensors dominates on a CPU)."""
+    """fp32 buffers reused by every module of one call, one per (slot, device): the concatenated
+    low-rank factors and the fp32 delta or accumulator (allocating fresh memory for each module
+    costs more on a CPU than the arithmetic)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, Tensor] = {}
+        self._buffers: dict[tuple[str, torch.device], Tensor] = {}
 
-    def fp32_like(self, tensor: Tensor) -> Tensor:
-        """An uninitialised contiguous fp32 tensor of `tensor`'s shape, on its device."""
-        buffer = self._buffers.get(tensor.device)
-        if buffer is None or buffer.numel() < tensor.numel():
-            buffer = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-            self._buffers[tensor.device] = buffer
-        return buffer[: tensor.numel()].view(tensor.shape)
+    def fp32(self, slot: str, shape: Sequence[int], device: torch.device) -> Tensor:
+        """An uninitialised contiguous fp32 tensor of `shape` on `device`."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get((slot, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._buffers[(slot, device)] = buffer
+        return buffer[:numel].view(*shape)
+
+    def cat(self, slot: str, tensors: Sequence[Tensor], dim: int) -> Tensor:
+        """`torch.cat(tensors, dim)` (fp32, same device) into this slot's buffer."""
+        if len(tensors) == 1:
+            return tensors[0]
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        return torch.cat(list(tensors), dim=dim, out=self.fp32(slot, shape, tensors[0].device))
 
 
 @dataclass
@@ -271,7 +304,9 @@ class NetworkPatcher:
                 ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
                 weight, bias = _weight_of(ref.module), _bias_of(ref.module)
                 if key not in self._backups:
-                    self._backups[key] = _Backup(_copy(weight), _copy(bias))
+                    self._backups[key] = _Backup(
+                        weight.detach(), None if bias is None else bias.detach()
+                    )
                     self._refs[key] = ref
                     undo.append(_UndoEntry(key, previous=None))
                 else:  # patched by an earlier call: re-patch with these contributions on failure
@@ -281,7 +316,8 @@ class NetworkPatcher:
                     _patch(weight, bias, backup, contributions, scratch)
                     self._applied[key] = tuple(contributions)
                 else:
-                    _copy_into(weight, bias, backup.weight, backup.bias)
+                    _put_back(weight, backup.weight)
+                    _put_back(bias, backup.bias)
                     self._applied.pop(key, None)
         except BaseException:
             self._undo(undo, scratch)
@@ -301,7 +337,8 @@ class NetworkPatcher:
                 _patch(weight, bias, backup, list(entry.previous), scratch)
                 self._applied[key] = entry.previous
                 continue
-            _copy_into(weight, bias, backup.weight, backup.bias)
+            _put_back(weight, backup.weight)
+            _put_back(bias, backup.bias)
             self._applied.pop(key, None)
             if entry.previous is None:  # first patched by the failed call: forget it
                 del self._backups[key], self._refs[key]
@@ -330,12 +367,14 @@ def _patch(
     contributions: list[_Contribution],
     scratch: _Scratch,
 ) -> None:
-    """weight = original + sum of deltas, computed in fp32 and written once.
+    """weight = original + sum of deltas, computed in fp32 and written once, in the weight's
+    dtype, into the weight's own tensor (a new one at its first patch: the original is the
+    backup).
 
-    Low-rank deltas (LoRA, LoCon) are never built full-size: their factors, every scale folded
-    into `up`, are concatenated and added by one matrix product for all networks together. Other
-    variants add their full-size `weight_delta`. Every delta is computed before the weight is
-    written, so a failure there leaves the weight untouched."""
+    Low-rank deltas (LoRA, LoCon) are never built full-size on their own: their factors, every
+    scale folded into `up`, are concatenated and multiplied once for all networks together. Other
+    variants add their full-size `weight_delta`. Every delta is computed before the module sees
+    new values, so a failure there leaves it untouched."""
     factors: list[LowRankFactors] = []
     general: list[tuple[NetworkModule, float]] = []
     for _net, module, multiplier in contributions:
@@ -344,43 +383,51 @@ def _patch(
             general.append((module, multiplier))
         else:
             factors.append(low_rank)
-    # fp32 weights are written in place (no full-size temporary); others accumulate in scratch
-    in_place = (
-        weight.dtype == torch.float32
-        and backup.weight.dtype == torch.float32
-        and backup.weight.device == weight.device
-        and weight.is_contiguous()
-        and backup.weight.is_contiguous()
-    )
-    original = backup.weight if in_place else scratch.fp32_like(weight).copy_(backup.weight)
-    original_bias = None if backup.bias is None else backup.bias.to(weight.device, torch.float32)
-    deltas = [module.weight_delta(original, m, original_bias) for module, m in general]
-
-    target = weight if in_place else original
-    rows = target.shape[0]
+    device, rows = weight.device, weight.shape[0]
+    original = backup.weight.to(device)  # no copy on the same device
     if factors:
-        up = torch.cat([f.up for f in factors], dim=1)
-        down = torch.cat([f.down for f in factors], dim=0)
-        if in_place:  # weight = original + up @ down, straight from the backup
+        up = scratch.cat("up", [f.up for f in factors], dim=1)
+        down = scratch.cat("down", [f.down for f in factors], dim=0)
+    fresh = _holds(weight, backup.weight)
+    target = _writable(weight, backup.weight)
+    deltas: list[WeightDelta] = []
+    if not general and _fp32_contiguous(original, target):
+        if fresh:  # fresh pages are faulted in faster by a copy than by the product's threads
+            target.copy_(original).view(rows, -1).addmm_(up, down)
+        else:  # one pass: target = original + up @ down
             torch.addmm(original.view(rows, -1), up, down, out=target.view(rows, -1))
-        else:
-            target.view(rows, -1).addmm_(up, down)
-    elif in_place:
-        weight.copy_(original)
-    for delta in deltas:
-        if delta.weight is not None:
-            target.add_(delta.weight.reshape(target.shape))
-    if not in_place:
-        weight.copy_(target)  # casts to the weight's dtype
+    else:
+        # fp16/bf16 (or non-contiguous): original + deltas accumulated in fp32, then one cast
+        accumulator = scratch.fp32("accumulator", weight.shape, device).copy_(original)
+        original_bias = None if backup.bias is None else backup.bias.to(device, torch.float32)
+        # every full-size delta is computed from the original before anything is added
+        deltas = [module.weight_delta(accumulator, m, original_bias) for module, m in general]
+        if factors:
+            accumulator.view(rows, -1).addmm_(up, down)
+        for delta in deltas:
+            if delta.weight is not None:
+                accumulator.add_(delta.weight.reshape(accumulator.shape))
+        target.copy_(accumulator)  # casts to the weight's dtype
 
     bias_deltas = [d.bias for d in deltas if d.bias is not None]
-    if bias is not None and original_bias is not None and bias_deltas:
-        patched_bias = original_bias.clone()
+    if bias is not None and backup.bias is not None and bias_deltas:
+        patched_bias = backup.bias.to(device, torch.float32)
         for delta_bias in bias_deltas:
-            patched_bias.add_(delta_bias.reshape(patched_bias.shape))
-        bias.copy_(patched_bias)
-    elif bias is not None and backup.bias is not None:
-        bias.copy_(backup.bias)
+            patched_bias = patched_bias + delta_bias.reshape(patched_bias.shape)
+        bias_target = _writable(bias, backup.bias)
+        bias_target.copy_(patched_bias)
+        _install(bias, bias_target)
+    else:
+        _put_back(bias, backup.bias)
+    _install(weight, target)
+
+
+def _fp32_contiguous(original: Tensor, target: Tensor) -> bool:
+    return (
+        original.dtype == target.dtype == torch.float32
+        and original.is_contiguous()
+        and target.is_contiguous()
+    )
 
 
 @dataclass(frozen=True)
