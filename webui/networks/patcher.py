@@ -107,20 +107,20 @@ class _UndoEntry:
     previous: tuple[_Contribution, ...] | None
 
 
-def _holds(param: Tensor, original: Tensor) -> bool:
-    """Whether `param` still holds `original`'s memory (it has not been given its own yet)."""
-    return param.device == original.device and param.data_ptr() == original.data_ptr()
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are views of the same memory, from the same first element."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _writable(param: Tensor, original: Tensor) -> Tensor:
     """Where `param`'s patched values go: a new tensor while it still holds the original (the
     backup must stay untouched), else its own tensor, written in place."""
-    return torch.empty_like(param) if _holds(param, original) else param.detach()
+    return torch.empty_like(param) if _same_memory(param, original) else param.detach()
 
 
 def _install(param: Tensor, values: Tensor) -> None:
     """Make `values` (from `_writable`) the parameter's data; nothing to do when written in place."""
-    if not (param.device == values.device and param.data_ptr() == values.data_ptr()):
+    if not _same_memory(param, values):
         param.data = values
 
 
@@ -129,11 +129,7 @@ def _put_back(param: Tensor | None, original: Tensor | None) -> None:
     the module has been moved to another device or dtype since."""
     if param is None or original is None:
         return
-    if (param.device, param.dtype, param.shape) == (
-        original.device,
-        original.dtype,
-        original.shape,
-    ):
+    if param.device == original.device and param.dtype == original.dtype:
         param.data = original
     else:
         param.copy_(original)
@@ -388,7 +384,7 @@ def _patch(
     if factors:
         up = scratch.cat("up", [f.up for f in factors], dim=1)
         down = scratch.cat("down", [f.down for f in factors], dim=0)
-    fresh = _holds(weight, backup.weight)
+    fresh = _same_memory(weight, backup.weight)
     target = _writable(weight, backup.weight)
     deltas: list[WeightDelta] = []
     if not general and _fp32_contiguous(original, target):
