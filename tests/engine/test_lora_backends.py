@@ -21,8 +21,9 @@ from lora_files import (
 
 import app
 from webui.arch import Arch
-from webui.engine.generate import Engine, GenerationRequest, GenerationResult
+from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress, Stage
 from webui.engine.infotext import Infotext, parse_infotext
+from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import choose_backend, native_problem
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.diffusers_backend import has_peft_layers
@@ -271,3 +272,35 @@ def test_merge_lora_option_is_not_read_as_lora_backend() -> None:
     """`merge --lora F` next to a global `--lora-backend`: no prefix ambiguity."""
     args = app.build_parser().parse_args(["merge", "--model", "m", "--lora", "x:0.5", "--out", "o"])
     assert args.loras == ["x:0.5"] and args.lora_backend == "auto"
+
+
+def test_applying_loras_reports_progress_in_modules_before_the_steps(
+    engine: Engine, folders: Path
+) -> None:
+    """A LoRA's modules are written before the first step, and the UI's bar follows them; the
+    job queue's step counters (what the API reports) only count denoising steps."""
+    seen: list[Progress] = []
+    queue = JobQueue(engine)
+    statuses: list[tuple[int, int]] = []
+
+    def on_progress(progress: Progress) -> None:
+        seen.append(progress)
+        status = queue.status()
+        statuses.append((status.step, status.total))
+
+    queue.generate(GenerationRequest("a cat <lora:ink:1>", **SMALL), on_progress=on_progress)
+    loras = [p for p in seen if p.stage is Stage.LORAS]
+    steps = [p for p in seen if p.stage is Stage.DENOISE]
+    modules = len(load_network(folders / "loras" / "ink.safetensors").modules)  # all match
+    assert loras and seen[: len(loras)] == loras  # all before the first step
+    assert loras[-1].step == loras[-1].total == modules
+    assert [p.step for p in loras] == sorted({p.step for p in loras})  # rising, once per percent
+    assert len(loras) <= 101
+    assert loras[0].description == f"Applying LoRAs: {loras[0].step}/{modules} modules"
+    assert [p.step for p in steps] == list(range(1, SMALL["steps"] + 1))
+    assert statuses[: len(loras)] == [(0, 0)] * len(loras)
+    assert statuses[-1] == (SMALL["steps"], SMALL["steps"])
+
+    seen.clear()
+    queue.generate(GenerationRequest("a cat <lora:ink:1>", **SMALL), on_progress=on_progress)
+    assert all(p.stage is Stage.DENOISE for p in seen)  # the same set again writes nothing

@@ -473,3 +473,31 @@ def test_restore_after_the_model_changed_dtype_copies_the_originals(
         getattr(pipe, name).to(torch.float64)
     patcher.restore()
     assert differing(pipe, expected) == []
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_progress_counts_the_modules_written_and_can_stop_the_apply(
+    arch: Arch, pipe: Any, nets: Networks
+) -> None:
+    base = snapshot(pipe)
+    patcher = NetworkPatcher(pipe, arch)
+    calls: list[tuple[int, int]] = []
+    report = patcher.apply([(nets.a, 1.0)], on_progress=lambda *call: calls.append(call))
+    n = len(touched(pipe, nets.a))
+    assert report.modules_changed == n
+    assert calls == [(done, n) for done in range(1, n + 1)]
+
+    calls.clear()
+    patcher.apply([(nets.a, 1.0)], on_progress=lambda *call: calls.append(call))
+    assert calls == []  # an identical set writes nothing
+
+    def stop_halfway(done: int, total: int) -> None:
+        if done == total // 2:
+            raise KeyboardInterrupt
+
+    patched = snapshot(pipe)
+    with pytest.raises(KeyboardInterrupt):
+        patcher.apply([(nets.b, 0.5)], on_progress=stop_halfway)
+    assert differing(pipe, patched) == []
+    patcher.restore()
+    assert differing(pipe, base) == []

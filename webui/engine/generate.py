@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -118,20 +119,55 @@ class GenerationResult:
     lora_routes: tuple[LoraRoute, ...] = ()  # which backend took each LoRA, and why
 
 
+class Stage(StrEnum):
+    """What a running generation is doing."""
+
+    LORAS = "loras"  # writing LoRA weights: steps count modules
+    DENOISE = "denoise"  # denoising: steps count sampler steps over the whole request
+
+
 @dataclass(frozen=True)
 class Progress:
-    """Where the running job is: `step` of `total` denoising steps over the whole request."""
+    """Where the running job is: `step` of `total` in its current stage."""
 
     step: int
     total: int
-    image_index: int  # first image of the batch being denoised
+    image_index: int = 0  # first image of the batch being denoised
+    stage: Stage = Stage.DENOISE
 
     @property
     def fraction(self) -> float:
         return self.step / self.total if self.total else 0.0
 
+    @property
+    def unit(self) -> str:
+        return "modules" if self.stage is Stage.LORAS else "steps"
+
+    @property
+    def description(self) -> str:
+        """One line for a progress bar."""
+        if self.stage is Stage.LORAS:
+            return f"Applying LoRAs: {self.step}/{self.total} modules"
+        return f"Step {self.step}/{self.total}"
+
 
 ProgressCallback = Callable[[Progress], None]
+
+
+def _module_progress(on_progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
+    """The patcher's (modules done, total) as `Stage.LORAS` progress, once per percent."""
+    if on_progress is None:
+        return None
+    reported = -1
+
+    def report(done: int, total: int) -> None:
+        nonlocal reported
+        percent = done * 100 // total
+        if percent != reported:
+            reported = percent
+            on_progress(Progress(done, total, stage=Stage.LORAS))
+
+    return report
 
 
 @dataclass(frozen=True)
@@ -245,7 +281,7 @@ class Engine:
         prompt, negative = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
-        routes = self._apply_networks(model, request, prompt.tags, warnings)
+        routes = self._apply_networks(model, request, prompt.tags, warnings, on_progress)
         applied = [routed for routed in routes if routed.route.applied]
         self.last_networks = applied
         triggers = add_trigger_words(
@@ -297,16 +333,20 @@ class Engine:
         request: GenerationRequest,
         tags: tuple[NetworkTag, ...],
         warnings: list[str],
+        on_progress: ProgressCallback | None = None,
     ) -> list[RoutedNetwork]:
         """Apply the prompt's networks at step 1, each through its backend (or restore the model
-        when there are none). Problems with one network become warnings; the others apply."""
+        when there are none). Problems with one network become warnings; the others apply.
+        Progress is reported in modules written, at most once per percent."""
         chosen = choose_networks(tags, self.catalog, warnings)
         if self._networks is None:
             if not chosen:
                 return []
             self._networks = LoraBackends(model.pipe, model.kind.arch, fuse=self.settings.lora_fuse)
         choice = request.lora_backend or self.settings.lora_backend
-        routed = self._networks.apply(chosen, choice, total_steps=request.steps)
+        routed = self._networks.apply(
+            chosen, choice, total_steps=request.steps, on_progress=_module_progress(on_progress)
+        )
         warnings.extend(routed.report.warnings)
         return [
             RoutedNetwork(c.name, c.network, c.strengths, route)

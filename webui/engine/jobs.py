@@ -17,6 +17,7 @@ from webui.engine.generate import (
     GenerationResult,
     Progress,
     ProgressCallback,
+    Stage,
 )
 
 T = TypeVar("T")
@@ -150,6 +151,9 @@ class JobQueue:
             )
 
     def _record(self, progress: Progress) -> None:
+        """Keep denoising progress for `status()` (what A1111's API reports as steps)."""
+        if progress.stage is not Stage.DENOISE:
+            return
         with self._turns:
             if self._running is not None:
                 self._running.step, self._running.total = progress.step, progress.total

@@ -21,7 +21,7 @@ from webui.engine.network_set import ChosenNetwork
 from webui.networks.diffusers_backend import DiffusersBackend, refusal_reason
 from webui.networks.keys import KeyMap
 from webui.networks.network import Network
-from webui.networks.patcher import NetworkPatcher, PatchReport
+from webui.networks.patcher import ModuleProgress, NetworkPatcher, PatchReport
 from webui.networks.strengths import Strengths
 from webui.settings import LoraBackend
 
@@ -119,9 +119,15 @@ class LoraBackends:
         ]
 
     def apply(
-        self, chosen: Sequence[ChosenNetwork], choice: LoraBackend, *, total_steps: int = 1
+        self,
+        chosen: Sequence[ChosenNetwork],
+        choice: LoraBackend,
+        *,
+        total_steps: int = 1,
+        on_progress: ModuleProgress | None = None,
     ) -> RoutedReport:
-        """Apply the set at step 1, each network through its backend."""
+        """Apply the set at step 1, each network through its backend; `on_progress` follows the
+        native patcher's modules (the fallback loads a file in one call)."""
         routes = self.route(chosen, choice)
         by_backend: dict[LoraBackend, list[tuple[Network, Strengths]]] = {
             LoraBackend.NATIVE: [],
@@ -131,7 +137,9 @@ class LoraBackends:
             by_backend[route.backend].append((c.network, c.strengths))
         native = by_backend[LoraBackend.NATIVE]
         self.fallback.unfuse()  # fused deltas out (exactly) before native writes any weight
-        native_report = self.native.apply(native, step=1, total_steps=total_steps)
+        native_report = self.native.apply(
+            native, step=1, total_steps=total_steps, on_progress=on_progress
+        )
         self.fallback.fuse = self.fuse and not native
         fallback_report = self.fallback.apply(
             by_backend[LoraBackend.DIFFUSERS], step=1, total_steps=total_steps

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # One contribution to a target module: which network, which of its modules, at what multiplier.
 _Contribution = tuple[Network, NetworkModule, float]
+
+# Called by `apply` after each module written: (modules done, modules to write in this call).
+ModuleProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -206,9 +209,11 @@ class NetworkPatcher:
         *,
         step: int = 1,
         total_steps: int = 1,
+        on_progress: ModuleProgress | None = None,
     ) -> PatchReport:
         """Make the model's weights equal base + the given set (replacing any previous set).
-        Scheduled strengths are taken at `step` (1-based) of `total_steps`."""
+        Scheduled strengths are taken at `step` (1-based) of `total_steps`. `on_progress(done,
+        total)` is called after each module written (an exception from it rolls back too)."""
         started = time.perf_counter()
         wanted_set = [(network, Strengths.of(strength)) for network, strength in networks]
         plan = _Plan()
@@ -221,7 +226,7 @@ class NetworkPatcher:
         }
         current = {key: _signature(contribs) for key, contribs in self._applied.items()}
         changed = [key for key in set(wanted) | set(current) if wanted.get(key) != current.get(key)]
-        self._write(changed, plan)
+        self._write(changed, plan, on_progress)
         self._set = wanted_set  # only a set that was fully written becomes the current one
         return PatchReport(
             tuple(reports),
@@ -290,13 +295,15 @@ class NetworkPatcher:
     # -- writing ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _write(self, changed: list[ModuleRef], plan: _Plan) -> None:
+    def _write(
+        self, changed: list[ModuleRef], plan: _Plan, on_progress: ModuleProgress | None = None
+    ) -> None:
         """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
         included) put back what this call wrote, bookkeeping included, then re-raise."""
         undo: list[_UndoEntry] = []
         scratch = _Scratch()
         try:
-            for key in changed:
+            for done, key in enumerate(changed, start=1):
                 ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
                 weight, bias = _weight_of(ref.module), _bias_of(ref.module)
                 if key not in self._backups:
@@ -315,6 +322,8 @@ class NetworkPatcher:
                     _put_back(weight, backup.weight)
                     _put_back(bias, backup.bias)
                     self._applied.pop(key, None)
+                if on_progress is not None:
+                    on_progress(done, len(changed))
         except BaseException:
             self._undo(undo, scratch)
             raise
@@ -445,4 +454,11 @@ def _bias_of(module: nn.Module) -> Tensor | None:
     return bias if isinstance(bias, Tensor) else None
 
 
-__all__ = ["Component", "ModuleDelta", "NetworkPatcher", "NetworkReport", "PatchReport"]
+__all__ = [
+    "Component",
+    "ModuleDelta",
+    "ModuleProgress",
+    "NetworkPatcher",
+    "NetworkReport",
+    "PatchReport",
+]

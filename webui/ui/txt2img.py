@@ -54,7 +54,7 @@ def _run_generation(
             progress(0, desc="Loading model…")
 
         def report(p: Progress) -> None:
-            progress((p.step, p.total), desc=f"Step {p.step}/{p.total}", unit="steps")
+            progress((p.step, p.total), desc=p.description, unit=p.unit)
 
         result = JobQueue.for_engine(engine).generate(request, on_progress=report)
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
