@@ -38,6 +38,7 @@ from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_samp
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.keys import Component
+from webui.networks.patcher import ModuleProgress
 from webui.prompt import NetworkTag, parse_prompt
 from webui.settings import LoraBackend, Settings
 
@@ -154,7 +155,7 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def _module_progress(on_progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
+def _module_progress(on_progress: ProgressCallback | None) -> ModuleProgress | None:
     """The patcher's (modules done, total) as `Stage.LORAS` progress, once per percent."""
     if on_progress is None:
         return None
