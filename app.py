@@ -237,7 +237,8 @@ def run_generate(args: argparse.Namespace) -> int:
         )
 
         def report(p: Progress) -> None:
-            print(f"\rstep {p.step}/{p.total}", end="", file=sys.stderr, flush=True)
+            # padded: a shorter line (the steps) overwrites a longer one (the LoRA modules)
+            print(f"\r{p.description:<40}", end="", file=sys.stderr, flush=True)
 
         result = engine.generate(request, on_progress=report)
         print(file=sys.stderr)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lora_files import write_kohya_lora
 from PIL import Image
 
 from webui.arch import Arch
@@ -62,3 +63,21 @@ def test_generate_prints_tag_warnings(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "warning: <lora:nothere>: no LoRA file named 'nothere'" in done.stderr
     assert out.is_file()
+
+
+def test_generate_shows_lora_progress_then_steps(tmp_path: Path) -> None:
+    write_kohya_lora(tmp_path / "ink.safetensors", Arch.SD1)
+    done = run_app(
+        "generate", "--model", "demo", "--prompt", "a fox <lora:ink:1>", "--steps", "2",
+        "--width", "64", "--height", "64", "--loras-dir", str(tmp_path),
+        "--out", str(tmp_path / "x.png"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # text mode reads the progress line's carriage returns as line ends
+    shown = [line.strip() for line in done.stderr.splitlines()]
+    progress = [line for line in shown if line.startswith(("Applying LoRAs:", "Step "))]
+    loras = [line for line in progress if line.startswith("Applying LoRAs:")]
+    assert loras and progress[: len(loras)] == loras  # the modules come first
+    done_modules, total_modules = loras[-1].removeprefix("Applying LoRAs: ").split()[0].split("/")
+    assert done_modules == total_modules and loras[-1].endswith(" modules")
+    assert progress[len(loras) :] == ["Step 1/2", "Step 2/2"]
