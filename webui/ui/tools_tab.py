@@ -206,26 +206,30 @@ def _error_html(exc: BaseException) -> str:
     return warnings_html([user_message(exc)])
 
 
-def _extract_into_loras(
+def _extraction_html(
     engine: Engine,
-    extract: Callable[..., ExtractionResult],
-    inputs: Sequence[Any],
+    prepare: Callable[[], Callable[..., ExtractionResult]],
     rank: RankChoice,
     precision: str,
     out_name: str,
     progress: ProgressFn,
-) -> ExtractionResult:
-    """`extract(*inputs, out, rule, ...)` with the form's output name (in `loras/`), rank rule,
-    precision and progress bar, on the settings' device."""
-    out = output_path(engine.settings.loras_dir, out_name, ".safetensors")
-    return extract(
-        *inputs,
-        out,
-        rank.rule(),
-        device=engine.settings.torch_device(),
-        dtype=PRECISIONS[precision],
-        progress=_progress_callback(progress),
-    )
+) -> str:
+    """Check the form with `prepare()`, which returns the extraction with its inputs bound, and
+    run it into `loras/` with the form's output name, rank rule, precision and progress bar, on
+    the settings' device: the result table, or one error line."""
+    try:
+        extract = prepare()
+        result = extract(
+            output_path(engine.settings.loras_dir, out_name, ".safetensors"),
+            rank.rule(),
+            device=engine.settings.torch_device(),
+            dtype=PRECISIONS[precision],
+            progress=_progress_callback(progress),
+        )
+    except Exception as exc:  # one line in the form; unexpected ones are logged in full
+        return _error_html(exc)
+    engine.catalog.refresh()  # the new file shows up in the Networks tab
+    return extraction_html(result)
 
 
 def run_combination(
@@ -239,7 +243,8 @@ def run_combination(
     progress: ProgressFn,
 ) -> str:
     """Extract the combination (the list, or the last generation's set) into `loras/`."""
-    try:
+
+    def prepare() -> Callable[..., ExtractionResult]:
         if source == Source.LAST:
             chosen = list(engine.last_networks)
             if not chosen:
@@ -248,19 +253,11 @@ def run_combination(
             chosen = chosen_networks(engine, lora_text)
         parts = [CombinationPart(c.network, c.strengths, c.name) for c in chosen]
         checkpoint = checkpoint_named(engine, model_name, "Checkpoint")
-        result = _extract_into_loras(
-            engine,
-            partial(extract_combination, trigger_words=engine.trigger_words),
-            (checkpoint.path, parts),
-            rank,
-            precision,
-            out_name,
-            progress,
+        return partial(
+            extract_combination, checkpoint.path, parts, trigger_words=engine.trigger_words
         )
-    except Exception as exc:  # one line in the form; unexpected ones are logged in full
-        return _error_html(exc)
-    engine.catalog.refresh()  # the new file shows up in the Networks tab
-    return extraction_html(result)
+
+    return _extraction_html(engine, prepare, rank, precision, out_name, progress)
 
 
 def run_difference(
@@ -273,24 +270,15 @@ def run_difference(
     progress: ProgressFn,
 ) -> str:
     """Extract fine-tuned minus base into `loras/`."""
-    try:
+
+    def prepare() -> Callable[..., ExtractionResult]:
         base = checkpoint_named(engine, base_name, "Base checkpoint")
         tuned = checkpoint_named(engine, tuned_name, "Fine-tuned checkpoint")
         if base.path == tuned.path:
             raise ToolError("Fine-tuned checkpoint: choose another checkpoint than the base")
-        result = _extract_into_loras(
-            engine,
-            extract_difference,
-            (base.path, tuned.path),
-            rank,
-            precision,
-            out_name,
-            progress,
-        )
-    except Exception as exc:  # one line in the form; unexpected ones are logged in full
-        return _error_html(exc)
-    engine.catalog.refresh()
-    return extraction_html(result)
+        return partial(extract_difference, base.path, tuned.path)
+
+    return _extraction_html(engine, prepare, rank, precision, out_name, progress)
 
 
 def run_bake(
