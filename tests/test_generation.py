@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_settings import cpu_settings
 
 from webui.arch import Arch, Prediction
 from webui.engine.generate import Engine, GenerationRequest, RequestError
 from webui.engine.infotext import parse_infotext, read_image_parameters
 from webui.engine.samplers import sampler_names
-from webui.settings import DeviceChoice, Settings
 from webui.ui.png_info import describe_image
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -24,13 +24,7 @@ def make_engine(tmp_path: Path, checkpoint: Path) -> Engine:
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     shutil.copy(checkpoint, models / checkpoint.name)
-    settings = Settings(
-        models_dir=models,
-        loras_dir=tmp_path / "loras",
-        outputs_dir=tmp_path / "outputs",
-        cache_dir=tmp_path / "cache",
-        device=DeviceChoice.CPU,
-    )
+    settings = cpu_settings(models, tmp_path / "loras", tmp_path)
     engine = Engine(settings)
     engine.load(checkpoint.stem)
     return engine

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_settings import cpu_settings
 from lora_files import write_kohya_lora
 
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.infotext import parse_infotext
-from webui.settings import DeviceChoice, Settings
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 9}
 
@@ -40,13 +40,7 @@ def engine(tmp_path: Path, tiny_checkpoint_factory) -> Engine:
     write_kohya_lora(
         loras / "xl-only.safetensors", Arch.SDXL, {"ss_base_model_version": "sdxl_base_v1-0"}
     )
-    settings = Settings(
-        models_dir=models,
-        loras_dir=loras,
-        outputs_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        device=DeviceChoice.CPU,
-    )
+    settings = cpu_settings(models, loras, tmp_path)
     engine = Engine(settings)
     engine.load("tiny")
     return engine

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_settings import cpu_settings
 from lora_files import write_kohya_lora
 
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
 from webui.networks.patcher import NetworkPatcher
-from webui.settings import DeviceChoice, Settings
 
 STEPS = 6
 
@@ -24,15 +24,7 @@ def make_engine(tmp_path: Path, checkpoint: Path, arch: Arch) -> Engine:
     loras.mkdir()
     shutil.copy(checkpoint, models / "tiny.safetensors")
     write_kohya_lora(loras / "style.safetensors", arch)
-    engine = Engine(
-        Settings(
-            models_dir=models,
-            loras_dir=loras,
-            outputs_dir=tmp_path / "out",
-            cache_dir=tmp_path / "c",
-            device=DeviceChoice.CPU,
-        )
-    )
+    engine = Engine(cpu_settings(models, loras, tmp_path))
     engine.load("tiny")
     return engine
 

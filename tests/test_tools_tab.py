@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_settings import cpu_settings
 from lora_files import write_kohya_lora
 from safetensors import safe_open
 
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.merge import merge_checkpoint
-from webui.settings import DeviceChoice, Settings
 from webui.ui import build_ui
 from webui.ui.tools_tab import (
     RankChoice,
@@ -52,14 +52,7 @@ def engine(tmp_path: Path, tiny_checkpoint_factory) -> Engine:
     metadata = {"ss_base_model_version": "sd_v1"}
     write_kohya_lora(loras / "ink.safetensors", Arch.SD1, metadata)
     write_kohya_lora(loras / "fox.safetensors", Arch.SD1, metadata)
-    settings = Settings(
-        models_dir=models,
-        loras_dir=loras,
-        outputs_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        device=DeviceChoice.CPU,
-        save_outputs=False,
-    )
+    settings = cpu_settings(models, loras, tmp_path, save_outputs=False)
     return Engine(settings)
 
 

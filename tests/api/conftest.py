@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from engine_settings import cpu_settings
 
 from webui.engine.generate import Engine
 from webui.server import Access, build_app
-from webui.settings import DeviceChoice, Settings
+from webui.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,7 @@ def free_port() -> int:
 def folders(root: Path) -> Settings:
     for name in ("models", "loras"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    return Settings(
-        models_dir=root / "models",
-        loras_dir=root / "loras",
-        outputs_dir=root / "outputs",
-        cache_dir=root / "cache",
-        device=DeviceChoice.CPU,
-        save_outputs=False,
-    )
+    return cpu_settings(root / "models", root / "loras", root, save_outputs=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_settings import cpu_settings
 from lora_files import (
     one_torch_thread,
     register_preset,
@@ -29,7 +30,7 @@ from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.diffusers_backend import has_peft_layers
 from webui.networks.keys import KeyMap
 from webui.networks.network import load_network
-from webui.settings import DeviceChoice, LoraBackend, Settings
+from webui.settings import LoraBackend
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 5}
 MAX_PIXEL_DIFF = 1  # 8-bit levels; fp32 on the CPU
@@ -64,14 +65,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_factory) -
 
 @pytest.fixture
 def engine(folders: Path, tmp_path: Path) -> Engine:
-    settings = Settings(
-        models_dir=folders / "models",
-        loras_dir=folders / "loras",
-        outputs_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        device=DeviceChoice.CPU,
-        save_outputs=False,
-    )
+    settings = cpu_settings(folders / "models", folders / "loras", tmp_path, save_outputs=False)
     engine = Engine(settings)
     engine.load("tiny")
     return engine
@@ -178,11 +172,10 @@ def test_forced_fallback_on_loha_warns_and_generates_without_it(engine: Engine) 
 
 
 def test_fused_fallback_then_native_restores_exactly(folders: Path, tmp_path: Path) -> None:
-    settings = Settings(
-        models_dir=folders / "models",
-        loras_dir=folders / "loras",
-        cache_dir=tmp_path / "cache",
-        device=DeviceChoice.CPU,
+    settings = cpu_settings(
+        folders / "models",
+        folders / "loras",
+        tmp_path,
         save_outputs=False,
         lora_backend=LoraBackend.DIFFUSERS,
         lora_fuse=True,
