@@ -49,7 +49,8 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         "--lowvram",
         action="store_true",
         default=default or False,
-        help="keep models on the CPU until each part runs (accelerate offload)",
+        help="keep models on the CPU until each part runs (accelerate offload), and give back"
+        " the memory of patched weights as soon as LoRAs are off",
     )
     parser.add_argument(
         "--lora-backend",

@@ -8,7 +8,6 @@ one UNet step. Full-size SD1.5 (random weights), one synthetic rank-32 kohya LoR
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from bench.lora_apply import (
     unet_inputs,
     unet_step,
     write_lora,
+    write_result,
 )
 from webui.engine.model_factory import ModelSize
 from webui.networks.network import read_network
@@ -82,9 +82,7 @@ def main() -> int:
         "latent": args.latent,
         "torch": torch.__version__,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    write_result(result, args.out)
     return 0
 
 

@@ -9,7 +9,6 @@ is the machine, not the weights.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from bench.lora_apply import (
     resolve_dtype,
     unet_inputs,
     unet_parameters,
+    write_result,
 )
 from webui.engine.model_factory import ModelSize
 
@@ -55,7 +55,7 @@ def main() -> int:
     pairs = paired_steps(device, pipe, inputs, copy, args.pairs)
     ratios = [own.wall / copied.wall for copied, own in pairs]
     result = {
-        "environment": environment(),
+        "environment": environment("bench.step_noise"),
         "arch": arch.value,
         "dtype": str(settings.dtype).removeprefix("torch."),
         "latent": args.latent,
@@ -64,10 +64,7 @@ def main() -> int:
         "min": min(ratios),
         "max": max(ratios),
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(result, args.out)
     return 0
 
 

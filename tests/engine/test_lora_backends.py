@@ -297,3 +297,24 @@ def test_applying_loras_reports_progress_in_modules_before_the_steps(
     seen.clear()
     queue.generate(GenerationRequest("a cat <lora:ink:1>", **SMALL), on_progress=on_progress)
     assert all(p.stage is Stage.DENOISE for p in seen)  # the same set again writes nothing
+
+
+@pytest.mark.parametrize(("lowvram", "keeps"), [(False, True), (True, False)])
+def test_lowvram_gives_back_the_memory_of_patched_weights(
+    folders: Path, tmp_path: Path, lowvram: bool, keeps: bool
+) -> None:
+    """Without LoRAs in the prompt the model is restored; the patched tensors it let go of are
+    kept for the next LoRA prompt, unless the app runs with --lowvram."""
+    settings = cpu_settings(
+        folders / "models", folders / "loras", tmp_path, save_outputs=False, lowvram=lowvram
+    )
+    engine = Engine(settings)
+    engine.load("tiny")
+    with one_torch_thread():
+        base, _ = render(engine, "a cat")
+        weights = model_weights(engine)
+        render(engine, "a cat <lora:ink:1>")
+        render(engine, "a cat")
+        assert engine._networks is not None
+        assert (engine._networks.native.spare_bytes > 0) is keeps
+        assert_at_base(engine, weights, base)

@@ -456,6 +456,77 @@ def test_patching_never_writes_into_the_original_tensors(
     assert differing(pipe, base) == []
 
 
+def patched_tensors(pipe: Any, base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights that differ from `base`: the tensors themselves."""
+    now = weight_tensors(pipe)
+    return {k: now[k] for k in differing(pipe, base)}
+
+
+def same_memory(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].data_ptr() == b[k].data_ptr() for k in a)
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_a_restored_module_is_patched_again_into_the_memory_it_let_go_of(
+    arch: Arch, pipe: Any, nets: Networks
+) -> None:
+    """Off and on again writes into the spares of the first patch, never into the originals,
+    and lands on what a fresh patcher gives; `release_memory` lets the spares go."""
+    base = snapshot(pipe)
+    originals = {k: t.data_ptr() for k, t in weight_tensors(pipe).items()}
+    entries = [(nets.a, 0.8), (nets.c, 1.0)]
+    patcher = NetworkPatcher(pipe, arch)
+    patcher.apply(entries)
+    # held here, so new memory could never be at the same address
+    first = patched_tensors(pipe, base)
+    patcher.restore()
+    assert differing(pipe, base) == []
+    assert patcher.spare_bytes == sum(t.numel() * t.element_size() for t in first.values())
+
+    patcher.apply([(nets.b, 0.5)])  # a subset of the modules: each takes its own spare
+    assert differing(pipe, fresh_apply(arch, [(nets.b, 0.5)])) == []
+    again = patched_tensors(pipe, base)
+    assert again and same_memory(again, {k: first[k] for k in again})
+    patcher.apply(entries)
+    assert differing(pipe, fresh_apply(arch, entries)) == []
+    assert same_memory(patched_tensors(pipe, base), first)
+
+    patcher.restore()
+    assert {k: t.data_ptr() for k, t in weight_tensors(pipe).items()} == originals
+    assert differing(pipe, base) == []
+    patcher.release_memory()
+    assert patcher.spare_bytes == 0
+    patcher.apply(entries)
+    assert differing(pipe, fresh_apply(arch, entries)) == []
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_without_spares_a_restore_keeps_no_memory(arch: Arch, pipe: Any, nets: Networks) -> None:
+    patcher = NetworkPatcher(pipe, arch, keep_spares=False)
+    patcher.apply([(nets.a, 0.8)])
+    patcher.restore()
+    assert patcher.spare_bytes == 0
+
+
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_a_spare_that_no_longer_fits_is_not_used(arch: Arch, pipe: Any, nets: Networks) -> None:
+    """Spares from an fp32 model, which then moved to fp16: the next patch takes new memory
+    and is right."""
+    patcher = NetworkPatcher(pipe, arch)
+    patcher.apply([(nets.a, 0.8)])
+    patcher.restore()
+    assert patcher.spare_bytes > 0
+    pipe.to(dtype=torch.float16)
+    base = snapshot(pipe)
+    half = copy.deepcopy(base_pipeline(arch)).to(dtype=torch.float16)
+    NetworkPatcher(half, arch).apply([(nets.a, 0.8)])
+    patcher.apply([(nets.a, 0.8)])
+    assert differing(pipe, snapshot(half)) == []
+    assert all(t.dtype == torch.float16 for t in weight_tensors(pipe).values())
+    patcher.restore()
+    assert differing(pipe, base) == []
+
+
 @pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
 def test_restore_after_the_model_changed_dtype_copies_the_originals(
     arch: Arch, pipe: Any, nets: Networks

@@ -213,7 +213,8 @@ def extract_combination(
     except MergeError as exc:
         raise ExtractionError(str(exc)) from exc
 
-    patcher = NetworkPatcher(model.pipe, model.kind.arch)
+    # chunk by chunk, each patched once: spares would only grow to the whole model
+    patcher = NetworkPatcher(model.pipe, model.kind.arch, keep_spares=False)
     plan = patcher.apply([(n, 0.0) for n in networks])  # strength 0: matches, writes nothing
     idle = [r.name for r in plan.networks if not r.matched]
     if idle:

@@ -343,7 +343,13 @@ class Engine:
         if self._networks is None:
             if not chosen:
                 return []
-            self._networks = LoraBackends(model.pipe, model.kind.arch, fuse=self.settings.lora_fuse)
+            self._networks = LoraBackends(
+                model.pipe,
+                model.kind.arch,
+                fuse=self.settings.lora_fuse,
+                # a low-memory setup gets the patched copies' memory back as soon as LoRAs are off
+                keep_spares=not self.settings.lowvram,
+            )
         choice = request.lora_backend or self.settings.lora_backend
         routed = self._networks.apply(
             chosen, choice, total_steps=request.steps, on_progress=_module_progress(on_progress)

@@ -99,8 +99,10 @@ class LoraBackends:
     """The native patcher and the diffusers fallback on one pipeline, with the
     `NetworkPatcher` interface (apply, set_step, restore, is_scheduled) plus routing."""
 
-    def __init__(self, pipe: Any, arch: Arch | None = None, *, fuse: bool = False) -> None:
-        self.native = NetworkPatcher(pipe, arch)
+    def __init__(
+        self, pipe: Any, arch: Arch | None = None, *, fuse: bool = False, keep_spares: bool = True
+    ) -> None:
+        self.native = NetworkPatcher(pipe, arch, keep_spares=keep_spares)
         self.fallback = DiffusersBackend(pipe, arch)
         self.keymap = KeyMap.from_pipeline(pipe)
         self.arch = arch

@@ -100,6 +100,14 @@ class _Backup:
     bias: Tensor | None
 
 
+@dataclass
+class _Spare:
+    """The patched tensors a restored module let go of, kept to hold its next patch."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+
+
 @dataclass(frozen=True)
 class _UndoEntry:
     """How to put one module back if an apply fails: from its backup when this call patched it
@@ -115,10 +123,24 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
-def _writable(param: Tensor, original: Tensor) -> Tensor:
-    """Where `param`'s patched values go: a new tensor while it still holds the original (the
-    backup must stay untouched), else its own tensor, written in place."""
-    return torch.empty_like(param) if _same_memory(param, original) else param.detach()
+def _writable(param: Tensor, original: Tensor, spare: Tensor | None = None) -> Tensor:
+    """Where `param`'s patched values go: while it still holds the original (the backup must
+    stay untouched), the spare its module had before if it fits, else a new tensor; otherwise its
+    own tensor, written in place."""
+    if not _same_memory(param, original):
+        return param.detach()
+    if spare is not None and _fits(spare, param):
+        return spare
+    return torch.empty_like(param)
+
+
+def _fits(spare: Tensor, param: Tensor) -> bool:
+    return (
+        spare.shape == param.shape
+        and spare.stride() == param.stride()
+        and spare.dtype == param.dtype
+        and spare.device == param.device
+    )
 
 
 def _install(param: Tensor, values: Tensor) -> None:
@@ -127,21 +149,24 @@ def _install(param: Tensor, values: Tensor) -> None:
         param.data = values
 
 
-def _put_back(param: Tensor | None, original: Tensor | None) -> None:
+def _put_back(param: Tensor | None, original: Tensor | None) -> Tensor | None:
     """Give `param` its original values: the original tensor itself, or a copy of its values when
-    the module has been moved to another device or dtype since."""
+    the module has been moved to another device or dtype since. Returns the patched tensor the
+    parameter let go of, if any."""
     if param is None or original is None:
-        return
+        return None
     if param.device == original.device and param.dtype == original.dtype:
+        released = param.detach()
         param.data = original
-    else:
-        param.copy_(original)
+        return None if _same_memory(released, original) else released
+    param.copy_(original)
+    return None
 
 
 class _Scratch:
-    """fp32 buffers reused by every module of one call, one per (slot, device): the concatenated
-    low-rank factors and the fp32 delta or accumulator (allocating fresh memory for each module
-    costs more on a CPU than the arithmetic)."""
+    """fp32 buffers reused by every module and every call, one per (slot, device): the gathered
+    low-rank factors and the fp32 accumulator (fresh memory for each module costs more on a CPU
+    than the arithmetic). They grow to the largest module seen; `release()` frees them."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], Tensor] = {}
@@ -155,13 +180,35 @@ class _Scratch:
             self._buffers[(slot, device)] = buffer
         return buffer[:numel].view(*shape)
 
-    def cat(self, slot: str, tensors: Sequence[Tensor], dim: int) -> Tensor:
-        """`torch.cat(tensors, dim)` (fp32, same device) into this slot's buffer."""
-        if len(tensors) == 1:
-            return tensors[0]
-        shape = list(tensors[0].shape)
-        shape[dim] = sum(t.shape[dim] for t in tensors)
-        return torch.cat(list(tensors), dim=dim, out=self.fp32(slot, shape, tensors[0].device))
+    def gather(self, slot: str, pieces: Sequence[Tensor], dim: int, device: torch.device) -> Tensor:
+        """The pieces (any float dtype, any device) concatenated along `dim` (0 or 1) in fp32 on
+        `device`: each is converted once, straight into this slot's buffer."""
+        shape = list(pieces[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in pieces)
+        out = self.fp32(slot, shape, device)
+        offset = 0
+        for piece in pieces:
+            out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+            offset += piece.shape[dim]
+        return out
+
+    def release(self) -> None:
+        self._buffers.clear()
+
+
+def _gathered_factors(
+    factors: Sequence[LowRankFactors], scratch: _Scratch, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(up, down) of every network on one module in fp32, `up`'s columns scaled, so that
+    up @ down is the sum of their deltas: one product for all of them."""
+    up = scratch.gather("up", [f.up for f in factors], 1, device)
+    down = scratch.gather("down", [f.down for f in factors], 0, device)
+    offset = 0
+    for f in factors:
+        if f.scale != 1.0:
+            up.narrow(1, offset, f.rank).mul_(f.scale)
+        offset += f.rank
+    return up, down
 
 
 @dataclass
@@ -188,9 +235,19 @@ class NetworkPatcher:
     """Patches one pipeline's text encoder(s) and UNet in place. Not thread-safe: the engine
     serializes calls."""
 
-    def __init__(self, pipe: object, arch: Arch | None = None) -> None:
+    def __init__(self, pipe: object, arch: Arch | None = None, *, keep_spares: bool = True) -> None:
+        """`keep_spares`: keep the patched tensors of CPU weights when their module is restored,
+        and write the module's next patch into them. New memory is a large part of an apply's
+        cost on a CPU (every page is faulted in at its first write), so turning LoRAs off and on
+        again then costs what a switch costs; the price is that the memory stays held while no
+        LoRA is applied (`release_memory()` frees it). CUDA weights never keep spares: the
+        caching allocator already reuses freed memory, and for anything, not only the next
+        patch."""
         self.keymap = KeyMap.from_pipeline(pipe)
         self.arch = arch
+        self.keep_spares = keep_spares
+        self._scratch = _Scratch()
+        self._spares: dict[ModuleRef, _Spare] = {}
         self._backups: dict[ModuleRef, _Backup] = {}
         self._refs: dict[ModuleRef, ModuleRef] = {}
         # per patched module, the contributions its weight holds now
@@ -252,6 +309,22 @@ class NetworkPatcher:
         self._write(list(self._applied), _Plan())
         self._set = []
 
+    def release_memory(self) -> None:
+        """Free what is kept only to make the next apply faster: spare tensors and fp32
+        buffers. The weights and the current set are untouched."""
+        self._spares.clear()
+        self._scratch.release()
+
+    @property
+    def spare_bytes(self) -> int:
+        """Memory held by spare tensors (see `keep_spares`)."""
+        return sum(
+            t.numel() * t.element_size()
+            for spare in self._spares.values()
+            for t in (spare.weight, spare.bias)
+            if t is not None
+        )
+
     # -- planning -----------------------------------------------------------------------------
 
     def _plan_network(self, network: Network, strengths: Strengths, plan: _Plan) -> NetworkReport:
@@ -301,7 +374,6 @@ class NetworkPatcher:
         """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
         included) put back what this call wrote, bookkeeping included, then re-raise."""
         undo: list[_UndoEntry] = []
-        scratch = _Scratch()
         try:
             for done, key in enumerate(changed, start=1):
                 ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
@@ -316,37 +388,46 @@ class NetworkPatcher:
                     undo.append(_UndoEntry(key, previous=self._applied.get(key, ())))
                 backup = self._backups[key]
                 if contributions:
-                    _patch(weight, bias, backup, contributions, scratch)
+                    spare = self._spares.pop(key, None)
+                    _patch(weight, bias, backup, contributions, self._scratch, spare)
                     self._applied[key] = tuple(contributions)
                 else:
-                    _put_back(weight, backup.weight)
-                    _put_back(bias, backup.bias)
+                    self._put_back(key, weight, bias, backup)
                     self._applied.pop(key, None)
                 if on_progress is not None:
                     on_progress(done, len(changed))
         except BaseException:
-            self._undo(undo, scratch)
+            self._undo(undo)
             raise
         for key in changed:
             if key not in self._applied:
                 self._backups.pop(key, None)
                 self._refs.pop(key, None)
 
-    def _undo(self, undo: list[_UndoEntry], scratch: _Scratch) -> None:
+    def _undo(self, undo: list[_UndoEntry]) -> None:
         for entry in reversed(undo):
             key = entry.key
             module = self._refs[key].module
             weight, bias = _weight_of(module), _bias_of(module)
             backup = self._backups[key]
             if entry.previous:
-                _patch(weight, bias, backup, list(entry.previous), scratch)
+                _patch(weight, bias, backup, list(entry.previous), self._scratch)
                 self._applied[key] = entry.previous
                 continue
-            _put_back(weight, backup.weight)
-            _put_back(bias, backup.bias)
+            self._put_back(key, weight, bias, backup)
             self._applied.pop(key, None)
             if entry.previous is None:  # first patched by the failed call: forget it
                 del self._backups[key], self._refs[key]
+
+    def _put_back(
+        self, key: ModuleRef, weight: Tensor | None, bias: Tensor | None, backup: _Backup
+    ) -> None:
+        """Give a module its original tensors and keep what it let go of as its spare."""
+        spare = _Spare(_put_back(weight, backup.weight), _put_back(bias, backup.bias))
+        if self.keep_spares and any(
+            t is not None and t.device.type == "cpu" for t in (spare.weight, spare.bias)
+        ):
+            self._spares[key] = spare
 
     @torch.no_grad()
     def deltas(self) -> Iterator[ModuleDelta]:
@@ -371,13 +452,15 @@ def _patch(
     backup: _Backup,
     contributions: list[_Contribution],
     scratch: _Scratch,
+    spare: _Spare | None = None,
 ) -> None:
     """weight = original + sum of deltas, computed in fp32 and written once, in the weight's
     dtype, into the weight's own tensor (a new one at its first patch: the original is the
     backup).
 
-    Low-rank deltas (LoRA, LoCon) are never built full-size on their own: their factors, every
-    scale folded into `up`, are concatenated and multiplied once for all networks together. Other
+    Low-rank deltas (LoRA, LoCon) are never built full-size on their own: their factors are
+    gathered into fp32 buffers, each network's scale on its columns of `up`, and multiplied once
+    for all networks together. Other
     variants add their full-size `weight_delta`. Every delta is computed before the module sees
     new values, so a failure there leaves it untouched."""
     factors: list[LowRankFactors] = []
@@ -391,10 +474,11 @@ def _patch(
     device, rows = weight.device, weight.shape[0]
     original = backup.weight.to(device)  # no copy on the same device
     if factors:
-        up = scratch.cat("up", [f.up for f in factors], dim=1)
-        down = scratch.cat("down", [f.down for f in factors], dim=0)
-    fresh = _same_memory(weight, backup.weight)
-    target = _writable(weight, backup.weight)
+        up, down = _gathered_factors(factors, scratch, device)
+    spare_weight = None if spare is None else spare.weight
+    target = _writable(weight, backup.weight, spare_weight)
+    # brand-new memory: the module still holds its original and had no spare that fits
+    fresh = _same_memory(weight, backup.weight) and target is not spare_weight
     deltas: list[WeightDelta] = []
     if not general and _fp32_contiguous(original, target):
         if fresh:  # fresh pages are faulted in faster by a copy than by the product's threads
@@ -419,7 +503,7 @@ def _patch(
         patched_bias = backup.bias.to(device, torch.float32)
         for delta_bias in bias_deltas:
             patched_bias = patched_bias + delta_bias.reshape(patched_bias.shape)
-        bias_target = _writable(bias, backup.bias)
+        bias_target = _writable(bias, backup.bias, None if spare is None else spare.bias)
         bias_target.copy_(patched_bias)
         _install(bias, bias_target)
     else:

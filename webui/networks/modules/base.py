@@ -35,12 +35,20 @@ class ShapeMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class LowRankFactors:
-    """A weight delta kept as two small fp32 factors: ΔW = up @ down, with every scale (alpha/rank,
-    the strength) already folded into `up`. `down` is flattened past dim 0, so the product has the
-    shape of the target weight flattened to (out, -1)."""
+    """A weight delta kept as two small factors: ΔW = scale · up @ down, `scale` holding every
+    multiplier (alpha/rank, the strength). `down` is flattened past dim 0, so the product has the
+    shape of the target weight flattened to (out, -1).
+
+    The factors are the file's tensors (any float dtype, any device), not copies: the patcher
+    converts them once, straight into its fp32 buffers on the weight's device."""
 
     up: Tensor  # (out, r)
     down: Tensor  # (r, in·k·k)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,13 @@ class LoraModule(LowRankModule):
         return torch.einsum("pq...,op,qi->oi...", mid, up, down)
 
     def low_rank_factors(self, weight: Tensor, multiplier: float) -> LowRankFactors | None:
-        """(up·scale·m, down), a Tucker mid folded into down; None with DoRA (not a product)."""
+        """(up, down, scale·m), a Tucker mid folded into down; None with DoRA (not a product)."""
         if self.dora is not None:
             return None
         self.check_shape(weight.shape)
-        # not in place: `to_compute` returns the file's own tensor when it is fp32 already
-        up = to_compute(self.up, weight).flatten(1) * (self.scale * multiplier)
-        down = to_compute(self.down, weight).flatten(1)
+        down = self.down.flatten(1)
         if self.mid is not None:
             # up ×₀ mid ×₁ down = up @ (mid ×₁ down): (r, in, *k) flattened to (r, in·k·k)
-            down = torch.einsum("pq...,qi->pi...", to_compute(self.mid, weight), down).flatten(1)
-        return LowRankFactors(up=up, down=down)
+            mid, down = to_compute(self.mid, weight), to_compute(down, weight)
+            down = torch.einsum("pq...,qi->pi...", mid, down).flatten(1)
+        return LowRankFactors(up=self.up.flatten(1), down=down, scale=self.scale * multiplier)
