@@ -84,6 +84,10 @@ class Strengths:
         return replace(self, **values)
 
     def _constant(self, strength: Strength | None) -> float | None:
+        # numbers first: an isinstance check against a runtime Protocol is slow, and this runs
+        # for every module of every network at every apply
+        if strength is None or isinstance(strength, int | float):
+            return strength
         if isinstance(strength, StepSchedule):
             raise ValueError("scheduled strengths need a step: call at_step() first")
         return strength
