@@ -181,16 +181,10 @@ class _Scratch:
         return buffer[:numel].view(*shape)
 
     def gather(self, slot: str, pieces: Sequence[Tensor], dim: int, device: torch.device) -> Tensor:
-        """The pieces (any float dtype, any device) concatenated along `dim` (0 or 1) in fp32 on
-        `device`: each is converted once, straight into this slot's buffer."""
-        shape = list(pieces[0].shape)
-        shape[dim] = sum(p.shape[dim] for p in pieces)
-        out = self.fp32(slot, shape, device)
-        offset = 0
-        for piece in pieces:
-            out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
-            offset += piece.shape[dim]
-        return out
+        """The pieces (any float dtype, on one device) concatenated along `dim` in fp32 on
+        `device`, in this slot's buffer: one concatenation where they are, one converting copy."""
+        joined = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=dim)
+        return self.fp32(slot, joined.shape, device).copy_(joined)
 
     def release(self) -> None:
         self._buffers.clear()
@@ -199,14 +193,14 @@ class _Scratch:
 def _gathered_factors(
     factors: Sequence[LowRankFactors], scratch: _Scratch, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """(up, down) of every network on one module in fp32, `up`'s columns scaled, so that
-    up @ down is the sum of their deltas: one product for all of them."""
+    """(up, down) of every network on one module in fp32, each network's rows of `down` scaled,
+    so that up @ down is the sum of their deltas: one product for all of them."""
     up = scratch.gather("up", [f.up for f in factors], 1, device)
     down = scratch.gather("down", [f.down for f in factors], 0, device)
     offset = 0
     for f in factors:
         if f.scale != 1.0:
-            up.narrow(1, offset, f.rank).mul_(f.scale)
+            down[offset : offset + f.rank].mul_(f.scale)  # rows: contiguous
         offset += f.rank
     return up, down
 
