@@ -456,6 +456,32 @@ def test_patching_never_writes_into_the_original_tensors(
     assert differing(pipe, base) == []
 
 
+@pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
+def test_patched_weights_have_the_layout_of_the_originals(
+    arch: Arch, pipe: Any, nets: Networks
+) -> None:
+    """The forward pass runs the same kernels on patched weights as on the base: every new or
+    spare tensor has the original's dtype, device, shape and strides, and is as aligned as the
+    allocator makes any tensor (64 bytes on the CPU)."""
+    base = snapshot(pipe)
+    originals = weight_tensors(pipe)
+    patcher = NetworkPatcher(pipe, arch)
+    for entries in ([(nets.a, 0.8)], [(nets.a, 0.8), (nets.c, 1.0)], [(nets.b, 0.5)]):
+        patcher.apply(entries)
+        patched = patched_tensors(pipe, base)
+        assert patched
+        for key, tensor in patched.items():
+            original = originals[key]
+            assert (tensor.dtype, tensor.device, tensor.shape, tensor.stride()) == (
+                original.dtype,
+                original.device,
+                original.shape,
+                original.stride(),
+            ), key
+            assert tensor.data_ptr() % 64 == 0, key
+        patcher.restore()  # the next set is written into spares
+
+
 def patched_tensors(pipe: Any, base: dict[str, Tensor]) -> dict[str, Tensor]:
     """The weights that differ from `base`: the tensors themselves."""
     now = weight_tensors(pipe)
