@@ -456,6 +456,16 @@ def test_patching_never_writes_into_the_original_tensors(
     assert differing(pipe, base) == []
 
 
+def patched_tensors(pipe: Any, base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights that differ from `base`: the tensors themselves."""
+    now = weight_tensors(pipe)
+    return {k: now[k] for k in differing(pipe, base)}
+
+
+def same_memory(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].data_ptr() == b[k].data_ptr() for k in a)
+
+
 @pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])
 def test_patched_weights_have_the_layout_of_the_originals(
     arch: Arch, pipe: Any, nets: Networks
@@ -480,16 +490,6 @@ def test_patched_weights_have_the_layout_of_the_originals(
             ), key
             assert tensor.data_ptr() % 64 == 0, key
         patcher.restore()  # the next set is written into spares
-
-
-def patched_tensors(pipe: Any, base: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights that differ from `base`: the tensors themselves."""
-    now = weight_tensors(pipe)
-    return {k: now[k] for k in differing(pipe, base)}
-
-
-def same_memory(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].data_ptr() == b[k].data_ptr() for k in a)
 
 
 @pytest.mark.parametrize("arch", [pytest.param(Arch.SD1, id="sd1")])

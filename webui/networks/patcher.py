@@ -453,10 +453,9 @@ def _patch(
     backup).
 
     Low-rank deltas (LoRA, LoCon) are never built full-size on their own: their factors are
-    gathered into fp32 buffers, each network's scale on its columns of `up`, and multiplied once
-    for all networks together. Other
-    variants add their full-size `weight_delta`. Every delta is computed before the module sees
-    new values, so a failure there leaves it untouched."""
+    gathered into fp32 buffers, each network's scale on its rows of `down`, and multiplied once
+    for all networks together. Other variants add their full-size `weight_delta`. Every delta
+    is computed before the module sees new values, so a failure there leaves it untouched."""
     factors: list[LowRankFactors] = []
     general: list[tuple[NetworkModule, float]] = []
     for _net, module, multiplier in contributions:
