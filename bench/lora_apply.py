@@ -84,6 +84,13 @@ class BenchSettings:
     step_calls: int = 2
 
 
+@dataclass
+class UnetOnly:
+    """What the patcher and `lora_targets` need of a pipeline: its UNet."""
+
+    unet: Any
+
+
 @dataclass(frozen=True)
 class LoraTarget:
     """One module a synthetic LoRA file changes: its kohya prefix and the weight shape."""
@@ -118,7 +125,7 @@ def parameter_count(module: torch.nn.Module | None) -> int:
 
 # -- synthetic LoRA files -------------------------------------------------------------------------
 
-UNET_TARGET = re.compile(
+_UNET_TARGET = re.compile(
     r"(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"  # attention projections
     r"|\.ff\.net\.(0\.proj|2)"  # feed-forward linears
     r"|attentions\.\d+\.(proj_in|proj_out)"  # spatial transformer in/out
@@ -137,7 +144,7 @@ def lora_targets(pipe: Any, arch: BenchArch) -> list[LoraTarget]:
     targets = [
         LoraTarget("lora_unet_" + ldm.get(path, path).replace(".", "_"), _shape(ref.module))
         for path, ref in keymap.modules(Component.UNET).items()
-        if UNET_TARGET.search(path)
+        if _UNET_TARGET.search(path)
     ]
     encoders = [(Component.TEXT_ENCODER, "lora_te1_" if arch is BenchArch.SDXL else "lora_te_")]
     if arch is BenchArch.SDXL:
@@ -355,7 +362,7 @@ def sample_weights(pipe: Any) -> dict[str, torch.Tensor]:
     chosen: dict[str, torch.Tensor] = {}
     for component in keymap.components:
         paths = [
-            p for p in keymap.modules(component) if UNET_TARGET.search(p) or _TEXT_TARGET.search(p)
+            p for p in keymap.modules(component) if _UNET_TARGET.search(p) or _TEXT_TARGET.search(p)
         ]
         step = max(1, len(paths) // (SAMPLE_MODULES // len(keymap.components) or 1))
         for path in paths[::step][: SAMPLE_MODULES // len(keymap.components) or 1]:

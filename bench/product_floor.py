@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from bench.lora_apply import UNET_TARGET, BenchArch, environment, write_result
+from bench.lora_apply import BenchArch, UnetOnly, environment, lora_targets, write_result
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
 
 
@@ -30,9 +30,8 @@ def unet_target_shapes(arch: BenchArch) -> Counter[tuple[int, int]]:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     return Counter(
-        (module.weight.shape[0], math.prod(module.weight.shape[1:]))
-        for path, module in unet.named_modules()
-        if UNET_TARGET.search(path) and isinstance(getattr(module, "weight", None), torch.Tensor)
+        (target.shape[0], math.prod(target.shape[1:]))
+        for target in lora_targets(UnetOnly(unet), arch)
     )
 
 

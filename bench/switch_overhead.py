@@ -17,13 +17,19 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from bench.lora_apply import BenchArch, environment, lora_targets, write_lora, write_result
+from bench.lora_apply import (
+    BenchArch,
+    UnetOnly,
+    environment,
+    lora_targets,
+    write_lora,
+    write_result,
+)
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
 from webui.networks.network import read_network
 from webui.networks.patcher import NetworkPatcher
@@ -33,13 +39,6 @@ _NARROW = {
     BenchArch.SD15: {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 2},
     BenchArch.SDXL: {"block_out_channels": [32, 64, 128], "attention_head_dim": [1, 2, 4]},
 }
-
-
-@dataclass
-class UnetOnly:
-    """What the patcher and the benchmark's file writer need of a pipeline: its UNet."""
-
-    unet: UNet2DConditionModel
 
 
 def narrow_unet(arch: BenchArch) -> UNet2DConditionModel:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from webui.arch import Arch
 from webui.engine.model_factory import config_folder
 from webui.layouts.unet import unet_module_names
-from webui.networks.base_detection import detect_base
+from webui.networks.base_detection import detect_base, modelspec_architecture
 from webui.networks.catalog_index import header_facts
 from webui.networks.extract import (
     EXTRACTION_METADATA_KEY,
@@ -29,7 +29,6 @@ from webui.networks.extract import (
     lora_state_dict,
     low_rank,
     merged_tag_frequency,
-    modelspec_architecture,
 )
 from webui.networks.keys import Component
 

@@ -29,8 +29,7 @@ from webui.engine.checkpoints import (
     save_folder,
     save_single_file,
 )
-from webui.networks.base_detection import is_compatible
-from webui.networks.extract import modelspec_architecture
+from webui.networks.base_detection import is_compatible, modelspec_architecture
 from webui.networks.inspection import NotALoraError, refuse_checkpoint
 from webui.networks.network import Network, load_network
 from webui.networks.patcher import NetworkPatcher, NetworkReport

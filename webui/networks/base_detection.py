@@ -71,6 +71,21 @@ _TEXT_ENCODER_NAME = re.compile(r"^(lora_te_|text_encoder_).*(q_proj|k_proj|v_pr
 _PROJ_IN_NAME = re.compile(r"(attentions_\d+|middle_block_1|(input|output)_blocks_\d+_1)_proj_in_")
 
 
+# SAI model-spec's `modelspec.architecture` of each base (what `_read_modelspec` reads back).
+_SPEC_ARCHITECTURE = {
+    Arch.SD1: "stable-diffusion-v1",
+    Arch.SD2: "stable-diffusion-v2-512",
+    Arch.SDXL: "stable-diffusion-xl-v1-base",
+}
+
+
+def modelspec_architecture(arch: Arch, v_prediction: bool) -> str:
+    """SAI model-spec's `modelspec.architecture` of a model (a LoRA of it adds `/lora`)."""
+    if arch is Arch.SD2 and v_prediction:
+        return "stable-diffusion-v2-768-v"
+    return _SPEC_ARCHITECTURE[arch]
+
+
 def _read_modelspec(value: str) -> _Reading:
     architecture = value.strip().lower().split("/", 1)[0]
     if architecture.startswith("stable-diffusion-xl"):

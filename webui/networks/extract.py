@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from webui.arch import Arch
+from webui.networks.base_detection import modelspec_architecture
 from webui.networks.keys import Component
 
 # Random projections wider than the rank by this much make `svd_lowrank` as good as the full SVD
@@ -31,13 +32,8 @@ _TEXT_PREFIXES: Mapping[tuple[Component, bool], str] = {
     (Component.TEXT_ENCODER, True): "lora_te1_",
     (Component.TEXT_ENCODER_2, True): "lora_te2_",
 }
-# kohya sd-scripts' `ss_base_model_version` and SAI model-spec architectures of a LoRA.
+# kohya sd-scripts' `ss_base_model_version` and SAI model-spec implementations of a LoRA.
 BASE_MODEL_VERSION = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
-_SPEC_ARCHITECTURE = {
-    Arch.SD1: "stable-diffusion-v1",
-    Arch.SD2: "stable-diffusion-v2-512",
-    Arch.SDXL: "stable-diffusion-xl-v1-base",
-}
 _SPEC_IMPLEMENTATION = {
     Arch.SD1: "diffusers",
     Arch.SD2: "diffusers",
@@ -248,13 +244,6 @@ def overall_error(modules: Sequence[ExtractedModule]) -> float:
     total = sum(m.factors.delta_norm**2 for m in modules)
     residual = sum((m.factors.relative_error * m.factors.delta_norm) ** 2 for m in modules)
     return math.sqrt(residual / total) if total else 0.0
-
-
-def modelspec_architecture(arch: Arch, v_prediction: bool) -> str:
-    """SAI model-spec's `modelspec.architecture` of a model (a LoRA of it adds `/lora`)."""
-    if arch is Arch.SD2 and v_prediction:
-        return "stable-diffusion-v2-768-v"
-    return _SPEC_ARCHITECTURE[arch]
 
 
 def lora_metadata(record: ExtractionRecord) -> dict[str, str]:

@@ -209,11 +209,10 @@ def _gathered_factors(
 class _Plan:
     """Per target module: the contributions wanted after this call."""
 
-    targets: dict[ModuleRef, tuple[ModuleRef, list[_Contribution]]] = field(default_factory=dict)
+    targets: dict[ModuleRef, list[_Contribution]] = field(default_factory=dict)
 
     def add(self, ref: ModuleRef, contribution: _Contribution) -> None:
-        entry = self.targets.setdefault(ref, (ref, []))
-        entry[1].append(contribution)
+        self.targets.setdefault(ref, []).append(contribution)
 
 
 # What decides whether a module must be rewritten: its (network, module key, multiplier) list.
@@ -243,7 +242,6 @@ class NetworkPatcher:
         self._scratch = _Scratch()
         self._spares: dict[ModuleRef, _Spare] = {}
         self._backups: dict[ModuleRef, _Backup] = {}
-        self._refs: dict[ModuleRef, ModuleRef] = {}
         # per patched module, the contributions its weight holds now
         self._applied: dict[ModuleRef, tuple[_Contribution, ...]] = {}
         self._set: list[tuple[Network, Strengths]] = []
@@ -272,9 +270,7 @@ class NetworkPatcher:
             self._plan_network(network, strengths.at_step(step, total_steps), plan)
             for network, strengths in wanted_set
         ]
-        wanted = {
-            key: _signature(contribs) for key, (_, contribs) in plan.targets.items() if contribs
-        }
+        wanted = {key: _signature(contribs) for key, contribs in plan.targets.items()}
         current = {key: _signature(contribs) for key, contribs in self._applied.items()}
         changed = [key for key in set(wanted) | set(current) if wanted.get(key) != current.get(key)]
         self._write(changed, plan, on_progress)
@@ -370,16 +366,15 @@ class NetworkPatcher:
         undo: list[_UndoEntry] = []
         try:
             for done, key in enumerate(changed, start=1):
-                ref, contributions = plan.targets.get(key, (self._refs.get(key), []))
-                weight, bias = _weight_of(ref.module), _bias_of(ref.module)
+                contributions = plan.targets.get(key, [])
+                weight, bias = _weight_of(key.module), _bias_of(key.module)
                 if key not in self._backups:
                     self._backups[key] = _Backup(
                         weight.detach(), None if bias is None else bias.detach()
                     )
-                    self._refs[key] = ref
                     undo.append(_UndoEntry(key, previous=None))
                 else:  # patched by an earlier call: re-patch with these contributions on failure
-                    undo.append(_UndoEntry(key, previous=self._applied.get(key, ())))
+                    undo.append(_UndoEntry(key, previous=self._applied[key]))
                 backup = self._backups[key]
                 if contributions:
                     spare = self._spares.pop(key, None)
@@ -396,22 +391,19 @@ class NetworkPatcher:
         for key in changed:
             if key not in self._applied:
                 self._backups.pop(key, None)
-                self._refs.pop(key, None)
 
     def _undo(self, undo: list[_UndoEntry]) -> None:
         for entry in reversed(undo):
             key = entry.key
-            module = self._refs[key].module
-            weight, bias = _weight_of(module), _bias_of(module)
+            weight, bias = _weight_of(key.module), _bias_of(key.module)
             backup = self._backups[key]
-            if entry.previous:
+            if entry.previous is not None:
                 _patch(weight, bias, backup, list(entry.previous), self._scratch)
                 self._applied[key] = entry.previous
                 continue
             self._put_back(key, weight, bias, backup)
             self._applied.pop(key, None)
-            if entry.previous is None:  # first patched by the failed call: forget it
-                del self._backups[key], self._refs[key]
+            del self._backups[key]  # first patched by the failed call: forget it
 
     def _put_back(
         self, key: ModuleRef, weight: Tensor | None, bias: Tensor | None, backup: _Backup
@@ -428,13 +420,13 @@ class NetworkPatcher:
         """What the current set changed, one patched module at a time (read-only): current
         weight (and bias) minus the original, in fp32 on the weight's device."""
         for key in list(self._applied):
-            module, backup = self._refs[key].module, self._backups[key]
-            weight, bias = _weight_of(module), _bias_of(module)
+            backup = self._backups[key]
+            weight, bias = _weight_of(key.module), _bias_of(key.module)
             bias_delta = None
             if bias is not None and backup.bias is not None and not torch.equal(bias, backup.bias):
                 bias_delta = bias.float() - backup.bias.to(bias.device, torch.float32)
             yield ModuleDelta(
-                self._refs[key],
+                key,
                 weight.float() - backup.weight.to(weight.device, torch.float32),
                 bias_delta,
             )
