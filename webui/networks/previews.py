@@ -10,20 +10,31 @@ import logging
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from webui.networks.files import NetworkFileError, read_header
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from webui.networks.catalog_index import NetworkEntry
-
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 COVER_IMAGES_KEY = "ssmd_cover_images"
 THUMBNAIL_KEY = "modelspec.thumbnail"
+
+
+class Previewed(Protocol):
+    """What this module needs of a catalog entry (the catalog's `NetworkEntry` is one)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def preview(self) -> Path | None: ...
+    @property
+    def embedded_preview(self) -> bool: ...
 
 
 def preview_names(stem: str) -> tuple[str, ...]:
@@ -86,7 +97,7 @@ def embedded_preview_bytes(metadata: Mapping[str, str]) -> bytes | None:
     return None
 
 
-def preview_bytes(entry: NetworkEntry) -> bytes | None:
+def preview_bytes(entry: Previewed) -> bytes | None:
     """The entry's preview image as encoded bytes: the file next to it, else the embedded one
     (re-read from the header); None when it has neither or they cannot be read."""
     if entry.preview is not None:
@@ -102,7 +113,7 @@ def preview_bytes(entry: NetworkEntry) -> bytes | None:
     return None
 
 
-def set_preview(entry: NetworkEntry, image: Image.Image) -> Path:
+def set_preview(entry: Previewed, image: Image.Image) -> Path:
     """Save `image` as `<name>.preview.png` next to the network (replacing one there); returns
     the path. The index sees it on its next refresh."""
     path = entry.path.with_name(entry.path.stem + ".preview.png")
