@@ -1,5 +1,5 @@
 """The layer rules of docs/architecture.md, checked on the source: dependencies point downward
-(ui/api -> engine -> networks -> layouts/arch), `networks` never imports gradio or the engine,
+(ui/api -> engine -> networks -> families/layouts/arch), `networks` never imports gradio or the engine,
 `prompt.py` imports nothing of ours, `layouts` imports only torch and the standard library."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "webui.arch": 0,
     "webui.prompt": 0,
     "webui.layouts": 1,
+    "webui.families": 1,
     "webui.settings": 1,
     "webui.networks": 2,
     "webui.engine": 3,
