@@ -52,7 +52,9 @@ class BaseDetection:
         """The one sentence that says why a foreign file is not applied (None: not foreign)."""
         if not self.foreign:
             return None
-        article = "an" if self.family and self.family[0] in "AEFHILMNORSX" else "a"
+        article = (
+            "an" if self.family and self.family.startswith(("A", "E", "I", "O", "U", "SD")) else "a"
+        )
         return (
             f"{file_name} is {article} {self.family} LoRA ({self.key_format} format): "
             f"this app runs {families.RUN_NAMES} models"
