@@ -18,7 +18,7 @@ from typing import Any
 
 from webui.arch import Arch
 from webui.engine.network_set import ChosenNetwork
-from webui.networks.diffusers_backend import DiffusersBackend, refusal_reason
+from webui.networks.diffusers_backend import DiffusersBackend, FallbackReport, refusal_reason
 from webui.networks.keys import KeyMap
 from webui.networks.network import Network
 from webui.networks.patcher import ModuleProgress, NetworkPatcher, PatchReport
@@ -52,10 +52,16 @@ def native_problem(network: Network, keymap: KeyMap) -> str | None:
 
 
 def choose_backend(
-    name: str, choice: LoraBackend, native: str | None, diffusers: str | None
+    name: str,
+    choice: LoraBackend,
+    native: str | None,
+    diffusers: str | None,
+    foreign: str | None = None,
 ) -> LoraRoute:
     """The backend for one LoRA, given the setting and what each backend cannot do (None: it
-    can)."""
+    can); `foreign` is the sentence refusing a file of a family this app does not run."""
+    if foreign is not None:  # a family this app does not run: no backend may write it
+        return LoraRoute(name, LoraBackend.NATIVE, foreign)
     if choice is LoraBackend.NATIVE:
         return LoraRoute(name, LoraBackend.NATIVE, "LoRA backend setting: native")
     if choice is LoraBackend.DIFFUSERS:
@@ -68,6 +74,23 @@ def choose_backend(
         name,
         LoraBackend.NATIVE,
         f"auto: native applies what it can; diffusers cannot ({diffusers})",
+    )
+
+
+def _refused(network: Network) -> FallbackReport:
+    """The report of a file no backend may write: one sentence saying what it is."""
+    return FallbackReport(
+        name=network.name,
+        variants=tuple(v.value for v in network.variants),
+        matched=(),
+        unmatched=(),
+        unsupported=(),
+        shape_mismatch=(),
+        base=None,
+        base_source=network.base.source,
+        compatible=False,
+        applied=False,
+        refusal=network.base.refusal(network.path.name),
     )
 
 
@@ -116,6 +139,7 @@ class LoraBackends:
                 choice,
                 native_problem(c.network, self.keymap),
                 refusal_reason(c.network, self.arch),
+                c.network.base.refusal(c.network.path.name),
             )
             for c in chosen
         ]
@@ -135,8 +159,10 @@ class LoraBackends:
             LoraBackend.NATIVE: [],
             LoraBackend.DIFFUSERS: [],
         }
+        refused = [_refused(c.network) for c in chosen if c.network.base.foreign]
         for c, route in zip(chosen, routes, strict=True):
-            by_backend[route.backend].append((c.network, c.strengths))
+            if not c.network.base.foreign:
+                by_backend[route.backend].append((c.network, c.strengths))
         native = by_backend[LoraBackend.NATIVE]
         self.fallback.unfuse()  # fused deltas out (exactly) before native writes any weight
         native_report = self.native.apply(
@@ -157,7 +183,9 @@ class LoraBackends:
             replace(route, applied=c.network.name in applied[route.backend])
             for c, route in zip(chosen, routes, strict=True)
         ]
-        report = _combined([native_report, fallback_report])
+        report = _combined(
+            [PatchReport(tuple(refused), 0, 0.0, frozenset()), native_report, fallback_report]
+        )
         assert report is not None
         return RoutedReport(tuple(routes), report)
 

@@ -1,14 +1,25 @@
-"""Which Stable Diffusion family a LoRA was trained for, from its metadata or, failing that, from
-its key names and tensor shapes (both read from the safetensors header; no tensor is loaded)."""
+"""Which model family a LoRA was made for, from all the evidence together: metadata
+(`modelspec.architecture`, `ss_base_model_version`, `ss_v2`), key names and tensor widths (read
+from the safetensors header; no tensor is loaded), against the family table (`webui.families`).
+Any evidence of a family this app does not run wins: such a file is never written into a model."""
 
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from webui import families
 from webui.arch import Arch
+from webui.families import Family
+from webui.networks.formats import (
+    UNKNOWN,
+    canonical_prefix,
+    identify_format,
+    is_embedding_key,
+)
+from webui.networks.modules.registry import split_module_key
 
 logger = logging.getLogger(__name__)
 
@@ -17,58 +28,37 @@ SOURCE_BASE_VERSION = "metadata ss_base_model_version"
 SOURCE_V2_FLAG = "metadata ss_v2"
 SOURCE_KEYS = "keys"
 SOURCE_NONE = "none"
+SOURCE_CIVITAI = "metadata civitai baseModel"
 
 
 @dataclass(frozen=True)
 class BaseDetection:
-    """The detected family (None when unknown or not SD1/SD2/SDXL), where it came from, and a
-    human-readable reason."""
+    """What a LoRA was made for: the family (None when unknown), the `Arch` this app runs it as
+    (None when unknown or a family it does not run), the key format, where the answer came from
+    and a human-readable reason."""
 
     arch: Arch | None
     source: str
     detail: str
+    family: str | None = None
+    key_format: str = UNKNOWN
 
+    @property
+    def foreign(self) -> bool:
+        """Made for a family this app recognises but does not run."""
+        return self.family is not None and self.arch is None
 
-@dataclass(frozen=True)
-class _Reading:
-    """One metadata value read: a family, or known to name something else (SD3, Flux, ...)."""
-
-    arch: Arch | None
-    recognised: bool
-
-
-# Cross-attention context width (attn2 to_k/to_v inputs) and text-encoder hidden width per family.
-_CONTEXT_WIDTHS = {768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL}
-_TEXT_WIDTHS = {768: Arch.SD1, 1024: Arch.SD2, 1280: Arch.SDXL}
-# Tensor-name endings whose shape[1] is the wrapped layer's input width.
-_INPUT_SIDE_SUFFIXES = (
-    "lora_down.weight",
-    "lora_A.weight",
-    "lora_A.default.weight",
-    "down.weight",  # old diffusers `to_k_lora.down.weight`, `lora.down.weight`
-    "hada_w1_b",
-    "hada_w2_b",
-    "diff",
-)
-# LoRA down weights keep the wrapped layer's kind: 4-d for a conv, 2-d for a linear layer.
-_LORA_DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora_A.default.weight", "down.weight")
-
-# Names only SDXL UNets have: te1/te2 prefixes, stacked transformer blocks (SD1/SD2 have depth 1),
-# attention in diffusers up_blocks.0 or LDM output_blocks 0-2, the size/pooled-text embedding.
-_SDXL_NAME = re.compile(
-    r"^(lora_te1_|lora_te2_|text_encoder_2_)"
-    r"|transformer_blocks_[1-9]"
-    r"|up_blocks_0_attentions_"
-    r"|output_blocks_[0-2]_1_(norm|proj_in|proj_out|transformer_blocks)"
-    r"|(^|_)(add_embedding|label_emb)_"
-)
-# Names SDXL UNets lack: attention in the first level, a fourth level, input blocks past 8.
-_NOT_SDXL_NAME = re.compile(
-    r"down_blocks_0_attentions_|input_blocks_[12]_1_|down_blocks_3_|input_blocks_(9|1[01])_"
-)
-_CONTEXT_NAME = re.compile(r"attn2_(processor_)?to_[kv](_lora)?_")
-_TEXT_ENCODER_NAME = re.compile(r"^(lora_te_|text_encoder_).*(q_proj|k_proj|v_proj|fc1)_")
-_PROJ_IN_NAME = re.compile(r"(attentions_\d+|middle_block_1|(input|output)_blocks_\d+_1)_proj_in_")
+    def refusal(self, file_name: str) -> str | None:
+        """The one sentence that says why a foreign file is not applied (None: not foreign)."""
+        if not self.foreign:
+            return None
+        article = (
+            "an" if self.family and self.family.startswith(("A", "E", "I", "O", "U", "SD")) else "a"
+        )
+        return (
+            f"{file_name} is {article} {self.family} LoRA ({self.key_format} format): "
+            f"this app runs {families.RUN_NAMES} models"
+        )
 
 
 # SAI model-spec's `modelspec.architecture` of each base (what `_read_modelspec` reads back).
@@ -86,34 +76,44 @@ def modelspec_architecture(arch: Arch, v_prediction: bool) -> str:
     return _SPEC_ARCHITECTURE[arch]
 
 
-def _read_modelspec(value: str) -> _Reading:
-    architecture = value.strip().lower().split("/", 1)[0]
-    if architecture.startswith("stable-diffusion-xl"):
-        # The refiner's UNet differs from the base; base LoRAs do not fit it and vice versa.
-        if "refiner" in architecture:
-            return _Reading(None, recognised=True)
-        return _Reading(Arch.SDXL, recognised=True)
-    if architecture.startswith("stable-diffusion-v2"):
-        return _Reading(Arch.SD2, recognised=True)
-    if architecture.startswith("stable-diffusion-v1"):
-        return _Reading(Arch.SD1, recognised=True)
-    return _Reading(None, recognised=bool(architecture))
-
-
-def _read_base_version(value: str) -> _Reading:
-    version = value.strip().lower().replace("-", "_").replace(" ", "_")
-    if re.match(r"(sdxl|sd_xl|xl)(_|$)", version):
-        return _Reading(None if "refiner" in version else Arch.SDXL, recognised=True)
-    if re.match(r"(sd_?v?2|v2)([._]|$)", version):
-        return _Reading(Arch.SD2, recognised=True)
-    if re.match(r"(sd_?v?1|v1)([._]|$)", version):
-        return _Reading(Arch.SD1, recognised=True)
-    # sd3, flux1, ...: a real base, but not one of ours.
-    return _Reading(None, recognised=False)
+# Tensor-name endings whose shape[1] is the wrapped layer's input width.
+_INPUT_SIDE_SUFFIXES = (
+    "lora_down.weight",
+    "lora_A.weight",
+    "lora_A.default.weight",
+    "down.weight",  # old diffusers `to_k_lora.down.weight`, `lora.down.weight`
+    "hada_w1_b",
+    "hada_w2_b",
+    "lokr_w2_b",
+    "diff",
+)
+# LoRA down weights keep the wrapped layer's kind: 4-d for a conv, 2-d for a linear layer.
+_LORA_DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora_A.default.weight", "down.weight")
+_SD1, _SD2, _SDXL = (families.by_name(a.value) for a in (Arch.SD1, Arch.SD2, Arch.SDXL))
+# Cross-attention context width (attn2 to_k/to_v inputs) and text-encoder hidden width per family.
+_CONTEXT_WIDTHS = {768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL}
+_TEXT_WIDTHS = {w: f.arch for f in (_SD1, _SD2) for w in f.text_widths if f.arch is not None}
+# Names SDXL UNets lack: attention in the first level, a fourth level, input blocks past 8.
+_NOT_SDXL_NAME = re.compile(
+    r"down_blocks_0_attentions_|input_blocks_[12]_1_|down_blocks_3_|input_blocks_(9|1[01])_"
+)
+_CONTEXT_NAME = re.compile(r"attn2_(processor_)?to_[kv](_lora)?_")
+_TEXT_ENCODER_NAME = re.compile(r"^(lora_te1?_|text_encoder_).*(q_proj|k_proj|v_proj|fc1)_")
+_TE2_NAME = re.compile(r"^(lora_te2_|text_encoder_2_)")
+# IA3 keeps one vector per output channel: on a text encoder's k/v projection, the hidden width.
+_IA3_TEXT_NAME = re.compile(r"^(lora_te1?_|text_encoder_).*(k_proj|v_proj)_weight$")
+_PROJ_IN_NAME = re.compile(r"(attentions_\d+|middle_block_1|(input|output)_blocks_\d+_1)_proj_in_")
+# Evidence of some DiT family without its row's own names: T5/LLM encoders, transformer roots.
+_OTHER_FAMILY_NAME = re.compile(r"^(lora_te[34]_|lora_transformer_|transformer_)")
 
 
 def _flat(key: str) -> str:
     return key.replace(".", "_")
+
+
+def _canonical_key(key: str) -> str:
+    prefix, suffix = split_module_key(key)
+    return f"{canonical_prefix(prefix)}.{suffix}" if suffix else canonical_prefix(prefix)
 
 
 def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
@@ -122,66 +122,117 @@ def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
     return None
 
 
+def _foreign_from_keys(
+    flat_keys: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[Family, str] | None:
+    """A family this app does not run, named by a key only it has or a shared key at its width."""
+    for family in families.FOREIGN:
+        for pattern in family.keys:
+            for key, flat_key in flat_keys.items():
+                if pattern.search(flat_key):
+                    return family, f"{family.name} name {key!r}"
+    for family in families.FOREIGN:
+        for signature in family.widths:
+            for key, flat_key in flat_keys.items():
+                width = _input_width(key, shapes[key])
+                if width in signature.widths and signature.pattern.search(flat_key):
+                    return family, f"{family.name} layer of width {width} ({key!r})"
+    return None
+
+
 def detect_from_keys(tensor_shapes: Mapping[str, tuple[int, ...]]) -> BaseDetection:
-    """Detect the family from tensor names and shapes alone."""
-    flat_keys = {key: _flat(key) for key in tensor_shapes}
-    sdxl_names = sorted(k for k, f in flat_keys.items() if _SDXL_NAME.search(f))
+    """Detect the family from tensor names and shapes alone (any key spelling: names are
+    normalised first; bundled embeddings are left out)."""
+    shapes = {
+        _canonical_key(key): tuple(shape)
+        for key, shape in tensor_shapes.items()
+        if not is_embedding_key(key)
+    }
+    key_format = identify_format(split_module_key(key)[0] for key in tensor_shapes)
+    flat_keys = {key: _flat(key) for key in shapes}
+    foreign = _foreign_from_keys(flat_keys, shapes)
+    if foreign is not None:
+        family, detail = foreign
+        return BaseDetection(None, SOURCE_KEYS, detail, family.name, key_format)
+    others = sorted(k for k, f in flat_keys.items() if _OTHER_FAMILY_NAME.search(f))
+    if others:
+        return BaseDetection(
+            None, SOURCE_KEYS, f"not an SD name {others[0]!r}", "another model family", key_format
+        )
+
+    def found(arch: Arch, detail: str) -> BaseDetection:
+        return BaseDetection(arch, SOURCE_KEYS, detail, arch.value, key_format)
+
+    sdxl_names = sorted(k for k, f in flat_keys.items() if any(p.search(f) for p in _SDXL.keys))
     if sdxl_names:
-        return BaseDetection(Arch.SDXL, SOURCE_KEYS, f"SDXL-only name {sdxl_names[0]!r}")
+        return found(Arch.SDXL, f"SDXL-only name {sdxl_names[0]!r}")
 
     for pattern, widths, what in (
         (_CONTEXT_NAME, _CONTEXT_WIDTHS, "cross-attention context width"),
         (_TEXT_ENCODER_NAME, _TEXT_WIDTHS, "text encoder width"),
     ):
         for key, flat_key in sorted(flat_keys.items()):
-            width = _input_width(key, tuple(tensor_shapes[key]))
+            width = _input_width(key, shapes[key])
             if width in widths and pattern.search(flat_key):
-                return BaseDetection(widths[width], SOURCE_KEYS, f"{what} {width} ({key!r})")
+                return found(widths[width], f"{what} {width} ({key!r})")
+    for key, flat_key in sorted(flat_keys.items()):
+        shape = shapes[key]
+        if len(shape) == 1 and shape[0] in _TEXT_WIDTHS and _IA3_TEXT_NAME.search(flat_key):
+            return found(_TEXT_WIDTHS[shape[0]], f"IA3 text encoder width {shape[0]} ({key!r})")
 
     # SD1 projects in/out of attention with 1x1 convs; SD2 and SDXL use linear layers.
     for key, flat_key in sorted(flat_keys.items()):
         if not key.endswith(_LORA_DOWN_SUFFIXES) or not _PROJ_IN_NAME.search(flat_key):
             continue
-        if len(tensor_shapes[key]) == 4:
-            return BaseDetection(Arch.SD1, SOURCE_KEYS, f"convolutional proj_in ({key!r})")
+        if len(shapes[key]) == 4:
+            return found(Arch.SD1, f"convolutional proj_in ({key!r})")
         not_sdxl = sorted(k for k, f in flat_keys.items() if _NOT_SDXL_NAME.search(f))
         if not_sdxl:
-            return BaseDetection(
-                Arch.SD2,
-                SOURCE_KEYS,
-                f"linear proj_in ({key!r}) in a non-SDXL layout ({not_sdxl[0]!r})",
+            return found(
+                Arch.SD2, f"linear proj_in ({key!r}) in a non-SDXL layout ({not_sdxl[0]!r})"
             )
     return BaseDetection(
-        None, SOURCE_NONE, "no base model metadata, and key names are inconclusive"
+        None,
+        SOURCE_NONE,
+        "no base model metadata, and key names are inconclusive",
+        key_format=key_format,
     )
+
+
+def _from_metadata(metadata: Mapping[str, str]) -> tuple[Family, str, str] | None:
+    """The family metadata names: (family, source, detail), first field that names one."""
+    for field_name, source, read in (
+        ("modelspec.architecture", SOURCE_MODELSPEC, families.by_modelspec),
+        ("ss_base_model_version", SOURCE_BASE_VERSION, families.by_base_version),
+        ("baseModel", SOURCE_CIVITAI, families.by_civitai),
+    ):
+        value = metadata.get(field_name)
+        if value and (family := read(value)) is not None:
+            return family, source, f"{field_name}={value!r}"
+    return None
 
 
 def detect_base(
     metadata: Mapping[str, str], tensor_shapes: Mapping[str, tuple[int, ...]]
 ) -> BaseDetection:
-    """The family a LoRA targets. Metadata wins (`modelspec.architecture`, then
-    `ss_base_model_version`); then SDXL-only key names; then `ss_v2`; then key widths/shapes.
-    A metadata base that is not SD1/SD2/SDXL (SD3, Flux, ...) gives arch None."""
-    unsupported: list[str] = []
-    for field_name, source, read in (
-        ("modelspec.architecture", SOURCE_MODELSPEC, _read_modelspec),
-        ("ss_base_model_version", SOURCE_BASE_VERSION, _read_base_version),
-    ):
-        value = metadata.get(field_name)
-        if not value:
-            continue
-        reading = read(value)
-        if reading.arch is not None:
-            return _checked(
-                BaseDetection(reading.arch, source, f"{field_name}={value!r}"), tensor_shapes
-            )
-        if reading.recognised:
-            return BaseDetection(
-                None, source, f"not an SD1/SD2/SDXL network: {field_name}={value!r}"
-            )
-        unsupported.append(f"{field_name}={value!r}")
-
+    """What a LoRA was made for, from all the evidence. A family this app does not run, named by
+    metadata or by keys, wins (its CLIP parts look like SD1/SDXL ones); then metadata naming
+    SD1/SD2/SDXL (checked against the keys); then SDXL-only key names; then `ss_v2`; then key
+    widths and shapes."""
     from_keys = detect_from_keys(tensor_shapes)
+    key_format = from_keys.key_format
+    named = _from_metadata(metadata)
+    if named is not None and not named[0].runs:
+        family, source, detail = named
+        return BaseDetection(None, source, detail, family.name, key_format)
+    if from_keys.foreign:
+        return from_keys
+    if named is not None:
+        family, source, detail = named
+        assert family.arch is not None
+        return _checked(
+            BaseDetection(family.arch, source, detail, family.name, key_format), from_keys
+        )
     if from_keys.arch is Arch.SDXL:
         return from_keys
     # Kohya wrote only ss_v2 before SDXL existed, so the flag decides between SD1 and SD2 alone.
@@ -189,20 +240,25 @@ def detect_base(
     if v2_flag in ("true", "false"):
         arch = Arch.SD2 if v2_flag == "true" else Arch.SD1
         return _checked(
-            BaseDetection(arch, SOURCE_V2_FLAG, f"ss_v2={metadata['ss_v2']!r}"), tensor_shapes
+            BaseDetection(
+                arch, SOURCE_V2_FLAG, f"ss_v2={metadata['ss_v2']!r}", arch.value, key_format
+            ),
+            from_keys,
         )
-    if from_keys.arch is None and unsupported:
+    unread = [
+        f"{name}={metadata[name]!r}"
+        for name in ("modelspec.architecture", "ss_base_model_version")
+        if metadata.get(name)
+    ]
+    if from_keys.arch is None and unread:
         return BaseDetection(
-            None, SOURCE_BASE_VERSION, f"unknown base model: {', '.join(unsupported)}"
+            None, SOURCE_BASE_VERSION, f"unknown base model: {', '.join(unread)}", None, key_format
         )
     return from_keys
 
 
-def _checked(
-    detection: BaseDetection, tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> BaseDetection:
+def _checked(detection: BaseDetection, from_keys: BaseDetection) -> BaseDetection:
     """Keep the metadata answer, but say so when the keys clearly disagree (copied metadata)."""
-    from_keys = detect_from_keys(tensor_shapes)
     if from_keys.arch is None or from_keys.arch is detection.arch:
         return detection
     logger.warning(
@@ -212,11 +268,19 @@ def _checked(
         from_keys.arch.value,
         from_keys.detail,
     )
-    return BaseDetection(
-        detection.arch,
-        detection.source,
-        f"{detection.detail}; keys disagree: {from_keys.arch.value} from {from_keys.detail}",
+    return replace(
+        detection,
+        detail=f"{detection.detail}; keys disagree: {from_keys.arch.value} from {from_keys.detail}",
     )
+
+
+def fits(detection: BaseDetection, model_arch: Arch | None) -> bool:
+    """Whether a LoRA may be written into a model of `model_arch`: never when it was made for a
+    family this app does not run; unknown LoRAs are allowed (the patcher reports keys that match
+    nothing)."""
+    if detection.foreign:
+        return False
+    return model_arch is None or is_compatible(detection.arch, model_arch)
 
 
 def is_compatible(lora_arch: Arch | None, model_arch: Arch) -> bool:

@@ -42,7 +42,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from webui.arch import Arch
-from webui.networks.base_detection import is_compatible
+from webui.networks.base_detection import fits
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap
 from webui.networks.modules import Variant
@@ -235,11 +235,7 @@ class DiffusersBackend:
 
     def _prepare(self, network: Network) -> FallbackReport:
         """Load `network` unless it already is; the report says whether it applies."""
-        compatible = (
-            self.arch is None
-            or network.base.arch is None
-            or is_compatible(network.base.arch, self.arch)
-        )
+        compatible = fits(network.base, self.arch)  # never a family this app does not run
         refusal = None
         if not compatible:
             loaded = None

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from webui.arch import Arch
-from webui.networks.base_detection import is_compatible
+from webui.networks.base_detection import fits
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap, ModuleRef
 from webui.networks.modules import LowRankFactors, NetworkModule, WeightDelta
@@ -318,11 +318,7 @@ class NetworkPatcher:
     # -- planning -----------------------------------------------------------------------------
 
     def _plan_network(self, network: Network, strengths: Strengths, plan: _Plan) -> NetworkReport:
-        compatible = (
-            self.arch is None
-            or network.base.arch is None
-            or is_compatible(network.base.arch, self.arch)
-        )
+        compatible = fits(network.base, self.arch)  # never a family this app does not run
         matched: list[str] = []
         unmatched: list[str] = []
         mismatched: list[str] = []

@@ -10,6 +10,8 @@ from functools import cache
 
 from torch import Tensor
 
+from webui.networks.formats import canonical_prefix, embedding_name, is_embedding_key
+
 from .base import NetworkModule, WeightDecompose
 from .full import FullModule, NormModule
 from .glora import GloraModule
@@ -103,11 +105,23 @@ def split_module_key(key: str) -> tuple[str, str]:
 
 
 def group_by_module(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Group a file's tensors by module prefix; inner keys are the suffixes as spelled."""
+    """Group a file's tensors by canonical module name (`formats.canonical_prefix`: one module
+    spelled two ways, as diffusers' kohya converter does for DoRA, is one group); inner keys are
+    the suffixes as spelled. Bundled embeddings (`bundle_emb.…`) are set aside, not grouped."""
     groups: dict[str, dict[str, Tensor]] = {}
+    embeddings: set[str] = set()
     for key, tensor in state_dict.items():
+        if is_embedding_key(key):
+            embeddings.add(embedding_name(key))
+            continue
         prefix, suffix = split_module_key(key)
-        groups.setdefault(prefix, {})[suffix] = tensor
+        group = groups.setdefault(canonical_prefix(prefix), {})
+        if suffix in group:
+            logger.warning("%s: %s is spelled twice; using the first", prefix, suffix)
+            continue
+        group[suffix] = tensor
+    if embeddings:
+        logger.info("bundled embeddings set aside (not LoRA modules): %s", sorted(embeddings))
     return groups
 
 

@@ -1,0 +1,21 @@
+"""kohya sd-scripts and LyCORIS-in-kohya names: `lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`
+(networks/lora.py: the module path with dots replaced by underscores). diffusers'
+`convert_state_dict_to_kohya` leaves the last dots of some keys (`…_attn1.to_k.lora_magnitude_vector`),
+so every dot of the prefix is flattened: both spellings of one module become one name."""
+
+import re
+
+from webui.networks.formats.format import KeyFormat
+
+_PREFIX = re.compile(r"^(lora|oft)_(unet|te[1-4]?|transformer)[._]")
+
+
+def owns(prefix: str) -> bool:
+    return _PREFIX.match(prefix) is not None
+
+
+def canonical(prefix: str) -> str:
+    return prefix.replace(".", "_")
+
+
+FORMAT = KeyFormat("kohya", owns, canonical)
