@@ -5,13 +5,15 @@ The only module that reads model files."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from webui.arch import Arch, Prediction
 from webui.engine.model_factory import config_folder
+from webui.engine.samplers import ZERO_SNR, build_scheduler, zero_snr_config
 from webui.layouts.single_file import to_single_file
 from webui.networks.files import write_safetensors
 
@@ -40,6 +43,14 @@ _SDXL_TEXT_1 = "conditioner.embedders.0.transformer.text_model.embeddings.token_
 _SDXL_TEXT_2 = "conditioner.embedders.1.model.token_embedding.weight"
 _SDXL_REFINER_TEXT = "conditioner.embedders.0.model.token_embedding.weight"
 _LORA_MARKERS = ("lora_unet_", "lora_te", "lora_down", "lora_A", "hada_", "lokr_")
+# Empty marker tensors SDXL v-prediction fine-tunes carry (NoobAI-XL V-Pred); ComfyUI and Forge
+# read them, diffusers' single-file loader does not.
+V_PRED_KEY = "v_pred"
+ZERO_SNR_KEY = "ztsnr"
+# modelspec.prediction_type values seen in the wild (SAI spec "v"/"epsilon", sd-scripts, trainers)
+_V_NAMES = frozenset({"v", "v_prediction", "v-prediction", "v_pred", "vpred", "velocity"})
+_EPSILON_NAMES = frozenset({"epsilon", "eps", "noise"})
+_UNSUPPORTED_NAMES = frozenset({"sample", "x0", "flow", "flow_matching", "edm"})
 
 
 class CheckpointError(Exception):
@@ -59,31 +70,41 @@ class CheckpointFile:
     path: Path
     name: str  # path below models/ without extension, as A1111 shows it
     format: CheckpointFormat
+    # what the file declares (marker keys, metadata, a .yaml beside it); None: unknown until loaded
+    prediction: Prediction | None = field(default=None, compare=False)
+    zero_snr: bool = field(default=False, compare=False)
 
     @property
     def title(self) -> str:
         return self.name
 
+    @property
+    def prediction_label(self) -> str:
+        """ "v-pred" for a file declared v-prediction (the model picker shows it), else ""."""
+        return "v-pred" if self.prediction is Prediction.V else ""
+
 
 @dataclass(frozen=True)
 class ModelKind:
-    """Architecture and prediction type; prediction is None when the file does not say."""
+    """Architecture, prediction type (None when the file does not say) and whether the model was
+    trained on a zero-terminal-SNR schedule."""
 
     arch: Arch
     prediction: Prediction | None
+    zero_snr: bool = False
 
     @property
     def label(self) -> str:
-        if self.arch is Arch.SD2 and self.prediction is Prediction.V:
-            return "SD2-v"
-        return self.arch.value
+        if self.prediction is not Prediction.V:
+            return self.arch.value
+        return "SD2-v" if self.arch is Arch.SD2 else f"{self.arch.value} v-pred"
 
     @property
     def default_size(self) -> int:
         """The resolution the architecture was trained at."""
         if self.arch is Arch.SDXL:
             return 1024
-        return 768 if self.label == "SD2-v" else 512
+        return 768 if self.arch is Arch.SD2 and self.prediction is Prediction.V else 512
 
 
 @dataclass(frozen=True)
@@ -113,11 +134,8 @@ def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
     found: list[CheckpointFile] = []
     diffusers_dirs = sorted(p.parent for p in models_dir.rglob("model_index.json"))
     for folder in diffusers_dirs:
-        found.append(
-            CheckpointFile(
-                folder, folder.relative_to(models_dir).as_posix(), CheckpointFormat.DIFFUSERS
-            )
-        )
+        name = folder.relative_to(models_dir).as_posix()
+        found.append(_listed(folder, name, CheckpointFormat.DIFFUSERS))
     for path in sorted(models_dir.rglob("*")):
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES or not path.is_file():
             continue
@@ -129,8 +147,13 @@ def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
             if path.suffix.lower() == ".safetensors"
             else CheckpointFormat.CKPT
         )
-        found.append(CheckpointFile(path, name, fmt))
+        found.append(_listed(path, name, fmt))
     return sorted(found, key=lambda c: c.name.lower())
+
+
+def _listed(path: Path, name: str, fmt: CheckpointFormat) -> CheckpointFile:
+    prediction, zero_snr = _declared_in_file(path, fmt)
+    return CheckpointFile(path, name, fmt, prediction, zero_snr)
 
 
 def checkpoint_from_path(path: Path) -> CheckpointFile:
@@ -196,25 +219,51 @@ def detect_kind(header: CheckpointHeader, source: str = "checkpoint") -> ModelKi
             "instruct model); only text-to-image checkpoints with 4 channels are supported"
         )
     if _SDXL_TEXT_1 in keys and _SDXL_TEXT_2 in keys:
-        return ModelKind(Arch.SDXL, Prediction.EPSILON)
-    if _SDXL_REFINER_TEXT in keys:
+        arch = Arch.SDXL
+    elif _SDXL_REFINER_TEXT in keys:
         raise CheckpointError(f"{source} is an SDXL refiner, which is not supported")
-    if _SD2_TEXT in keys:
-        return ModelKind(Arch.SD2, _prediction_from_metadata(header.metadata))
-    if _SD1_TEXT in keys or any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return ModelKind(Arch.SD1, Prediction.EPSILON)
-    raise CheckpointError(
-        f"{source} has a UNet but no text encoder this app knows (SD1 CLIP-L, SD2 OpenCLIP-H, "
-        "SDXL CLIP-L + OpenCLIP-bigG)"
-    )
+    elif _SD2_TEXT in keys:
+        arch = Arch.SD2
+    elif _SD1_TEXT in keys or any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        arch = Arch.SD1
+    else:
+        raise CheckpointError(
+            f"{source} has a UNet but no text encoder this app knows (SD1 CLIP-L, SD2 OpenCLIP-H, "
+            "SDXL CLIP-L + OpenCLIP-bigG)"
+        )
+    prediction, zero_snr = declared_prediction(keys, header.metadata, source)
+    return ModelKind(arch, prediction, zero_snr)
 
 
-def _prediction_from_metadata(metadata: Mapping[str, str]) -> Prediction | None:
-    declared = metadata.get("modelspec.prediction_type", "").lower()
-    if declared in ("v", "v_prediction", "v-prediction"):
+def declared_prediction(
+    keys: Collection[str], metadata: Mapping[str, str], source: str = "checkpoint"
+) -> tuple[Prediction | None, bool]:
+    """What a file says it predicts, and whether it was trained zero-terminal-SNR: the `v_pred`
+    and `ztsnr` marker keys (ComfyUI's and Forge's convention) first, then modelspec metadata.
+    The prediction is None when neither says. Raises CheckpointError for prediction types we
+    cannot sample (x0, flow)."""
+    zero_snr = ZERO_SNR_KEY in keys
+    from_metadata = _prediction_from_metadata(metadata, source)
+    if V_PRED_KEY in keys:
+        if from_metadata is Prediction.EPSILON:
+            log.warning("%s: has a v_pred key but metadata says epsilon; using v", source)
+        return Prediction.V, zero_snr
+    return from_metadata, zero_snr
+
+
+def _prediction_from_metadata(metadata: Mapping[str, str], source: str) -> Prediction | None:
+    declared = metadata.get("modelspec.prediction_type", "").strip().lower()
+    if declared in _V_NAMES:
         return Prediction.V
-    if declared in ("epsilon", "eps"):
+    if declared in _EPSILON_NAMES:
         return Prediction.EPSILON
+    if declared in _UNSUPPORTED_NAMES:
+        raise CheckpointError(
+            f"{source} declares modelspec.prediction_type {declared!r}; only epsilon and v "
+            "prediction models are supported"
+        )
+    if declared:
+        log.warning("%s: unknown modelspec.prediction_type %r, ignored", source, declared)
     architecture = metadata.get("modelspec.architecture", "")
     if architecture.startswith("stable-diffusion-v2"):
         return (
@@ -225,17 +274,45 @@ def _prediction_from_metadata(metadata: Mapping[str, str]) -> Prediction | None:
     return None
 
 
+_PARAMETERIZATION = re.compile(r"^\s*parameterization\s*:\s*[\"']?(\w+)", re.MULTILINE)
+
+
 def _prediction_from_sidecar(path: Path) -> Prediction | None:
-    """A1111's convention: `model.yaml` beside the file, with `parameterization: "v"`."""
+    """A1111's convention: `model.yaml` beside the file, with `parameterization: "v"` (an LDM
+    config without it is epsilon); None when there is no such file."""
     for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
         if sidecar.is_file():
             text = sidecar.read_text(encoding="utf-8", errors="replace")
-            return (
-                Prediction.V
-                if "parameterization" in text and '"v"' in text.replace("'", '"')
-                else Prediction.EPSILON
-            )
+            match = _PARAMETERIZATION.search(text)
+            return Prediction.V if match and match.group(1) == "v" else Prediction.EPSILON
     return None
+
+
+def _declared_in_file(path: Path, fmt: CheckpointFormat) -> tuple[Prediction | None, bool]:
+    """For the checkpoint list: a .yaml beside the file, else the safetensors header's markers
+    and metadata, else a diffusers folder's scheduler config; (None, False) when unknown or
+    unreadable (loading reports the problem)."""
+    try:
+        if fmt is CheckpointFormat.DIFFUSERS:
+            config = json.loads((path / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+            return Prediction(config.get("prediction_type", "epsilon")), bool(config.get(ZERO_SNR))
+        sidecar = _prediction_from_sidecar(path)
+        if fmt is not CheckpointFormat.SAFETENSORS:
+            return sidecar, False  # a .ckpt's keys cost a full unpickling: left to loading
+        stat = path.stat()
+        prediction, zero_snr = _declared_in_header(path, stat.st_size, stat.st_mtime_ns)
+        return sidecar or prediction, zero_snr
+    except (OSError, ValueError, CheckpointError, safetensors.SafetensorError) as exc:
+        log.debug("%s: prediction not readable for the list (%s)", path.name, exc)
+        return None, False
+
+
+@functools.lru_cache(maxsize=256)
+def _declared_in_header(path: Path, size: int, mtime_ns: int) -> tuple[Prediction | None, bool]:
+    # keyed by size and mtime too: a file replaced in place is read again
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        return declared_prediction(keys, handle.metadata() or {}, path.name)
 
 
 @torch.no_grad()
@@ -305,11 +382,11 @@ def _pipeline_class(arch: Arch) -> type[DiffusionPipeline]:
     return StableDiffusionXLPipeline if arch is Arch.SDXL else StableDiffusionPipeline
 
 
-def _set_prediction(pipe: DiffusionPipeline, prediction: Prediction) -> None:
-    if pipe.scheduler.config.get("prediction_type") != prediction.value:
-        pipe.scheduler = type(pipe.scheduler).from_config(
-            pipe.scheduler.config, prediction_type=prediction.value
-        )
+def _set_prediction(pipe: DiffusionPipeline, kind: ModelKind) -> None:
+    prediction = kind.prediction or Prediction.EPSILON
+    config = zero_snr_config(pipe.scheduler.config, prediction.value, kind.zero_snr)
+    if config != dict(pipe.scheduler.config):
+        pipe.scheduler = build_scheduler(type(pipe.scheduler), config)
 
 
 def _kind_of_pipeline(pipe: DiffusionPipeline) -> ModelKind:
@@ -320,7 +397,12 @@ def _kind_of_pipeline(pipe: DiffusionPipeline) -> ModelKind:
         arch = Arch.SD2
     else:
         arch = Arch.SD1
-    return ModelKind(arch, Prediction(pipe.scheduler.config.get("prediction_type", "epsilon")))
+    scheduler = pipe.scheduler.config
+    return ModelKind(
+        arch,
+        Prediction(scheduler.get("prediction_type", "epsilon")),
+        bool(scheduler.get(ZERO_SNR)),
+    )
 
 
 def load_checkpoint(
@@ -358,11 +440,12 @@ def load_checkpoint(
                 f"{checkpoint.path.name}: could not be loaded as {kind.label} ({exc})"
             ) from exc
         _check_complete(pipe, checkpoint.path.name)
-        prediction = (
-            kind.prediction or _prediction_from_sidecar(checkpoint.path) or probe_v_prediction(pipe)
-        )
-        kind = ModelKind(kind.arch, prediction)
-        _set_prediction(pipe, prediction)
+        # A1111's rule: a .yaml beside the file overrides what the file says
+        prediction = _prediction_from_sidecar(checkpoint.path) or kind.prediction
+        if prediction is None:
+            prediction = probe_v_prediction(pipe) if kind.arch is Arch.SD2 else Prediction.EPSILON
+        kind = ModelKind(kind.arch, prediction, kind.zero_snr)
+        _set_prediction(pipe, kind)
     place_pipeline(pipe, device, lowvram)
     log.info("loaded %s (%s) on %s in %s", checkpoint.name, kind.label, device, dtype)
     return LoadedModel(pipe, kind, checkpoint.name, checkpoint.path, device, dtype)
@@ -447,6 +530,11 @@ def save_single_file(
     state = {
         k: v.detach().to("cpu").contiguous() for k, v in pipeline_state_dict(pipe, kind).items()
     }
+    # the markers ComfyUI and Forge (and our loader) read; empty tensors, as NoobAI writes them
+    if kind.prediction is Prediction.V:
+        state.setdefault(V_PRED_KEY, torch.empty(0))
+    if kind.zero_snr:
+        state.setdefault(ZERO_SNR_KEY, torch.empty(0))
     kept = read_tensors(keep_from, set(state)) if keep_from is not None else {}
     state.update({k: v.contiguous() for k, v in kept.items()})
     meta = dict(metadata or {})

@@ -28,7 +28,7 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     place_pipeline,
 )
-from webui.engine.infotext import Infotext, save_png
+from webui.engine.infotext import Infotext, model_schedule_fields, save_png
 from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
@@ -444,6 +444,9 @@ class Engine:
         if short_hash:
             params["Model hash"] = short_hash
         params["Model"] = Path(model.name).name
+        params.update(
+            model_schedule_fields(model.kind.prediction is Prediction.V, model.kind.zero_snr)
+        )
         if request.clip_skip > 1:
             params["Clip skip"] = str(request.clip_skip)
         hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]

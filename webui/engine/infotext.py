@@ -19,6 +19,21 @@ _NEGATIVE_PREFIX = "Negative prompt:"
 # next comma. Keys start with a word character and may hold spaces, dashes and slashes.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
+# A1111's key and value for a zero-terminal-SNR schedule (its `sd_noise_schedule` option)
+NOISE_SCHEDULE_KEY = "Noise Schedule"
+ZERO_TERMINAL_SNR = "Zero Terminal SNR"
+# A1111 has no key for the prediction type; ours, written only for v-prediction models
+PREDICTION_KEY = "Prediction"
+V_PREDICTION = "v-prediction"
+
+
+def model_schedule_fields(v_prediction: bool, zero_snr: bool) -> dict[str, str]:
+    """The parameters that say how a model was sampled, when it is not A1111's default."""
+    fields = {PREDICTION_KEY: V_PREDICTION} if v_prediction else {}
+    if zero_snr:
+        fields[NOISE_SCHEDULE_KEY] = ZERO_TERMINAL_SNR
+    return fields
+
 
 @dataclass(frozen=True)
 class Infotext:

@@ -1,12 +1,14 @@
 """A1111 sampler names -> diffusers schedulers, configured from the loaded model's own scheduler
-config so its betas and prediction type (epsilon or v) are kept."""
+config so its betas, prediction type (epsilon or v) and zero-terminal-SNR schedule are kept."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -27,6 +29,80 @@ class UnknownSamplerError(ValueError):
     """A sampler name that is not in `SAMPLERS`."""
 
 
+# diffusers' flag for a zero-terminal-SNR schedule; not every scheduler class takes it
+ZERO_SNR = "rescale_betas_zero_snr"
+# Where ᾱ_T = 0 would make the first sigma infinite: diffusers' Euler/DPM++/UniPC clamp to this
+ZERO_SNR_FLOOR = 2.0**-24
+
+
+def zero_snr_config(
+    config: Mapping[str, Any], prediction_type: str, zero_snr: bool
+) -> dict[str, Any]:
+    """A model's scheduler config with its prediction type, and for zero-terminal-SNR models the
+    rescaled betas with trailing timesteps (as A1111 1.10 and Forge sample them)."""
+    changed: dict[str, Any] = {"prediction_type": prediction_type}
+    if zero_snr:
+        changed.update({ZERO_SNR: True, "timestep_spacing": "trailing"})
+    out = _with(config, changed)
+    if not zero_snr:
+        out.pop(ZERO_SNR, None)
+    return out
+
+
+def _with(config: Mapping[str, Any], changed: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with `changed` set. diffusers' from_config drops every key that the config's
+    `_use_default_values` lists (it was left at its default once), ours included: unlist them."""
+    out = {**config, **changed}
+    defaults = out.get("_use_default_values")
+    if defaults:
+        out["_use_default_values"] = [key for key in defaults if key not in changed]
+    return out
+
+
+def _base_betas(config: Mapping[str, Any]) -> torch.Tensor:
+    steps = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    schedule = config.get("beta_schedule", "linear")
+    if schedule == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    if schedule == "linear":
+        return torch.linspace(start, end, steps, dtype=torch.float64)
+    raise ValueError(f"zero-terminal-SNR rescale of beta_schedule {schedule!r} is not supported")
+
+
+def zero_snr_betas(config: Mapping[str, Any]) -> list[float]:
+    """The config's betas rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1), with the
+    final ᾱ set to `ZERO_SNR_FLOOR` instead of 0, for schedulers without diffusers' flag."""
+    root = torch.cumprod(1 - _base_betas(config), 0).sqrt()
+    first, last = root[0].item(), root[-1].item()
+    root = (root - last) * (first / (first - last))
+    cumprod = root**2
+    cumprod[-1] = ZERO_SNR_FLOOR
+    alphas = torch.cat([cumprod[:1], cumprod[1:] / cumprod[:-1]])
+    return (1 - alphas).tolist()
+
+
+def build_scheduler(
+    cls: type[SchedulerMixin], config: Mapping[str, Any], **options: Any
+) -> SchedulerMixin:
+    """`cls` from a model's scheduler config. The one place that knows which classes take the
+    zero-SNR flag: the others get the rescaled betas as `trained_betas`, and every result keeps
+    the flag in its config so the next scheduler built from it is zero-SNR too."""
+    if not config.get(ZERO_SNR):
+        return cls.from_config(dict(config), **options)
+    # trained_betas on a zero-SNR config are always ours: a flag-taking class must not rescale twice
+    clean = {key: value for key, value in config.items() if key != "trained_betas"}
+    if ZERO_SNR in inspect.signature(cls.__init__).parameters:
+        scheduler = cls.from_config(clean, **options)
+    else:
+        clean.pop(ZERO_SNR)
+        scheduler = cls.from_config(
+            _with(clean, {"trained_betas": zero_snr_betas(clean)}), **options
+        )
+        scheduler.register_to_config(**{ZERO_SNR: True})
+    return scheduler
+
+
 @dataclass(frozen=True)
 class Sampler:
     """An A1111 sampler: its display name, the diffusers class and the config changes it needs."""
@@ -38,7 +114,7 @@ class Sampler:
 
     def create(self, base_config: Mapping[str, Any]) -> SchedulerMixin:
         """A fresh scheduler built from the model's scheduler config plus this sampler's options."""
-        return self.scheduler.from_config(dict(base_config), **self.options)
+        return build_scheduler(self.scheduler, base_config, **self.options)
 
 
 _KARRAS = {"use_karras_sigmas": True}

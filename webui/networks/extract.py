@@ -3,7 +3,10 @@ kohya module names, and the kohya LoRA state dict and metadata that A1111, Forge
 diffusers all load. No file or model access here (the engine's `extract` does that).
 
 Layout written: `NAME.lora_up.weight` [out, r] (convs [out, r, 1, 1]), `NAME.lora_down.weight`
-[r, in] (convs [r, in, kh, kw]) and `NAME.alpha` = r, so the delta is exactly up @ down."""
+[r, in] (convs [r, in, kh, kw]) and one `NAME.alpha` for every module, the file's largest rank R,
+with each module's r/R folded into its up: the delta is exactly (alpha/r) up @ down for every
+reader, including those that take a single alpha for the whole file (diffusers does for modules
+its `alpha_pattern` misses)."""
 
 from __future__ import annotations
 
@@ -185,14 +188,26 @@ class ExtractedModule:
     factors: LowRankDelta
 
 
+def file_alpha(modules: Iterable[ExtractedModule]) -> int:
+    """The one alpha written for every module: the largest rank (so alpha = rank, scale 1, when
+    all ranks are equal)."""
+    return max((m.factors.rank for m in modules), default=1)
+
+
 def lora_state_dict(modules: Iterable[ExtractedModule]) -> dict[str, Tensor]:
-    """kohya keys: up, down and alpha (= rank, so the file's scale alpha/rank is 1)."""
+    """kohya keys: up, down and alpha, the same alpha for every module (`file_alpha`), each
+    module's rank/alpha folded into its up so that (alpha/rank) up @ down is the delta."""
+    modules = list(modules)
+    alpha = file_alpha(modules)
     tensors: dict[str, Tensor] = {}
     for module in modules:
         factors = module.factors
-        tensors[f"{module.name}.lora_up.weight"] = factors.up
+        up = factors.up
+        if factors.rank != alpha:
+            up = (up.float() * (factors.rank / alpha)).to(up.dtype)
+        tensors[f"{module.name}.lora_up.weight"] = up
         tensors[f"{module.name}.lora_down.weight"] = factors.down
-        tensors[f"{module.name}.alpha"] = torch.tensor(float(factors.rank), dtype=factors.up.dtype)
+        tensors[f"{module.name}.alpha"] = torch.tensor(float(alpha), dtype=up.dtype)
     return tensors
 
 
@@ -263,7 +278,7 @@ def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
         "ss_v2": str(record.arch is Arch.SD2),
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": str(file_alpha(record.modules)),
         "ss_output_name": record.title,
         "ss_sd_model_name": record.base_model,
         "ss_training_comment": f"extracted by lora-webui (SVD, {record.rule.describe()}): {origin}",
@@ -276,7 +291,8 @@ def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
         "modelspec.prediction_type": "v" if record.v_prediction else "epsilon",
     }
     if has_conv:
-        meta["ss_network_args"] = json.dumps({"conv_dim": dim, "conv_alpha": dim})
+        alpha = str(file_alpha(record.modules))
+        meta["ss_network_args"] = json.dumps({"conv_dim": dim, "conv_alpha": alpha})
     if record.sources:
         meta["modelspec.merged_from"] = ", ".join(f"{s.file}:{s.strength}" for s in record.sources)
         tags = merged_tag_frequency(record.sources)
