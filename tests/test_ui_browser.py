@@ -97,6 +97,7 @@ def folders(tmp_path: Path) -> Path:
 def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=60_000)  # generations on a shared 2-core machine
     tiny = tiny_checkpoint_factory(Arch.SD1)
     models = folders / "models"
     with sync_playwright() as p:

@@ -42,6 +42,7 @@ def trigger_mode_choices(limit: int) -> list[str]:
     label = trigger_mode_label(limit)
     return [*TRIGGER_WORD_MODES, *([label] if label not in TRIGGER_WORD_MODES else [])]
 
+
 TriggerWordSource = Callable[[Path], Sequence[str]]
 
 

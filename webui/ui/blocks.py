@@ -46,7 +46,12 @@ def _model_status(engine: Engine) -> str:
         folder = html.escape(str(engine.settings.models_dir))
         return (
             "<span class='lw-model-status'>⚠ Demo model: tiny, random weights, so images are noise. "
-            f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> and press Refresh.</span>"
+            + (
+                "Choose a checkpoint in the picker.</span>"
+                if engine.checkpoints()
+                else f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> "
+                "and press Refresh.</span>"
+            )
         )
     return (
         f"<span class='lw-model-status'>Loaded <b>{html.escape(model.name)}</b> · {model.kind.label} · "
