@@ -53,6 +53,24 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         " the memory of patched weights as soon as LoRAs are off",
     )
     parser.add_argument(
+        "--outputs-dir",
+        type=Path,
+        default=default,
+        help="folder the UI saves images to (default: outputs/)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default,
+        help="folder of the LoRA index and hash caches (default: .cache/)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default or False,
+        help="log everything: access log, library warnings and progress bars",
+    )
+    parser.add_argument(
         "--lora-backend",
         choices=[c.value for c in LoraBackend],
         default=default or "auto",
@@ -81,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", action="store_true", help="serve on all interfaces, not just 127.0.0.1"
     )
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--settings-file",
+        type=Path,
+        default=None,
+        help="where the Settings tab's options and the last model are saved (default: config.json)",
+    )
     parser.add_argument(
         "--auth",
         type=_credentials,
@@ -187,6 +211,9 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
     return Settings(
         models_dir=(args.models_dir or defaults.models_dir).resolve(),
         loras_dir=(args.loras_dir or defaults.loras_dir).resolve(),
+        outputs_dir=(args.outputs_dir or defaults.outputs_dir).resolve(),
+        cache_dir=(args.cache_dir or defaults.cache_dir).resolve(),
+        settings_file=(getattr(args, "settings_file", None) or defaults.settings_file).resolve(),
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,
@@ -215,6 +242,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     from webui.engine.infotext import save_png
 
+    quiet_progress_bars(args.verbose)
     engine = Engine(settings_from(args, save_outputs=False))
     try:
         model = (
@@ -243,6 +271,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         result = engine.generate(request, on_progress=report)
         print(file=sys.stderr)
+        log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     except (CheckpointError, RequestError, FileNotFoundError) as exc:
@@ -407,9 +436,13 @@ def run_server(args: argparse.Namespace) -> int:
 
     from webui.engine.generate import Engine
     from webui.server import Access, build_app, serve
+    from webui.settings import SettingsFile
 
-    settings = settings_from(args)
-    engine = Engine(settings)
+    quiet_progress_bars(args.verbose)
+    start = settings_from(args)
+    saved = SettingsFile(start.settings_file)
+    settings = saved.apply(start)  # the Settings tab's options, as last saved
+    engine = Engine(settings, saved)
     if not engine.checkpoints():
         log.warning(
             "no checkpoint in %s: offering the demo model (random weights)", settings.models_dir
@@ -421,7 +454,7 @@ def run_server(args: argparse.Namespace) -> int:
         log.warning("--listen without --auth/--api-auth: anyone on the network can use the API")
     # warm the default model while the page loads; errors surface on first use
     threading.Thread(target=_load_quietly, args=(engine,), daemon=True).start()
-    serve(build_app(engine, access), settings.host, settings.port)
+    serve(build_app(engine, access), settings.host, settings.port, verbose=args.verbose)
     return 0
 
 
@@ -432,9 +465,42 @@ def _load_quietly(engine: object) -> None:
         log.warning("could not load the default model: %s", exc)
 
 
+def setup_logging(verbose: bool) -> None:
+    """Quiet by default: our own INFO lines (model loaded, images made) and everyone's
+    warnings; `--verbose` shows the libraries' INFO, warnings and progress bars too."""
+    import warnings
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        force=True,
+    )
+    for ours in ("app", "webui"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    if verbose:
+        return
+    # Python warnings (torchvision's, deprecations): seen only with --verbose
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # bars drawn with tqdm's defaults
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def quiet_progress_bars(verbose: bool) -> None:
+    """No diffusers/transformers progress bars (loading, downloads) unless `verbose`; imported
+    only by the commands that load models, so `inspect-lora` stays quick."""
+    if verbose:
+        return
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     if args.command == "generate":
         return run_generate(args)
     if args.command == "inspect-lora":

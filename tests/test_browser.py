@@ -92,6 +92,8 @@ def server(tmp_path: Path):
             str(loras),
             "--device",
             "cpu",
+            *("--outputs-dir", str(tmp_path / "outputs"), "--cache-dir", str(tmp_path / "cache")),
+            *("--settings-file", str(tmp_path / "config.json")),
         ],
         cwd=ROOT,
         stdout=log,

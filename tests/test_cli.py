@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from lora_files import write_kohya_lora
@@ -15,9 +16,16 @@ from webui.engine.infotext import parse_infotext
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CACHE = Path(tempfile.gettempdir()) / "lora-webui-test-cli-cache"  # never the repo's .cache
+
+
 def run_app(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "app.py", "--cache-dir", str(CACHE), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

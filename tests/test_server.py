@@ -56,6 +56,8 @@ def server(tmp_path: Path, tiny_checkpoint_factory):
             str(models),
             "--device",
             "cpu",
+            *("--outputs-dir", str(tmp_path / "outputs"), "--cache-dir", str(tmp_path / "cache")),
+            *("--settings-file", str(tmp_path / "config.json")),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -66,6 +66,14 @@ def _add_offline_docs(app: FastAPI) -> None:
     )
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="info")
+def serve(app: FastAPI, host: str, port: int, *, verbose: bool = False) -> None:
+    """Serve until interrupted: one line saying where, no access log unless `verbose`."""
+    log.info("serving on http://%s:%d", host, port)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=5,  # an open page's event stream would hold Ctrl+C forever
+    )

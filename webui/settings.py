@@ -1,15 +1,25 @@
 """One typed Settings object: where files live, which device and dtype the model uses, how the
-server listens. Built from command-line flags in `app.py`; everything else receives it."""
+server listens. Built from command-line flags in `app.py`; everything else receives it.
+
+The server-wide options a user changes in the Settings tab (and the last model loaded) are kept in
+a JSON settings file, A1111's `config.json`: `SettingsFile` reads and writes it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+log = logging.getLogger(__name__)
 
 
 class DeviceChoice(StrEnum):
@@ -48,6 +58,7 @@ class Settings:
     models_dir: Path = ROOT / "models"
     loras_dir: Path = ROOT / "loras"
     outputs_dir: Path = ROOT / "outputs"
+    settings_file: Path = ROOT / "config.json"
     device: DeviceChoice = DeviceChoice.AUTO
     dtype: DtypeChoice = DtypeChoice.AUTO
     lowvram: bool = False
@@ -79,3 +90,77 @@ class Settings:
         if self.dtype is not DtypeChoice.AUTO:
             return _DTYPES[self.dtype]
         return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+
+
+# The Settings fields a user may change while the app runs (the Settings tab); they are saved.
+SAVED_OPTIONS = ("auto_trigger_words", "save_outputs", "lora_fuse")
+LAST_MODEL_KEY = "sd_model_checkpoint"  # A1111's name for the model loaded at start-up
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What the settings file holds: option values by Settings field name, and the last model."""
+
+    options: dict[str, Any]
+    last_model: str | None = None
+
+
+class SettingsFile:
+    """The JSON settings file. Unknown keys (a newer version's, or a user's) are kept on save;
+    a missing or unreadable file gives the defaults (unreadable: with one warning)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("settings file %s unreadable (%s): using the defaults", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            log.warning("settings file %s holds no JSON object: using the defaults", self.path)
+            return {}
+        return data
+
+    def load(self) -> SavedState:
+        data = self._read()
+        model = data.get(LAST_MODEL_KEY)
+        return SavedState(
+            {k: data[k] for k in SAVED_OPTIONS if k in data},
+            model if isinstance(model, str) and model else None,
+        )
+
+    def apply(self, settings: Settings) -> Settings:
+        """`settings` with the saved options; values of the wrong type are ignored, with a warning."""
+        options = {}
+        types = {f.name: type(getattr(settings, f.name)) for f in fields(settings)}
+        for name, value in self.load().options.items():
+            if type(value) is types[name]:
+                options[name] = value
+            else:
+                log.warning(
+                    "settings file %s: %s=%r ignored (not a %s)",
+                    self.path,
+                    name,
+                    value,
+                    types[name].__name__,
+                )
+        return replace(settings, **options)
+
+    def save(self, settings: Settings | None = None, last_model: str | None = None) -> None:
+        """Write the options of `settings` and/or the last model, keeping every other key."""
+        data = self._read()
+        if settings is not None:
+            data.update({name: getattr(settings, name) for name in SAVED_OPTIONS})
+        if last_model is not None:
+            data[LAST_MODEL_KEY] = last_model
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # written beside and renamed: a crash mid-write never leaves half a file
+        with tempfile.NamedTemporaryFile(
+            "w", dir=self.path.parent, suffix=".tmp", delete=False, encoding="utf-8"
+        ) as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+        os.replace(out.name, self.path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,12 +41,14 @@ from webui.networks.catalog import NetworkCatalog
 from webui.networks.keys import Component
 from webui.networks.patcher import ModuleProgress
 from webui.prompt import NetworkTag, parse_prompt
-from webui.settings import LoraBackend, Settings
+from webui.settings import SAVED_OPTIONS, LoraBackend, Settings, SettingsFile
 
 log = logging.getLogger(__name__)
 
 APP_VERSION = "lora-webui 0.1.0"
 DEMO_MODEL_NAME = "demo-tiny-sd1 (random weights)"
+OUTPUTS_SUBFOLDER = "txt2img-images"  # A1111's folder for txt2img outputs
+_NUMBERED = re.compile(r"^(\d+)-")
 MAX_SEED = 2**32 - 1
 
 
@@ -73,6 +76,8 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER
     clip_skip: int = 1
     lora_backend: LoraBackend | None = None  # None: the Settings default
+    # trigger words added (0 off, N the first N, -1 all); None: the server-wide setting
+    auto_trigger_words: int | None = None
 
     def validate(self) -> None:
         """Raise RequestError naming the first field that is out of range."""
@@ -178,6 +183,10 @@ class RoutedNetwork(ChosenNetwork):
     route: LoraRoute | None = None
 
 
+def _first_set(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
 
@@ -185,8 +194,10 @@ def resolve_seed(seed: int) -> int:
 class Engine:
     """Holds one loaded model and turns requests into images; thread-safe (one job at a time)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, settings_file: SettingsFile | None = None) -> None:
         self.settings = settings
+        # where options and the last model are saved; None (CLI, tests): nothing is written
+        self.settings_file = settings_file
         self._lock = threading.Lock()
         self._interrupt = threading.Event()
         self._model: LoadedModel | None = None
@@ -229,6 +240,7 @@ class Engine:
                 loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
             self._model = loaded
             self._networks = None
+            self._on_loaded(loaded, remember=True)
             return loaded
 
     def load_path(self, path: Path) -> LoadedModel:
@@ -242,11 +254,41 @@ class Engine:
                 self.settings.torch_dtype(),
                 self.settings.lowvram,
             )
+            self._on_loaded(self._model, remember=False)
             return self._model
 
     def load_default(self) -> LoadedModel:
-        """The first checkpoint, or the demo model when there is none."""
-        return self.load(self.model_choices()[0])
+        """The model `default_model` names."""
+        return self.load(self.default_model())
+
+    def default_model(self) -> str:
+        """The model loaded last (saved in the settings file) while it is still in `models/`,
+        else the first checkpoint, or the demo model when there is none. A new file in
+        `models/` (a bake, say) never changes it while the last model is still there."""
+        choices = self.model_choices()
+        last = self.settings_file.load().last_model if self.settings_file else None
+        return last if last in choices else choices[0]
+
+    def _on_loaded(self, model: LoadedModel, *, remember: bool) -> None:
+        """One log line; no diffusers progress bar (the UI and CLI show their own); the model
+        remembered for the next start when it is one of `models/`."""
+        model.pipe.set_progress_bar_config(disable=True)
+        dtype = str(model.dtype).removeprefix("torch.")
+        log.info(
+            "model loaded: %s (%s, %s, %s)", model.name, model.kind.label, model.device.type, dtype
+        )
+        if remember and self.settings_file is not None:
+            self.settings_file.save(last_model=model.name)
+
+    def update_options(self, **changes: Any) -> Settings:
+        """Change server-wide options (`SAVED_OPTIONS`) and save them to the settings file."""
+        unknown = set(changes) - set(SAVED_OPTIONS)
+        if unknown:
+            raise ValueError(f"not a saved option: {', '.join(sorted(unknown))}")
+        self.settings = replace(self.settings, **changes)
+        if self.settings_file is not None:
+            self.settings_file.save(self.settings)
+        return self.settings
 
     def _load_demo(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         pipe = build_pipeline(ModelSpec(Arch.SD1))
@@ -288,7 +330,7 @@ class Engine:
         triggers = add_trigger_words(
             prompt.text,
             [self.trigger_words(routed.network.path) for routed in applied],
-            self.settings.auto_trigger_words,
+            _first_set(request.auto_trigger_words, self.settings.auto_trigger_words),
         )
         texts = replace(request, prompt=triggers.prompt, negative_prompt=negative.text)
         pipe = model.pipe
@@ -467,9 +509,15 @@ class Engine:
     def _save(self, image: Image.Image, infotext: Infotext, seed: int) -> Path | None:
         if not self.settings.save_outputs:
             return None
-        folder = self.settings.outputs_dir / "txt2img" / time.strftime("%Y-%m-%d")
+        folder = self.settings.outputs_dir / OUTPUTS_SUBFOLDER / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        number = len(list(folder.glob("*.png")))
-        path = folder / f"{number:05d}-{seed}.png"
+        path = folder / f"{next_image_number(folder):05d}-{seed}.png"
         save_png(image, path, infotext)
         return path
+
+
+def next_image_number(folder: Path) -> int:
+    """A1111's numbering: one more than the highest `NNNNN-` prefix in the folder (0 when none),
+    so a deleted image never makes a number come back while later ones exist."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(numbers, default=-1) + 1

@@ -12,6 +12,37 @@ from pathlib import Path
 
 ALL_TRIGGER_WORDS = -1  # `Settings.auto_trigger_words`: 0 off, N the first N of each, -1 all
 
+# The modes the UI offers, by label.
+TRIGGER_WORD_MODES: dict[str, int] = {
+    "Off": 0,
+    "First word": 1,
+    "First 3 words": 3,
+    "All words": ALL_TRIGGER_WORDS,
+}
+
+
+def trigger_mode_label(limit: int) -> str:
+    """The label of a mode; another count (written in the settings file) reads `First N words`."""
+    found = next((k for k, v in TRIGGER_WORD_MODES.items() if v == limit), None)
+    return found or f"First {limit} words"
+
+
+def trigger_mode_limit(label: str) -> int:
+    """The inverse of `trigger_mode_label`; ValueError for a label it never makes."""
+    if label in TRIGGER_WORD_MODES:
+        return TRIGGER_WORD_MODES[label]
+    match = re.fullmatch(r"First (\d+) words", label or "")
+    if match is None:
+        raise ValueError(f"unknown trigger-word mode {label!r}")
+    return int(match.group(1))
+
+
+def trigger_mode_choices(limit: int) -> list[str]:
+    """The offered labels, plus the one of `limit` when it is another count."""
+    label = trigger_mode_label(limit)
+    return [*TRIGGER_WORD_MODES, *([label] if label not in TRIGGER_WORD_MODES else [])]
+
+
 TriggerWordSource = Callable[[Path], Sequence[str]]
 
 

@@ -1,9 +1,13 @@
-"""The whole Gradio app: model picker on top, one tab per tool."""
+"""The whole Gradio app: model picker on top, one tab per tool.
+
+What the page shows of the server (the loaded model, the checkpoint lists, the server-wide
+options) is read from the engine on every page load, never fixed when the page is built."""
 
 from __future__ import annotations
 
 import html
 import logging
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -13,8 +17,9 @@ from webui.engine.jobs import JobQueue
 from webui.ui.messages import user_message
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
-from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab
-from webui.ui.txt2img import build_txt2img_tab
+from webui.ui.settings_tab import build_settings_tab, current_values
+from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
+from webui.ui.txt2img import build_txt2img_tab, trigger_words_update
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ CSS = (
 .lw-warnings { border-left: 4px solid #e0a000; padding: 4px 10px; background: rgba(224,160,0,0.08); }
 .lw-warnings ul { margin: 0; padding-left: 1.2em; }
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
+#txt2img-gallery img { object-fit: contain !important; }
 """
     + NETWORKS_CSS
     + TOOLS_CSS
@@ -40,7 +46,12 @@ def _model_status(engine: Engine) -> str:
         folder = html.escape(str(engine.settings.models_dir))
         return (
             "<span class='lw-model-status'>⚠ Demo model: tiny, random weights, so images are noise. "
-            f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> and press Refresh.</span>"
+            + (
+                "Choose a checkpoint in the picker.</span>"
+                if engine.checkpoints()
+                else f"Put a Stable Diffusion checkpoint (.safetensors) in <code>{folder}</code> "
+                "and press Refresh.</span>"
+            )
         )
     return (
         f"<span class='lw-model-status'>Loaded <b>{html.escape(model.name)}</b> · {model.kind.label} · "
@@ -48,12 +59,23 @@ def _model_status(engine: Engine) -> str:
     )
 
 
+# Ctrl+Enter, Esc, Ctrl+Up/Down: installed once per page by a load event.
+KEYBOARD_JS = (Path(__file__).with_name("static") / "keyboard.js").read_text(encoding="utf-8")
+
+
+def picker_values(engine: Engine) -> tuple[list[str], str]:
+    """The model picker's choices and value: the loaded model (or, before any has loaded, the
+    one that will load), listed even when `models/` no longer holds it (the demo model)."""
+    choices = engine.model_choices()
+    current = engine.model.name if engine.model else engine.default_model()
+    return (choices if current in choices else [*choices, current]), current
+
+
 def build_ui(engine: Engine) -> gr.Blocks:
     """Build (not launch) the Blocks app around an engine."""
     with gr.Blocks(title="LoRA WebUI") as ui:
         with gr.Row(equal_height=True):
-            choices = engine.model_choices()
-            current = engine.model.name if engine.model else choices[0]
+            choices, current = picker_values(engine)
             model = gr.Dropdown(
                 choices,
                 value=current,
@@ -73,22 +95,46 @@ def build_ui(engine: Engine) -> gr.Blocks:
             with gr.Tab("PNG Info", id="png-info"):
                 build_png_info_tab()
             with gr.Tab("Tools", id="tools") as tools:
-                build_tools_tab(engine, tools)
+                tool_checkpoints = build_tools_tab(engine, tools)
+            with gr.Tab("Settings", id="settings"):
+                settings = build_settings_tab(engine)
 
-        def on_select(name: str, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - gradio injects it
+        def picker() -> Any:
+            names, value = picker_values(engine)
+            return gr.update(choices=names, value=value)
+
+        def on_select(name: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:  # noqa: B008 - gradio injects it
             try:
                 progress(0, desc=f"Loading {name}…")
                 JobQueue.for_engine(engine).load(name)  # in turn with generations
-            except Exception as exc:  # shown as one line under the picker
-                return f"<span class='lw-warnings'>{html.escape(user_message(exc))}</span>"
-            return _model_status(engine)
+            except (
+                Exception
+            ) as exc:  # one line under the picker, which names the model still loaded
+                message = html.escape(user_message(exc))
+                return picker(), f"<span class='lw-warnings'>{message}</span>"
+            return picker(), _model_status(engine)
 
-        def on_refresh() -> tuple[Any, str]:
-            names = engine.model_choices()
-            value = engine.model.name if engine.model and engine.model.name in names else names[0]
-            return gr.update(choices=names, value=value), _model_status(engine)
+        def on_refresh(*chosen: str | None) -> tuple[Any, ...]:
+            """New lists of checkpoints; loads nothing, so the picker keeps the loaded model."""
+            return picker(), _model_status(engine), *checkpoint_values(engine, chosen)
 
-        model.input(on_select, inputs=model, outputs=status, concurrency_id="gpu")
-        refresh.click(on_refresh, outputs=[model, status], queue=False)
-        ui.load(lambda: _model_status(engine), outputs=status, queue=False)
+        def on_page_load() -> tuple[Any, ...]:
+            return (
+                picker(),
+                _model_status(engine),
+                *checkpoint_values(engine),
+                trigger_words_update(engine),
+                *current_values(engine),
+            )
+
+        model.input(on_select, inputs=model, outputs=[model, status], concurrency_id="gpu")
+        refresh.click(
+            on_refresh,
+            inputs=tool_checkpoints,
+            outputs=[model, status, *tool_checkpoints],
+            queue=False,
+        )
+        page_outputs = [model, status, *tool_checkpoints, txt2img.trigger_words, *settings.all]
+        ui.load(on_page_load, outputs=page_outputs, queue=False)
+        ui.load(None, js=KEYBOARD_JS)
     return ui

@@ -1,5 +1,6 @@
 """The Networks tab: browse the LoRA folder as cards, add them to the prompt with a click, edit
-their activation text, weight and notes, and choose how trigger words are applied."""
+their activation text, weight and notes. (How trigger words are applied is chosen per page in
+txt2img, and server-wide in Settings.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from PIL import Image
 
 from webui.arch import Arch
 from webui.engine.generate import Engine
-from webui.engine.trigger_words import ALL_TRIGGER_WORDS
 from webui.networks.catalog_index import CatalogIndex, NetworkEntry
 from webui.networks.previews import preview_bytes, set_preview
 from webui.networks.sidecars import save_user_metadata
@@ -43,14 +43,6 @@ class SortOrder(StrEnum):
     NAME = "Name"
     NEWEST = "Newest first"
     LARGEST = "Largest first"
-
-
-TRIGGER_CHOICES: dict[str, int] = {
-    "Off": 0,
-    "First word": 1,
-    "First 3 words": 3,
-    "All words": ALL_TRIGGER_WORDS,
-}
 
 
 @dataclass(frozen=True)
@@ -308,9 +300,6 @@ def build_networks_tab(
     view = NetworksView(engine, index, PreviewCache())
     engine.trigger_words = view.trigger_words
     entries = view.entries()
-    current_trigger = next(
-        (k for k, v in TRIGGER_CHOICES.items() if v == engine.settings.auto_trigger_words), "Off"
-    )
 
     with gr.Row(equal_height=True, elem_id="networks-toolbar"):
         search = gr.Textbox(
@@ -366,21 +355,14 @@ def build_networks_tab(
                     lines=2,
                     elem_id="networks-activation",
                 )
-                with gr.Row():
-                    weight = gr.Number(
-                        label="Preferred weight",
-                        value=None,
-                        step=0.05,
-                        minimum=-5,
-                        maximum=5,
-                        elem_id="networks-weight",
-                    )
-                    trigger_mode = gr.Dropdown(
-                        list(TRIGGER_CHOICES),
-                        value=current_trigger,
-                        label="Auto-apply trigger words",
-                        elem_id="networks-auto-trigger",
-                    )
+                weight = gr.Number(
+                    label="Preferred weight",
+                    value=None,
+                    step=0.05,
+                    minimum=-5,
+                    maximum=5,
+                    elem_id="networks-weight",
+                )
                 notes = gr.Textbox(label="Notes", lines=3, elem_id="networks-notes")
             with gr.Row():
                 save = gr.Button("Save", variant="primary", size="sm", elem_id="networks-save")
@@ -517,11 +499,7 @@ def build_networks_tab(
             outputs=[grid, status],
         )
 
-    def on_trigger_mode(label: str) -> None:
-        engine.settings = replace(engine.settings, auto_trigger_words=TRIGGER_CHOICES[label])
-
     if tab is not None:  # the model may have loaded since: compatibility and badges change
         tab.select(redraw, inputs=[prompt, selected, *filter_inputs], outputs=grid, queue=False)
         tab.select(show_prompt, inputs=prompt, outputs=prompt_line, queue=False)
-    trigger_mode.change(on_trigger_mode, inputs=trigger_mode, queue=False)
     return view

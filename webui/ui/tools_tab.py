@@ -380,14 +380,34 @@ def _checkpoint_names(engine: Engine) -> list[str]:
 
 
 def _current_checkpoint(engine: Engine, names: Sequence[str]) -> str | None:
+    """The loaded model (the one that will load, before any has): a new file in `models/`
+    never becomes the default."""
     model = engine.model
-    if model is not None and model.name in names:
-        return model.name
+    name = model.name if model is not None else engine.default_model()
+    if name in names:
+        return name
     return names[0] if names else None
 
 
-def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
-    """Lay out the three forms inside the current Blocks context and wire them."""
+def checkpoint_values(
+    engine: Engine, chosen: Sequence[str | None] | None = None
+) -> tuple[Any, ...]:
+    """Updates of the forms' checkpoint lists (combination, base, fine-tuned, bake) from
+    `models/` as it is now: a choice still listed is kept; the others (and every list of a
+    new page, `chosen=None`) take the loaded model; the fine-tuned list none."""
+    names = _checkpoint_names(engine)
+    current = _current_checkpoint(engine, names)
+    defaults = (current, current, None, current)
+    kept = chosen or defaults
+    return tuple(
+        gr.update(choices=names, value=value if value in names else default)
+        for value, default in zip(kept, defaults, strict=True)
+    )
+
+
+def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> list[gr.Dropdown]:
+    """Lay out the three forms inside the current Blocks context and wire them; the checkpoint
+    lists, in `checkpoint_values`' order, for the page to refresh."""
     names = _checkpoint_names(engine)  # one walk of models/
     current = _current_checkpoint(engine, names)
     intro = (
@@ -503,14 +523,11 @@ def build_tools_tab(engine: Engine, tab: gr.Tab | None = None) -> None:
         outputs=[combo_list, combo_last],
         queue=False,
     )
+    checkpoints = [combo_model, diff_base, diff_tuned, bake_model]
     if tab is not None:
 
-        def on_select() -> tuple[Any, ...]:
-            update = gr.update(choices=_checkpoint_names(engine))  # keeps what was chosen
-            return update, update, update, update, last_generation_html(engine)
+        def on_select(*chosen: str | None) -> tuple[Any, ...]:
+            return (*checkpoint_values(engine, chosen), last_generation_html(engine))
 
-        tab.select(
-            on_select,
-            outputs=[combo_model, diff_base, diff_tuned, bake_model, combo_last],
-            queue=False,
-        )
+        tab.select(on_select, inputs=checkpoints, outputs=[*checkpoints, combo_last], queue=False)
+    return checkpoints

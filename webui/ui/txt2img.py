@@ -1,4 +1,7 @@
-"""The txt2img tab: prompt, parameters, Generate/Interrupt, gallery, infotext and warnings."""
+"""The txt2img tab: prompt, parameters, Generate/Interrupt, gallery, infotext and warnings.
+
+Everything here is the page's own state, sent with each request (the trigger-word mode
+included); server-wide options live in the Settings tab."""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ import gradio as gr
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
 from webui.engine.jobs import JobQueue
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
+from webui.engine.trigger_words import (
+    trigger_mode_choices,
+    trigger_mode_label,
+    trigger_mode_limit,
+)
 from webui.settings import LoraBackend
 from webui.ui.messages import user_message, warnings_html
 
@@ -25,15 +33,29 @@ class Txt2ImgControls:
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
     gallery: gr.Gallery
+    trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
 
 
-def _infotext_html(result: GenerationResult) -> str:
-    if not result.images:
-        return ""
-    text = html.escape(result.images[0].infotext.format())
+def trigger_words_update(engine: Engine) -> Any:
+    """The trigger-word control of a new page: the server-wide mode (what API calls get)."""
+    limit = engine.settings.auto_trigger_words
+    return gr.update(choices=trigger_mode_choices(limit), value=trigger_mode_label(limit))
+
+
+def infotext_panels(result: GenerationResult) -> list[str]:
+    """One infotext panel per image (shown for the image selected in the gallery): its
+    parameters, the run's time, where the image was saved, and the LoRA backends."""
     note = " <b>(interrupted)</b>" if result.interrupted else ""
-    timing = f"<div class='lw-timing'>{len(result.images)} image(s) in {result.seconds:.1f} s{note}</div>"
-    return f"<pre class='lw-infotext'>{text}</pre>{timing}{_backends_html(result)}"
+    timing = f"{len(result.images)} image(s) in {result.seconds:.1f} s{note}"
+    panels = []
+    for image in result.images:
+        text = html.escape(image.infotext.format())
+        saved = f" · saved to <code>{html.escape(str(image.path))}</code>" if image.path else ""
+        panels.append(
+            f"<pre class='lw-infotext'>{text}</pre><div class='lw-timing'>{timing}{saved}</div>"
+            f"{_backends_html(result)}"
+        )
+    return panels
 
 
 def _backends_html(result: GenerationResult) -> str:
@@ -46,7 +68,7 @@ def _backends_html(result: GenerationResult) -> str:
 
 def _run_generation(
     engine: Engine, request: GenerationRequest, progress: gr.Progress
-) -> tuple[Any, str, str]:
+) -> tuple[Any, str, str, list[str]]:
     """Generate in turn with API jobs (loading a model if needed), and shape the result for
     the gallery and panels."""
     try:
@@ -58,11 +80,13 @@ def _run_generation(
 
         result = JobQueue.for_engine(engine).generate(request, on_progress=report)
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
-        return gr.update(), "", warnings_html([user_message(exc)])
+        return gr.update(), "", warnings_html([user_message(exc)]), []
+    log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
     gallery = [
         (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
     ]
-    return gallery, _infotext_html(result), warnings_html(result.warnings)
+    panels = infotext_panels(result)
+    return gallery, panels[0] if panels else "", warnings_html(result.warnings), panels
 
 
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
@@ -104,24 +128,44 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 )
             with gr.Row():
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
-                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                batch_size = gr.Slider(
+                    1, 8, value=1, step=1, label="Batch size", elem_id="txt2img-batch-size"
+                )
             clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
-            lora_backend = gr.Dropdown(
-                [c.value for c in LoraBackend],
-                value=engine.settings.lora_backend.value,
-                label="LoRA backend",
-                info="auto: native where it maps every module, diffusers for what it cannot",
-                elem_id="txt2img-lora-backend",
-            )
+            with gr.Row():
+                lora_backend = gr.Dropdown(
+                    [c.value for c in LoraBackend],
+                    value=engine.settings.lora_backend.value,
+                    label="LoRA backend",
+                    info="auto: native where it maps every module, diffusers for what it cannot",
+                    elem_id="txt2img-lora-backend",
+                )
+                limit = engine.settings.auto_trigger_words
+                trigger_words = gr.Dropdown(
+                    trigger_mode_choices(limit),
+                    value=trigger_mode_label(limit),
+                    label="Auto-apply trigger words",
+                    info="this page only; new pages and API calls use the Settings tab's",
+                    elem_id="txt2img-trigger-words",
+                )
         with gr.Column(scale=3, min_width=360):
             gallery = gr.Gallery(
-                label="Images", columns=2, height=520, format="png", elem_id="txt2img-gallery"
+                label="Images",
+                columns=2,
+                height=520,
+                format="png",
+                object_fit="contain",  # whole images, never cropped to the grid's squares
+                elem_id="txt2img-gallery",
             )
             warnings = gr.HTML(elem_id="txt2img-warnings")
             infotext = gr.HTML(elem_id="txt2img-infotext")
+            panels = gr.State([])  # the infotext of each image of the last run
 
-    def on_generate(*values: Any, progress: gr.Progress = gr.Progress()) -> tuple[Any, str, str]:  # noqa: B008 - gradio injects it
-        p, n, smp, st, w, h, c, sd, bc, bs, cs, lb = values
+    def on_generate(
+        *values: Any,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+    ) -> tuple[Any, str, str, list[str]]:
+        p, n, smp, st, w, h, c, sd, bc, bs, cs, lb, tw = values
         request = GenerationRequest(
             prompt=p,
             negative_prompt=n,
@@ -135,6 +179,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             batch_size=int(bs),
             clip_skip=int(cs),
             lora_backend=LoraBackend(lb) if lb else None,
+            auto_trigger_words=trigger_mode_limit(tw) if tw else None,
         )
         return _run_generation(engine, request, progress)
 
@@ -151,13 +196,17 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         batch_size,
         clip_skip,
         lora_backend,
+        trigger_words,
     ]
-    generate.click(
-        on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"
-    )
-    prompt.submit(
-        on_generate, inputs=inputs, outputs=[gallery, infotext, warnings], concurrency_id="gpu"
-    )
+    outputs = [gallery, infotext, warnings, panels]
+    generate.click(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
+    prompt.submit(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
     interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
-    return Txt2ImgControls(prompt, negative, gallery)
+
+    def on_select(texts: list[str], evt: gr.SelectData) -> str:
+        index = evt.index if isinstance(evt.index, int) else 0
+        return texts[index] if 0 <= index < len(texts) else gr.update()
+
+    gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
+    return Txt2ImgControls(prompt, negative, gallery, trigger_words)
