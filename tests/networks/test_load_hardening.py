@@ -280,3 +280,16 @@ def test_inspect_lora_reports_a_zero_dim_tensor_without_a_traceback(tmp_path: Pa
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert str(path) in result.stderr and "lora_up has shape ()" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "adapter_metadata", ["[1, 2]", '{"unet.alpha_pattern": {"to_q": "x"}}', "[" * 10_000]
+)
+def test_garbled_peft_metadata_is_ignored(tmp_path: Path, adapter_metadata: str) -> None:
+    path = tmp_path / "peft.safetensors"
+    save_file(
+        {UP: torch.randn(8, 2), DOWN: torch.randn(2, 8)},
+        str(path),
+        {"lora_adapter_metadata": adapter_metadata},
+    )
+    assert list(load_network(path).modules) == [PREFIX]
