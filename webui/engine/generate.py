@@ -396,7 +396,7 @@ class Engine:
         routed = self._networks.apply(
             chosen, choice, total_steps=request.steps, on_progress=_module_progress(on_progress)
         )
-        warnings.extend(routed.report.warnings)
+        warnings.extend(routed.warnings)
         return [
             RoutedNetwork(c.name, c.network, c.strengths, route)
             for c, route in zip(chosen, routed.routes, strict=True)

@@ -12,12 +12,13 @@ holds)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from webui.arch import Arch
 from webui.engine.network_set import ChosenNetwork
+from webui.networks.apply_errors import NetworkApplyError
 from webui.networks.diffusers_backend import DiffusersBackend, FallbackReport, refusal_reason
 from webui.networks.keys import KeyMap
 from webui.networks.network import Network
@@ -100,6 +101,12 @@ class RoutedReport:
 
     routes: tuple[LoraRoute, ...]
     report: PatchReport
+    dropped: tuple[str, ...] = ()  # one warning per network left out because applying it failed
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning for the UI: the networks left out, then the backends' reports."""
+        return [*self.dropped, *self.report.warnings]
 
     @property
     def applied(self) -> tuple[LoraRoute, ...]:
@@ -115,6 +122,16 @@ def _combined(reports: Sequence[PatchReport | None]) -> PatchReport | None:
         sum(r.modules_changed for r in present),
         sum(r.seconds for r in present),
         frozenset(c for r in present for c in r.components_changed),
+    )
+
+
+def _index_of(
+    chosen: Sequence[ChosenNetwork], error: NetworkApplyError, dropped: Mapping[int, str]
+) -> int | None:
+    """The not-yet-dropped entry of `chosen` whose network failed (the same object)."""
+    return next(
+        (i for i, c in enumerate(chosen) if c.network is error.network and i not in dropped),
+        None,
     )
 
 
@@ -153,7 +170,35 @@ class LoraBackends:
         on_progress: ModuleProgress | None = None,
     ) -> RoutedReport:
         """Apply the set at step 1, each network through its backend; `on_progress` follows the
-        native patcher's modules (the fallback loads a file in one call)."""
+        native patcher's modules (the fallback loads a file in one call). A network whose delta
+        math fails (the patcher has rolled back) is left out with a warning and the rest applied
+        again: at most one retry per network."""
+        dropped: dict[int, str] = {}  # index in `chosen` -> warning
+        while True:
+            kept = [c for i, c in enumerate(chosen) if i not in dropped]
+            try:
+                routes, report = self._apply_once(kept, choice, total_steps, on_progress)
+            except NetworkApplyError as error:
+                index = _index_of(chosen, error, dropped)
+                if index is None:  # not one of this set's networks: nothing safe to drop
+                    raise
+                dropped[index] = f"{chosen[index].name}: not applied ({error})"
+                continue
+            break
+        by_chosen = iter(routes)
+        all_routes = [
+            replace(self.route([c], choice)[0], applied=False) if i in dropped else next(by_chosen)
+            for i, c in enumerate(chosen)
+        ]
+        return RoutedReport(tuple(all_routes), report, tuple(dropped.values()))
+
+    def _apply_once(
+        self,
+        chosen: Sequence[ChosenNetwork],
+        choice: LoraBackend,
+        total_steps: int,
+        on_progress: ModuleProgress | None,
+    ) -> tuple[list[LoraRoute], PatchReport]:
         routes = self.route(chosen, choice)
         by_backend: dict[LoraBackend, list[tuple[Network, Strengths]]] = {
             LoraBackend.NATIVE: [],
@@ -187,7 +232,7 @@ class LoraBackends:
             [PatchReport(tuple(refused), 0, 0.0, frozenset()), native_report, fallback_report]
         )
         assert report is not None
-        return RoutedReport(tuple(routes), report)
+        return routes, report
 
     @property
     def is_scheduled(self) -> bool:

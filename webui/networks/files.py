@@ -1,21 +1,28 @@
 """LoRA files on disk: safetensors headers and metadata (read without loading tensors), the
-AutoV2/AutoV3 hashes A1111 and civitai show, and tensor loading for safetensors and pickles."""
+AutoV2/AutoV3 hashes A1111 and civitai show, and tensor loading for safetensors and pickles.
+
+Nothing here memory-maps a file: a LoRA overwritten or truncated while it is read would kill the
+process with SIGBUS. Files are read into memory (under `MAX_LORA_BYTES`) and every tensor's
+declared shape and dtype is checked against its data offsets before anything is allocated."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +32,35 @@ PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin"})
 # The safetensors format itself refuses headers above 100 MB; a larger length means garbage.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HASH_CHUNK_BYTES = 1024 * 1024
+# LoRAs are read whole into memory (no mmap); a bigger file is refused, not half-loaded.
+MAX_LORA_BYTES = 4 * 1024**3
+# No LoRA tensor has more dims; no real dim comes near 2**40 (also keeps torch's int64 safe).
+MAX_TENSOR_DIMS = 8
+MAX_DIM = 2**40
 _LENGTH_BYTES = 8
+# safetensors dtype -> bits per element (the sub-byte float formats included).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 
 
 class NetworkFileError(Exception):
@@ -44,6 +79,11 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     data_offsets: tuple[int, int]
+
+    @property
+    def declared_bits(self) -> int:
+        """What the shape and dtype need, in bits."""
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -91,11 +131,10 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
 
 
-def _read_header_length(handle: BinaryIO, path: Path, file_size: int) -> int:
-    raw = handle.read(_LENGTH_BYTES)
+def _header_length(raw: bytes, path: Path, file_size: int) -> int:
     if len(raw) < _LENGTH_BYTES:
         raise NetworkFileError(path, f"too short for a safetensors file ({file_size} bytes)")
-    length = int.from_bytes(raw, "little")
+    length = int.from_bytes(raw[:_LENGTH_BYTES], "little")
     if length > MAX_HEADER_BYTES:
         raise NetworkFileError(path, f"not a safetensors file (header length {length})")
     if _LENGTH_BYTES + length > file_size:
@@ -105,6 +144,11 @@ def _read_header_length(handle: BinaryIO, path: Path, file_size: int) -> int:
     return length
 
 
+def _is_count(value: Any) -> bool:
+    # JSON true/false arrive as bool, a subclass of int
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict):
         raise NetworkFileError(path, f"malformed header entry for tensor {name!r}")
@@ -112,33 +156,38 @@ def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:
     valid = (
         isinstance(dtype, str)
         and isinstance(shape, list)
-        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and all(_is_count(d) for d in shape)
         and isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
+        and all(_is_count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
     )
     if not valid:
-        raise NetworkFileError(path, f"malformed header entry for tensor {name!r}: {entry!r}")
-    return TensorInfo(dtype=dtype, shape=tuple(shape), data_offsets=(offsets[0], offsets[1]))
+        raise NetworkFileError(path, f"malformed header entry for tensor {name!r}: {entry!r:.200}")
+    if dtype not in DTYPE_BITS:
+        raise NetworkFileError(path, f"tensor {name!r} has unknown dtype {dtype!r:.40}")
+    if len(shape) > MAX_TENSOR_DIMS or any(d > MAX_DIM for d in shape):
+        raise NetworkFileError(path, f"tensor {name!r} declares an absurd shape {shape!r:.200}")
+    info = TensorInfo(dtype=dtype, shape=tuple(shape), data_offsets=(offsets[0], offsets[1]))
+    span = offsets[1] - offsets[0]
+    if info.declared_bits != span * 8:
+        dims = "x".join(map(str, shape)) or "scalar"
+        raise NetworkFileError(
+            path,
+            f"tensor {name!r} declares {dims} {dtype} ({info.declared_bits / 8:.0f} bytes) "
+            f"but its data offsets span {span} bytes",
+        )
+    return info
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Read a safetensors header (no tensor data). Raises NetworkFileError naming the file when
-    it is truncated, garbage, or its tensors point past its end."""
-    path = Path(path)
-    try:
-        file_size = path.stat().st_size
-        with path.open("rb") as handle:
-            length = _read_header_length(handle, path, file_size)
-            raw = handle.read(length)
-    except OSError as error:
-        raise NetworkFileError(path, f"cannot read: {error}") from error
+def _parse_header(path: Path, raw: bytes, length: int, file_size: int) -> SafetensorsHeader:
+    """The header from its JSON bytes; every tensor checked against the file's size."""
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError also covers integers over Python's digit limit; RecursionError deep nesting
         raise NetworkFileError(
-            path, f"not a safetensors file (bad header JSON: {error})"
+            path, f"not a safetensors file (bad header JSON: {str(error)[:200]})"
         ) from error
     if not isinstance(parsed, dict):
         raise NetworkFileError(path, "not a safetensors file (header is not a JSON object)")
@@ -156,7 +205,47 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise NetworkFileError(
             path, f"truncated: tensors need {data_end} data bytes, file has {data_size}"
         )
+    position = 0
+    for name, info in sorted(tensors.items(), key=lambda item: item[1].data_offsets):
+        if info.data_offsets[0] != position:
+            raise NetworkFileError(
+                path, f"tensor {name!r} starts at data byte {info.data_offsets[0]}, not {position}"
+            )
+        position = info.data_offsets[1]
     return SafetensorsHeader(metadata=metadata, tensors=tensors, header_size=length)
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read a safetensors header (no tensor data, no mmap). Raises NetworkFileError naming the
+    file when it is truncated, garbage, or a tensor's shape and dtype disagree with its data
+    offsets or point past the file's end."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            length = _header_length(handle.read(_LENGTH_BYTES), path, file_size)
+            raw = handle.read(length)
+    except OSError as error:
+        raise NetworkFileError(path, f"cannot read: {error}") from error
+    if len(raw) != length:
+        raise NetworkFileError(path, "truncated while it was read")
+    return _parse_header(path, raw, length, file_size)
+
+
+def _read_whole(path: Path, max_bytes: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise NetworkFileError(
+                    path, f"{size} bytes, over the {max_bytes}-byte limit for LoRA files"
+                )
+            data = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise NetworkFileError(path, f"cannot read: {error}") from error
+    if len(data) > max_bytes:  # grew while it was read
+        raise NetworkFileError(path, f"over the {max_bytes}-byte limit for LoRA files")
+    return data
 
 
 def compute_hashes(path: str | os.PathLike[str], chunk_bytes: int = HASH_CHUNK_BYTES) -> FileHashes:
@@ -193,9 +282,9 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
     return loaded
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message runs to a page; keep the line naming the refused global.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -220,20 +309,42 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of a LoRA file, on the CPU. Safetensors are read directly; .pt/.ckpt/.pth/.bin
-    only through `torch.load(weights_only=True)`, with a nested `state_dict` unwrapped."""
+@dataclass(frozen=True)
+class LoadedFile:
+    """A LoRA file's tensors (on the CPU) and its metadata, read in one pass."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def load_file_contents(
+    path: str | os.PathLike[str], *, max_bytes: int = MAX_LORA_BYTES
+) -> LoadedFile:
+    """Tensors and metadata of a LoRA file, read into memory in one pass (no mmap), so a file
+    changed meanwhile is an error about that file. Safetensors are parsed from those bytes after
+    their header is checked; .pt/.ckpt/.pth/.bin only through `torch.load(weights_only=True)`,
+    with a nested `state_dict` unwrapped. Raises NetworkFileError naming the file."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        read_header(path)  # a precise error for truncated files before safetensors' own
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, OSError) as error:
-            raise NetworkFileError(path, f"cannot load safetensors: {error}") from error
+    if suffix not in SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES:
+        raise NetworkFileError(path, f"unknown LoRA file type {suffix!r}")
+    data = _read_whole(path, max_bytes)
     if suffix in PICKLE_SUFFIXES:
-        return _load_pickle(path)
-    raise NetworkFileError(path, f"unknown LoRA file type {suffix!r}")
+        return LoadedFile(_load_pickle(path, data), {})
+    length = _header_length(data, path, len(data))
+    header = _parse_header(path, data[_LENGTH_BYTES : _LENGTH_BYTES + length], length, len(data))
+    try:
+        tensors = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise NetworkFileError(path, f"cannot load safetensors: {error}") from error
+    return LoadedFile(tensors, header.metadata)
+
+
+def load_tensors(
+    path: str | os.PathLike[str], *, max_bytes: int = MAX_LORA_BYTES
+) -> dict[str, torch.Tensor]:
+    """All tensors of a LoRA file, on the CPU (see `load_file_contents`)."""
+    return load_file_contents(path, max_bytes=max_bytes).tensors
 
 
 def read_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

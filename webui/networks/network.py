@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from webui.networks.base_detection import BaseDetection, detect_base
-from webui.networks.files import compute_hashes, load_tensors, read_metadata
+from webui.networks.files import NetworkFileError, compute_hashes, load_file_contents
 from webui.networks.modules import (
+    InvalidModuleError,
     NetworkModule,
     UnsupportedModuleError,
     Variant,
@@ -60,12 +61,14 @@ def network_name(path: Path) -> str:
 
 
 def read_network(path: Path, *, dyn: int | None = None) -> Network:
-    """Read a LoRA file into typed modules. Raises NetworkFileError for unreadable files; keys
-    no variant understands are collected (and reported by the patcher), not fatal."""
-    tensors = load_tensors(path)
-    metadata = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
+    """Read a LoRA file into typed modules. Raises NetworkFileError for unreadable files and for
+    files with a malformed module (its message names the key and what is wrong); keys no variant
+    understands are collected (and reported by the patcher), not fatal."""
+    contents = load_file_contents(path)
+    tensors, metadata = contents.tensors, contents.metadata
     modules: dict[str, NetworkModule] = {}
     unsupported: dict[str, tuple[str, ...]] = {}
+    invalid: list[InvalidModuleError] = []
     peft_alphas = read_peft_alphas(metadata)
     for prefix, group in group_by_module(tensors).items():
         alpha = peft_alphas.alpha_for(prefix)
@@ -75,6 +78,11 @@ def read_network(path: Path, *, dyn: int | None = None) -> Network:
             modules[prefix] = parse_module(prefix, group, dyn=dyn)
         except UnsupportedModuleError:
             unsupported[prefix] = tuple(sorted(group))
+        except InvalidModuleError as error:
+            invalid.append(error)
+    if invalid:
+        more = f" (and {len(invalid) - 1} more malformed module(s))" if len(invalid) > 1 else ""
+        raise NetworkFileError(path, f"malformed module {invalid[0]}{more}")
     shapes = {key: tuple(t.shape) for key, t in tensors.items()}
     base = detect_base(metadata, shapes)
     return Network(path, network_name(path), metadata, modules, unsupported, base)
@@ -85,9 +93,13 @@ _cache_lock = threading.Lock()
 
 
 def load_network(path: str | os.PathLike[str], *, dyn: int | None = None) -> Network:
-    """Read a LoRA file, or return it from the in-memory LRU cache if unchanged on disk."""
+    """Read a LoRA file, or return it from the in-memory LRU cache if unchanged on disk.
+    Raises NetworkFileError (naming the file) and nothing else for a bad or missing file."""
     path = Path(path)
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError as error:  # e.g. deleted after the catalog scan
+        raise NetworkFileError(path, f"cannot read: {error.strerror or error}") from error
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dyn)
     with _cache_lock:
         if key in _cache:

@@ -48,7 +48,9 @@ def read_peft_alphas(metadata: Mapping[str, str]) -> PeftAlphas:
         return PeftAlphas()
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
         log.warning("ignoring unreadable %s metadata", METADATA_KEY)
         return PeftAlphas()
     default: dict[str, float] = {}
@@ -58,5 +60,7 @@ def read_peft_alphas(metadata: Mapping[str, str]) -> PeftAlphas:
         if name == "lora_alpha" and isinstance(value, int | float):
             default[component] = float(value)
         elif name == "alpha_pattern" and isinstance(value, dict):
-            patterns[component] = {str(k): float(v) for k, v in value.items()}
+            patterns[component] = {
+                str(k): float(v) for k, v in value.items() if isinstance(v, int | float)
+            }
     return PeftAlphas(default, patterns)

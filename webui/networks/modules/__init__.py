@@ -1,6 +1,7 @@
 """Per-variant LoRA math: typed modules that turn a file's tensors into weight deltas."""
 
 from .base import (
+    InvalidModuleError,
     LowRankFactors,
     LowRankModule,
     NetworkModule,
@@ -30,6 +31,7 @@ __all__ = [
     "FullModule",
     "GloraModule",
     "Ia3Module",
+    "InvalidModuleError",
     "LohaModule",
     "LokrModule",
     "LoraModule",

@@ -33,6 +33,41 @@ class ShapeMismatchError(ValueError):
     """A module's tensors do not fit the weight it was matched to."""
 
 
+class InvalidModuleError(ValueError):
+    """A module's tensors contradict each other or their variant (ranks that disagree, a 0-d
+    factor, a non-scalar alpha): the file is malformed, not merely of an unknown format."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key!r}: {reason}")
+
+
+def check_factor(key: str, name: str, tensor: Tensor, dims: tuple[int, ...] = (2,)) -> None:
+    """Raise InvalidModuleError unless `tensor` is a non-empty float tensor with one of `dims`."""
+    if tensor.dim() not in dims:
+        allowed = " or ".join(map(str, dims))
+        raise InvalidModuleError(
+            key, f"{name} has shape {tuple(tensor.shape)}, expected {allowed} dims"
+        )
+    if tensor.numel() == 0:
+        raise InvalidModuleError(key, f"{name} is empty (shape {tuple(tensor.shape)})")
+    if not tensor.is_floating_point():
+        raise InvalidModuleError(key, f"{name} holds {tensor.dtype}, not floats")
+
+
+def check_equal(key: str, what: str, left: int, right: int) -> None:
+    """Raise InvalidModuleError naming `what` when two sizes that must agree differ."""
+    if left != right:
+        raise InvalidModuleError(key, f"{what} disagree ({left} vs {right})")
+
+
+def check_scalar(key: str, name: str, value: float | None) -> None:
+    """Raise InvalidModuleError when a scalar parameter is NaN or infinite."""
+    if value is not None and not math.isfinite(value):
+        raise InvalidModuleError(key, f"{name} is {value}, not a finite number")
+
+
 @dataclass(frozen=True)
 class LowRankFactors:
     """A weight delta kept as two small factors: ΔW = scale · up @ down, `scale` holding every
@@ -78,6 +113,14 @@ class NetworkModule(ABC):
 
     key: str
     variant: ClassVar[Variant]
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @abstractmethod
+    def validate(self) -> None:
+        """Raise InvalidModuleError (naming the key and the tensor) when the tensors cannot
+        form this variant; checked at construction, so a built module is well-formed."""
 
     @property
     def expected_shape(self) -> tuple[int, ...] | None:
@@ -157,6 +200,20 @@ class LowRankModule(NetworkModule):
 
     alpha: float | None = None
     dora: WeightDecompose | None = None
+
+    def validate(self) -> None:
+        """alpha finite; a DoRA magnitude with one entry per output row (or some input columns)."""
+        check_scalar(self.key, "alpha", self.alpha)
+        if self.dora is None:
+            return
+        check_factor(self.key, "DoRA magnitude", self.dora.magnitude, dims=(1,))
+        if self.dora.on_output and self.expected_shape is not None:
+            check_equal(
+                self.key,
+                "DoRA magnitude and output rows",
+                self.dora.magnitude.numel(),
+                self.expected_shape[0],
+            )
 
     @property
     @abstractmethod

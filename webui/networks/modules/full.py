@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import NetworkModule, Variant, WeightDelta, to_compute
+from .base import NetworkModule, Variant, WeightDelta, check_equal, check_factor, to_compute
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,13 @@ class FullModule(NetworkModule):
     diff: Tensor
     diff_b: Tensor | None = None
 
+    def validate(self) -> None:
+        """A non-empty diff; diff_b one value per output row."""
+        check_factor(self.key, "diff", self.diff, dims=(1, 2, 3, 4))
+        if self.diff_b is not None:
+            check_factor(self.key, "diff_b", self.diff_b, dims=(1,))
+            check_equal(self.key, "diff_b and diff rows", self.diff_b.numel(), self.diff.shape[0])
+
     @property
     def expected_shape(self) -> tuple[int, ...]:
         """The shape of diff."""
@@ -55,6 +62,15 @@ class NormModule(NetworkModule):
     variant: ClassVar[Variant] = Variant.NORM
     w_norm: Tensor
     b_norm: Tensor | None = None
+
+    def validate(self) -> None:
+        """A non-empty w_norm; b_norm of the same size."""
+        check_factor(self.key, "w_norm", self.w_norm, dims=(1,))
+        if self.b_norm is not None:
+            check_factor(self.key, "b_norm", self.b_norm, dims=(1,))
+            check_equal(
+                self.key, "b_norm and w_norm sizes", self.b_norm.numel(), self.w_norm.numel()
+            )
 
     @property
     def expected_shape(self) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import LowRankModule, Variant, to_compute
+from .base import LowRankModule, Variant, check_equal, check_factor, to_compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +21,25 @@ class GloraModule(LowRankModule):
     b1: Tensor
     b2: Tensor
     bm: Tensor | None = None
+
+    def validate(self) -> None:
+        """a1 meets a2 and b1 meets b2 (or bm) at their ranks."""
+        for name, tensor in (("a1", self.a1), ("a2", self.a2), ("b1", self.b1), ("b2", self.b2)):
+            check_factor(self.key, f"{name}.weight", tensor, dims=(2, 3, 4))
+        check_equal(
+            self.key, "a1 columns and a2 rows", self.a1.flatten(1).shape[1], self.a2.shape[0]
+        )
+        if self.bm is None:
+            check_equal(
+                self.key, "b1 columns and b2 rows", self.b1.flatten(1).shape[1], self.b2.shape[0]
+            )
+        else:
+            check_factor(self.key, "bm.weight", self.bm, dims=(2, 3, 4))
+            check_equal(
+                self.key, "b1 columns and bm dim 0", self.b1.flatten(1).shape[1], self.bm.shape[0]
+            )
+            check_equal(self.key, "bm dim 1 and b2 rows", self.bm.shape[1], self.b2.shape[0])
+        super().validate()
 
     @property
     def rank(self) -> int:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import NetworkModule, Variant, WeightDelta, to_compute
+from .base import NetworkModule, Variant, WeightDelta, check_factor, to_compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,6 +18,10 @@ class Ia3Module(NetworkModule):
     variant: ClassVar[Variant] = Variant.IA3
     weight: Tensor
     on_input: bool
+
+    def validate(self) -> None:
+        """At least one float factor."""
+        check_factor(self.key, "weight", self.weight, dims=(1, 2, 3, 4))
 
     @property
     def channels(self) -> int:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import LowRankModule, Variant, to_compute
+from .base import InvalidModuleError, LowRankModule, Variant, check_equal, check_factor, to_compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +22,38 @@ class LohaModule(LowRankModule):
     w2_b: Tensor
     t1: Tensor | None = None
     t2: Tensor | None = None
+
+    def validate(self) -> None:
+        """Each half's factors meet at its rank; both halves rebuild the same shape."""
+        if (self.t1 is None) != (self.t2 is None):
+            raise InvalidModuleError(self.key, "LoHa Tucker needs both hada_t1 and hada_t2")
+        shapes = []
+        for n, a, b, t in (
+            (1, self.w1_a, self.w1_b, self.t1),
+            (2, self.w2_a, self.w2_b, self.t2),
+        ):
+            check_factor(self.key, f"hada_w{n}_a", a)
+            if t is None:
+                check_factor(self.key, f"hada_w{n}_b", b, dims=(2, 3, 4))
+                check_equal(
+                    self.key, f"hada_w{n}_a columns and hada_w{n}_b rows", a.shape[1], b.shape[0]
+                )
+                shapes.append((a.shape[0], b.flatten(1).shape[1]))
+            else:
+                check_factor(self.key, f"hada_w{n}_b", b)
+                check_factor(self.key, f"hada_t{n}", t, dims=(2, 3, 4))
+                check_equal(
+                    self.key, f"hada_t{n} dim 0 and hada_w{n}_a rows", t.shape[0], a.shape[0]
+                )
+                check_equal(
+                    self.key, f"hada_t{n} dim 1 and hada_w{n}_b rows", t.shape[1], b.shape[0]
+                )
+                shapes.append((a.shape[1], b.shape[1], *t.shape[2:]))
+        if shapes[0] != shapes[1]:
+            raise InvalidModuleError(
+                self.key, f"the two LoHa halves rebuild {shapes[0]} and {shapes[1]}"
+            )
+        super().validate()
 
     @property
     def rank(self) -> int:

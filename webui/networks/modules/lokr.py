@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import LowRankModule, Variant, to_compute
+from .base import LowRankModule, Variant, check_equal, check_factor, to_compute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,51 @@ class LokrModule(LowRankModule):
             raise ValueError(f"{self.key}: LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
         if (self.w2 is None) == (self.w2_a is None or self.w2_b is None):
             raise ValueError(f"{self.key}: LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Factored halves meet at their rank; a Tucker t2 meets w2_a and w2_b."""
+        if self.w1 is not None:
+            check_factor(self.key, "lokr_w1", self.w1)
+        else:
+            assert self.w1_a is not None and self.w1_b is not None
+            check_factor(self.key, "lokr_w1_a", self.w1_a)
+            check_factor(self.key, "lokr_w1_b", self.w1_b)
+            check_equal(
+                self.key,
+                "lokr_w1_a columns and lokr_w1_b rows",
+                self.w1_a.shape[1],
+                self.w1_b.shape[0],
+            )
+        if self.w2 is not None:
+            check_factor(self.key, "lokr_w2", self.w2, dims=(2, 3, 4))
+        else:
+            assert self.w2_a is not None and self.w2_b is not None
+            check_factor(self.key, "lokr_w2_a", self.w2_a)
+            if self.t2 is None:
+                check_factor(self.key, "lokr_w2_b", self.w2_b, dims=(2, 3, 4))
+                check_equal(
+                    self.key,
+                    "lokr_w2_a columns and lokr_w2_b rows",
+                    self.w2_a.shape[1],
+                    self.w2_b.shape[0],
+                )
+            else:
+                check_factor(self.key, "lokr_w2_b", self.w2_b)
+                check_factor(self.key, "lokr_t2", self.t2, dims=(2, 3, 4))
+                check_equal(
+                    self.key,
+                    "lokr_t2 dim 0 and lokr_w2_a rows",
+                    self.t2.shape[0],
+                    self.w2_a.shape[0],
+                )
+                check_equal(
+                    self.key,
+                    "lokr_t2 dim 1 and lokr_w2_b rows",
+                    self.t2.shape[1],
+                    self.w2_b.shape[0],
+                )
+        super().validate()
 
     @property
     def rank(self) -> int | None:

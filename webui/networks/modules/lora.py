@@ -8,7 +8,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import LowRankFactors, LowRankModule, Variant, to_compute
+from .base import (
+    LowRankFactors,
+    LowRankModule,
+    Variant,
+    check_equal,
+    check_factor,
+    to_compute,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +26,23 @@ class LoraModule(LowRankModule):
     up: Tensor
     down: Tensor
     mid: Tensor | None = None
+
+    def validate(self) -> None:
+        """up's columns meet mid (Tucker) or down's rows: the rank must agree."""
+        check_factor(self.key, "lora_up", self.up, dims=(2, 3, 4))
+        check_factor(self.key, "lora_down", self.down, dims=(2, 3, 4))
+        up_columns = self.up.flatten(1).shape[1]
+        if self.mid is None:
+            check_equal(
+                self.key, "lora_up columns and lora_down rows (rank)", up_columns, self.rank
+            )
+        else:
+            check_factor(self.key, "lora_mid", self.mid, dims=(2, 3, 4))
+            check_equal(
+                self.key, "lora_up columns and lora_mid dim 0", up_columns, self.mid.shape[0]
+            )
+            check_equal(self.key, "lora_mid dim 1 and lora_down rows", self.mid.shape[1], self.rank)
+        super().validate()
 
     @property
     def rank(self) -> int:

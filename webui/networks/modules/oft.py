@@ -13,7 +13,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import NetworkModule, Variant, WeightDelta, to_compute
+from .base import (
+    InvalidModuleError,
+    NetworkModule,
+    Variant,
+    WeightDelta,
+    check_equal,
+    check_factor,
+    check_scalar,
+    to_compute,
+)
 
 
 class OftConstraint(Enum):
@@ -54,6 +63,19 @@ class _BlockRotations(NetworkModule):
     blocks: Tensor
     alpha: float | None = None
     rescale: Tensor | None = None
+
+    def validate(self) -> None:
+        """Square blocks, a finite alpha, rescale one value per output row."""
+        check_factor(self.key, "oft_blocks", self.blocks, dims=(3, 4))
+        check_equal(
+            self.key, "oft_blocks' last two dims", self.blocks.shape[-1], self.blocks.shape[-2]
+        )
+        check_scalar(self.key, "alpha", self.alpha)
+        if self.rescale is not None:
+            check_factor(self.key, "rescale", self.rescale, dims=(1, 2, 3, 4))
+            check_equal(
+                self.key, "rescale and output rows", self.rescale.numel(), self.out_features
+            )
 
     @property
     def out_features(self) -> int:
@@ -104,6 +126,18 @@ class BoftModule(_BlockRotations):
     """oft_blocks (stages, num_blocks, block_size, block_size): butterfly-permuted OFT stages."""
 
     variant: ClassVar[Variant] = Variant.BOFT
+
+    def validate(self) -> None:
+        """Even blocks whose count the butterfly stages divide: stage i pairs rows
+        2^i·(block/2) apart, so num_blocks must be a multiple of 2^(stages−1)."""
+        super().validate()
+        stages, num_blocks, block_size = self.blocks.shape[:3]
+        if block_size % 2 or num_blocks % 2 ** (stages - 1):
+            raise InvalidModuleError(
+                self.key,
+                f"BOFT oft_blocks {tuple(self.blocks.shape)}: {stages} butterfly stages need "
+                f"an even block size and a number of blocks divisible by {2 ** (stages - 1)}",
+            )
 
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None

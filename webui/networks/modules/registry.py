@@ -12,7 +12,7 @@ from torch import Tensor
 
 from webui.networks.formats import canonical_prefix, embedding_name, is_embedding_key
 
-from .base import NetworkModule, WeightDecompose
+from .base import InvalidModuleError, NetworkModule, WeightDecompose
 from .full import FullModule, NormModule
 from .glora import GloraModule
 from .ia3 import Ia3Module
@@ -125,8 +125,13 @@ def group_by_module(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Ten
     return groups
 
 
-def _scalar(tensor: Tensor | None) -> float | None:
-    return None if tensor is None else float(tensor.float().item())
+def _scalar(prefix: str, name: str, tensor: Tensor | None) -> float | None:
+    if tensor is None:
+        return None
+    if tensor.numel() != 1 or tensor.is_complex():
+        shape = tuple(tensor.shape)
+        raise InvalidModuleError(prefix, f"{name} must be one number, it has shape {shape}")
+    return float(tensor.float().item())
 
 
 class _Tensors:
@@ -182,7 +187,7 @@ def _decompose(t: _Tensors) -> WeightDecompose | None:
 def _lora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     module = LoraModule(
         key=prefix,
-        alpha=_scalar(t.get("alpha")),
+        alpha=_scalar(prefix, "alpha", t.get("alpha")),
         dora=_decompose(t),
         up=t.require("lora_up.weight"),
         down=t.require("lora_down.weight"),
@@ -194,7 +199,7 @@ def _lora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
 def _loha(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     return LohaModule(
         key=prefix,
-        alpha=_scalar(t.get("alpha")),
+        alpha=_scalar(prefix, "alpha", t.get("alpha")),
         dora=_decompose(t),
         w1_a=t.require("hada_w1_a"),
         w1_b=t.require("hada_w1_b"),
@@ -209,7 +214,7 @@ def _lokr(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     try:
         return LokrModule(
             key=prefix,
-            alpha=_scalar(t.get("alpha")),
+            alpha=_scalar(prefix, "alpha", t.get("alpha")),
             dora=_decompose(t),
             w1=t.get("lokr_w1"),
             w1_a=t.get("lokr_w1_a"),
@@ -219,7 +224,9 @@ def _lokr(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
             w2_b=t.get("lokr_w2_b"),
             t2=t.get("lokr_t2"),
         )
-    except ValueError as error:
+    except InvalidModuleError:
+        raise
+    except ValueError as error:  # a missing half: not a LoKr we know
         raise UnsupportedModuleError(prefix, list(t.spelled), str(error)) from error
 
 
@@ -227,14 +234,14 @@ def _ia3(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     return Ia3Module(
         key=prefix,
         weight=t.require("weight"),
-        on_input=bool(t.require("on_input").item()),
+        on_input=bool(_scalar(prefix, "on_input", t.require("on_input"))),
     )
 
 
 def _glora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     return GloraModule(
         key=prefix,
-        alpha=_scalar(t.get("alpha")),
+        alpha=_scalar(prefix, "alpha", t.get("alpha")),
         a1=t.require("a1.weight"),
         a2=t.require("a2.weight"),
         b1=t.require("b1.weight"),
@@ -245,7 +252,7 @@ def _glora(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
 
 def _oft(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
     blocks = t.require("oft_blocks")
-    alpha = _scalar(t.get("alpha"))
+    alpha = _scalar(prefix, "alpha", t.get("alpha"))
     rescale = t.get("rescale")
     if blocks.dim() == 4:
         return BoftModule(key=prefix, blocks=blocks, alpha=alpha, rescale=rescale)
@@ -290,7 +297,9 @@ def parse_module(
 
     Suffixes may be spelled any way `split_module_key` knows. `dyn` keeps the first `dyn`
     ranks of a (DyLoRA) LoRA with its alpha unchanged; other variants ignore it. Raises
-    UnsupportedModuleError, naming the prefix and keys, when no variant matches; warns
+    UnsupportedModuleError, naming the prefix and keys, when no variant matches;
+    InvalidModuleError, naming the prefix and the tensor, when the matched variant's tensors
+    are malformed (ranks that disagree, a 0-d factor, a non-scalar alpha); warns
     about keys a matched variant does not use.
     """
     t = _Tensors(prefix, tensors)
