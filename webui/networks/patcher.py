@@ -474,6 +474,7 @@ class NetworkPatcher:
         """Give a module its original tensors, forget its record, and keep what it let go of as
         its spare. Safe to repeat: a module holding its originals lets go of nothing."""
         weight, bias = _weight_of(key.module), _bias_of(key.module)
+        record.contributions = None  # a failure between weight and bias leaves it half done
         spare = _Spare(_put_back(weight, record.weight), _put_back(bias, record.bias))
         del self._patched[key]
         if self.keep_spares and any(
