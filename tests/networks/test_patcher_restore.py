@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
+from webui.networks.apply_errors import NetworkApplyError
 from webui.networks.keys import Component, KeyMap
 from webui.networks.modules import LoraModule
 from webui.networks.network import Network, load_network
@@ -198,7 +199,8 @@ def test_switching_sets_lands_on_the_new_set_and_restores(
 
 
 FAILURES = [
-    pytest.param(lambda: RuntimeError("injected failure"), RuntimeError, id="exception"),
+    # a network's failing delta math is blamed on it; interrupts pass as they are
+    pytest.param(lambda: RuntimeError("injected failure"), NetworkApplyError, id="exception"),
     pytest.param(KeyboardInterrupt, KeyboardInterrupt, id="interrupt"),
 ]
 FAIL_AT = ["middle", "last"]
@@ -258,7 +260,7 @@ def test_apply_after_a_failed_apply_gives_the_set(
     delta_calls.fail_at = (
         len(delta_calls) + {"first": 1, "middle": calls // 2, "last": calls}[fail_at]
     )
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NetworkApplyError):
         patcher.apply(failing)
     delta_calls.fail_at = None
 
@@ -289,7 +291,7 @@ def test_a_failed_apply_does_not_become_the_current_set(
     patcher.apply([(nets.a, 1.0)])
     before = snapshot(pipe)
     delta_calls.fail_at = len(delta_calls) + 1
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NetworkApplyError):
         patcher.apply([(nets.b, Strengths(te=Ramp(0.0, 1.0), unet=Ramp(1.0, 0.0)))])
     delta_calls.fail_at = None
 

@@ -1,5 +1,4 @@
-"""The error the patcher raises when one network's delta math fails, after it has rolled back:
-callers drop that network with a warning and apply the others."""
+"""The error that names the one network an apply failed on, so the caller can drop it and retry."""
 
 from __future__ import annotations
 
@@ -10,15 +9,17 @@ if TYPE_CHECKING:
 
 
 class NetworkApplyError(ValueError):
-    """One network's module could not be applied; the model's weights are as before the call.
-
-    `network` is the Network object, `module` the file's module key, `cause` the exception."""
+    """One network's delta (or its plan) failed on one module. Raised by `NetworkPatcher.apply`
+    after the model is rolled back; the cause is chained. Never raised for interrupts or
+    out-of-memory errors: those are nobody's file's fault and propagate as they are."""
 
     def __init__(self, network: Network, module: str, cause: BaseException) -> None:
+        what = str(cause) or type(cause).__name__
+        super().__init__(f"{network.path.name}: module {module}: {what}")
         self.network = network
         self.module = module
         self.cause = cause
-        super().__init__(f"{network.name}: module {module!r} could not be applied: {cause}")
+        self.__cause__ = cause
 
     @property
     def network_name(self) -> str:

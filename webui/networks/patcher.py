@@ -5,7 +5,17 @@
 - A touched weight (or bias) is given a new tensor and its original tensor is kept untouched
   as the backup: no copy is made, and `restore()` hands the originals back (bit-exact).
 - Applying a new set recomputes only the modules whose (network, strength) list changed.
-- An exception or interrupt part-way puts every weight back as it was before the call.
+- One record, per module, of what is patched: its original tensors and the contributions its
+  weight holds (unknown while it is being written). A module without a record holds its
+  originals; `restore()` walks every record.
+- An exception or interrupt part-way rolls back: every module this call touched gets its
+  previous contributions again (re-patched from its originals, deterministic, so bit-exact) or
+  its originals back. The rollback keeps going past a failure of its own (a second error or
+  interrupt); if any module could not get its previous state, every module is put back to its
+  originals instead: after a failed apply the model is exactly the previous set, or exactly the
+  base with an empty current set (`current_set` says which). The first error is re-raised.
+- A failure of one network's delta math (or its plan) is raised as `NetworkApplyError` naming
+  the network and module; interrupts and out-of-memory errors propagate as they are.
 
 The only module that writes model weights."""
 
@@ -15,12 +25,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from webui.arch import Arch
+from webui.networks.apply_errors import NetworkApplyError
 from webui.networks.base_detection import fits
 from webui.networks.blocks import OUTSIDE, UnetBlock, unet_blocks
 from webui.networks.keys import Component, KeyMap, ModuleRef
@@ -91,13 +103,15 @@ class PatchReport:
 
 
 @dataclass
-class _Backup:
-    """The original weight and bias of one patched module: the original tensors themselves. A
-    patched module is given new tensors, so taking a backup copies nothing and restoring puts the
-    originals back in place (bit-exact by construction)."""
+class _Patched:
+    """The record of one module whose tensors may not be its originals: the original weight and
+    bias themselves (the backup: a patched module is given new tensors, so keeping them copies
+    nothing and putting them back is bit-exact by construction), and the contributions its
+    weight holds now (None while being written: unknown, so never taken as up to date)."""
 
     weight: Tensor
     bias: Tensor | None
+    contributions: tuple[_Contribution, ...] | None = None
 
 
 @dataclass
@@ -106,16 +120,6 @@ class _Spare:
 
     weight: Tensor | None
     bias: Tensor | None
-
-
-@dataclass(frozen=True)
-class _UndoEntry:
-    """How to put one module back if an apply fails: from its backup when this call patched it
-    first (`previous` None), else by re-patching it from the backup with the contributions it had
-    (deterministic, so bit-identical to before, and no copy of the weight to keep)."""
-
-    key: ModuleRef
-    previous: tuple[_Contribution, ...] | None
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:
@@ -241,16 +245,21 @@ class NetworkPatcher:
         self.keep_spares = keep_spares
         self._scratch = _Scratch()
         self._spares: dict[ModuleRef, _Spare] = {}
-        self._backups: dict[ModuleRef, _Backup] = {}
-        # per patched module, the contributions its weight holds now
-        self._applied: dict[ModuleRef, tuple[_Contribution, ...]] = {}
+        # the one record of what is patched: a module without an entry holds its originals
+        self._patched: dict[ModuleRef, _Patched] = {}
         self._set: list[tuple[Network, Strengths]] = []
         unet = getattr(pipe, "unet", None)
         self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
 
     @property
     def patched_modules(self) -> int:
-        return len(self._applied)
+        return len(self._patched)
+
+    @property
+    def current_set(self) -> tuple[tuple[Network, Strengths], ...]:
+        """The set the weights hold (empty: the base). After a failed apply, the set before it,
+        or empty when the rollback itself failed and put the base back."""
+        return tuple(self._set)
 
     def apply(
         self,
@@ -262,7 +271,10 @@ class NetworkPatcher:
     ) -> PatchReport:
         """Make the model's weights equal base + the given set (replacing any previous set).
         Scheduled strengths are taken at `step` (1-based) of `total_steps`. `on_progress(done,
-        total)` is called after each module written (an exception from it rolls back too)."""
+        total)` is called after each module written (an exception from it rolls back too).
+
+        On any exception or interrupt the model is rolled back (see the module docstring) and
+        the error re-raised; a failure of one network's delta or plan as `NetworkApplyError`."""
         started = time.perf_counter()
         wanted_set = [(network, Strengths.of(strength)) for network, strength in networks]
         plan = _Plan()
@@ -271,8 +283,11 @@ class NetworkPatcher:
             for network, strengths in wanted_set
         ]
         wanted = {key: _signature(contribs) for key, contribs in plan.targets.items()}
-        current = {key: _signature(contribs) for key, contribs in self._applied.items()}
-        changed = [key for key in set(wanted) | set(current) if wanted.get(key) != current.get(key)]
+        changed = [
+            key
+            for key in set(wanted) | set(self._patched)
+            if key not in self._patched or wanted.get(key) != self._holds(key)
+        ]
         self._write(changed, plan, on_progress)
         self._set = wanted_set  # only a set that was fully written becomes the current one
         return PatchReport(
@@ -294,10 +309,15 @@ class NetworkPatcher:
             return None
         return self.apply(list(self._set), step=step, total_steps=total_steps)
 
+    @torch.no_grad()
     def restore(self) -> None:
-        """Put every patched weight back exactly as it was before the first apply."""
-        self._write(list(self._applied), _Plan())
+        """Put every patched weight back exactly as it was before the first apply. Keeps going
+        past a failure (a module that fails is tried again after the others), then re-raises the
+        first; a module still patched stays recorded, for the next `restore` or `apply`."""
         self._set = []
+        errors = self._put_back_all()
+        if errors:
+            raise errors[0]
 
     def release_memory(self) -> None:
         """Free what is kept only to make the next apply faster: spare tensors and fp32
@@ -323,17 +343,24 @@ class NetworkPatcher:
         unmatched: list[str] = []
         mismatched: list[str] = []
         for prefix, module in network.modules.items():
-            ref = self.keymap.resolve(prefix)
-            if ref is None:
-                unmatched.append(prefix)
-                continue
-            weight = _weight_of(ref.module)
-            if weight is None or not module.accepts(weight.shape):
-                mismatched.append(prefix)
-                continue
-            matched.append(prefix)
-            block = self._blocks.get(ref.path, OUTSIDE) if ref.component is Component.UNET else None
-            multiplier = strengths.multiplier(ref.component, block)
+            try:
+                ref = self.keymap.resolve(prefix)
+                if ref is None:
+                    unmatched.append(prefix)
+                    continue
+                weight = _weight_of(ref.module)
+                if weight is None or not module.accepts(weight.shape):
+                    mismatched.append(prefix)
+                    continue
+                matched.append(prefix)
+                unet = ref.component is Component.UNET
+                multiplier = strengths.multiplier(
+                    ref.component, self._blocks.get(ref.path, OUTSIDE) if unet else None
+                )
+            except _NOT_A_NETWORK_FAULT:
+                raise
+            except Exception as error:
+                raise NetworkApplyError(network, prefix, error) from error
             if compatible and multiplier != 0:
                 plan.add(ref, (network, module, multiplier))
         for prefix in mismatched:
@@ -353,59 +380,99 @@ class NetworkPatcher:
 
     # -- writing ------------------------------------------------------------------------------
 
+    def _holds(self, key: ModuleRef) -> _Signature | None:
+        """What a module's weight holds now: () for its originals, None when unknown."""
+        record = self._patched.get(key)
+        if record is None:
+            return ()
+        return None if record.contributions is None else _signature(record.contributions)
+
     @torch.no_grad()
     def _write(
         self, changed: list[ModuleRef], plan: _Plan, on_progress: ModuleProgress | None = None
     ) -> None:
         """Write the planned weights of `changed` modules; on any exception (KeyboardInterrupt
-        included) put back what this call wrote, bookkeeping included, then re-raise."""
-        undo: list[_UndoEntry] = []
+        included) roll back, then re-raise it."""
+        previous = {
+            key: self._patched[key].contributions for key in changed if key in self._patched
+        }
         try:
             for done, key in enumerate(changed, start=1):
-                contributions = plan.targets.get(key, [])
-                weight, bias = _weight_of(key.module), _bias_of(key.module)
-                if key not in self._backups:
-                    self._backups[key] = _Backup(
-                        weight.detach(), None if bias is None else bias.detach()
-                    )
-                    undo.append(_UndoEntry(key, previous=None))
-                else:  # patched by an earlier call: re-patch with these contributions on failure
-                    undo.append(_UndoEntry(key, previous=self._applied[key]))
-                backup = self._backups[key]
-                if contributions:
-                    spare = self._spares.pop(key, None)
-                    _patch(weight, bias, backup, contributions, self._scratch, spare)
-                    self._applied[key] = tuple(contributions)
-                else:
-                    self._put_back(key, weight, bias, backup)
-                    self._applied.pop(key, None)
+                self._set_module(key, plan.targets.get(key, ()))
                 if on_progress is not None:
                     on_progress(done, len(changed))
-        except BaseException:
-            self._undo(undo)
+        except BaseException as error:
+            self._roll_back(changed, previous, error)
             raise
-        for key in changed:
-            if key not in self._applied:
-                self._backups.pop(key, None)
 
-    def _undo(self, undo: list[_UndoEntry]) -> None:
-        for entry in reversed(undo):
-            key = entry.key
-            weight, bias = _weight_of(key.module), _bias_of(key.module)
-            backup = self._backups[key]
-            if entry.previous is not None:
-                _patch(weight, bias, backup, list(entry.previous), self._scratch)
-                self._applied[key] = entry.previous
-                continue
-            self._put_back(key, weight, bias, backup)
-            self._applied.pop(key, None)
-            del self._backups[key]  # first patched by the failed call: forget it
+    def _set_module(self, key: ModuleRef, contributions: Sequence[_Contribution]) -> None:
+        """Make one module hold `contributions` (none: its originals), its record kept true at
+        every point an exception can stop it."""
+        weight, bias = _weight_of(key.module), _bias_of(key.module)
+        record = self._patched.get(key)
+        if not contributions:
+            if record is not None:
+                self._put_back(key, record)
+            return
+        assert weight is not None  # planned modules have a weight
+        if record is None:  # recorded before anything is written: the originals are the backup
+            record = _Patched(weight.detach(), None if bias is None else bias.detach())
+            self._patched[key] = record
+        record.contributions = None
+        _patch(weight, bias, record, contributions, self._scratch, self._spares.pop(key, None))
+        record.contributions = tuple(contributions)
 
-    def _put_back(
-        self, key: ModuleRef, weight: Tensor | None, bias: Tensor | None, backup: _Backup
+    def _roll_back(
+        self,
+        changed: list[ModuleRef],
+        previous: dict[ModuleRef, tuple[_Contribution, ...] | None],
+        error: BaseException,
     ) -> None:
-        """Give a module its original tensors and keep what it let go of as its spare."""
-        spare = _Spare(_put_back(weight, backup.weight), _put_back(bias, backup.bias))
+        """Give every module of `changed` what it held before the failed call, going on past
+        failures; if any fails, put every module back to its originals instead."""
+        failures: list[BaseException] = []
+        for key in reversed(changed):
+            record, before = self._patched.get(key), previous.get(key, ())
+            if record is None and not before:
+                continue  # holds its originals, as it did
+            if record is not None and before is not None and record.contributions is before:
+                continue  # not reached by the failed call
+            try:
+                # before is None for a module an earlier failure left unknown: originals then
+                self._set_module(key, before or ())
+            except BaseException as failure:  # the first error is re-raised
+                failures.append(failure)
+        if not failures:
+            return
+        self._set = []
+        failures += self._put_back_all()
+        note = ", ".join(type(f).__name__ for f in failures)
+        log.warning("Rolling back a failed apply failed too (%s); back to the base weights", note)
+        error.add_note(f"while rolling back: {note}; every weight was put back to the base")
+
+    def _put_back_all(self) -> list[BaseException]:
+        """Put every recorded module back to its originals, going on past failures, and trying
+        each failed one once more at the end; returns the errors."""
+        errors: list[BaseException] = []
+        for _ in range(2):
+            failed = False
+            for key, record in list(self._patched.items()):
+                try:
+                    self._put_back(key, record)
+                except BaseException as error:  # returned, to be re-raised
+                    errors.append(error)
+                    failed = True
+            if not failed:
+                break
+        return errors
+
+    def _put_back(self, key: ModuleRef, record: _Patched) -> None:
+        """Give a module its original tensors, forget its record, and keep what it let go of as
+        its spare. Safe to repeat: a module holding its originals lets go of nothing."""
+        weight, bias = _weight_of(key.module), _bias_of(key.module)
+        record.contributions = None  # a failure between weight and bias leaves it half done
+        spare = _Spare(_put_back(weight, record.weight), _put_back(bias, record.bias))
+        del self._patched[key]
         if self.keep_spares and any(
             t is not None and t.device.type == "cpu" for t in (spare.weight, spare.bias)
         ):
@@ -415,8 +482,7 @@ class NetworkPatcher:
     def deltas(self) -> Iterator[ModuleDelta]:
         """What the current set changed, one patched module at a time (read-only): current
         weight (and bias) minus the original, in fp32 on the weight's device."""
-        for key in list(self._applied):
-            backup = self._backups[key]
+        for key, backup in list(self._patched.items()):
             weight, bias = _weight_of(key.module), _bias_of(key.module)
             bias_delta = None
             if bias is not None and backup.bias is not None and not torch.equal(bias, backup.bias):
@@ -431,8 +497,8 @@ class NetworkPatcher:
 def _patch(
     weight: Tensor,
     bias: Tensor | None,
-    backup: _Backup,
-    contributions: list[_Contribution],
+    backup: _Patched,
+    contributions: Sequence[_Contribution],
     scratch: _Scratch,
     spare: _Spare | None = None,
 ) -> None:
@@ -445,11 +511,14 @@ def _patch(
     for all networks together. Other variants add their full-size `weight_delta`. Every delta
     is computed before the module sees new values, so a failure there leaves it untouched."""
     factors: list[LowRankFactors] = []
-    general: list[tuple[NetworkModule, float]] = []
-    for _net, module, multiplier in contributions:
-        low_rank = module.low_rank_factors(weight, multiplier)
+    general: list[tuple[Network, NetworkModule, float]] = []
+    for net, module, multiplier in contributions:
+        with _blame(net, module.key):
+            low_rank = module.low_rank_factors(weight, multiplier)
+            if low_rank is not None:
+                _check_factors(low_rank, weight)
         if low_rank is None:
-            general.append((module, multiplier))
+            general.append((net, module, multiplier))
         else:
             factors.append(low_rank)
     device, rows = weight.device, weight.shape[0]
@@ -471,7 +540,9 @@ def _patch(
         accumulator = scratch.fp32("accumulator", weight.shape, device).copy_(original)
         original_bias = None if backup.bias is None else backup.bias.to(device, torch.float32)
         # every full-size delta is computed from the original before anything is added
-        deltas = [module.weight_delta(accumulator, m, original_bias) for module, m in general]
+        for net, module, m in general:
+            with _blame(net, module.key):
+                deltas.append(_checked(module.weight_delta(accumulator, m, original_bias), backup))
         if factors:
             accumulator.view(rows, -1).addmm_(up, down)
         for delta in deltas:
@@ -490,6 +561,45 @@ def _patch(
     else:
         _put_back(bias, backup.bias)
     _install(weight, target)
+
+
+_NOT_A_NETWORK_FAULT = (MemoryError, torch.OutOfMemoryError, NetworkApplyError)
+
+
+@contextmanager
+def _blame(network: Network, module: str) -> Iterator[None]:
+    """Raise a failure of one network's module as `NetworkApplyError`; interrupts and
+    out-of-memory errors are nobody's file's fault and pass as they are."""
+    try:
+        yield
+    except _NOT_A_NETWORK_FAULT:
+        raise
+    except Exception as error:
+        raise NetworkApplyError(network, module, error) from error
+
+
+def _check_factors(factors: LowRankFactors, weight: Tensor) -> None:
+    """Factors whose product does not fit the weight fail here, blamed on their network, rather
+    than in the product of every network's factors together."""
+    rows, rank = weight.shape[0], factors.rank
+    if factors.up.shape != (rows, rank) or factors.down.shape != (rank, weight.numel() // rows):
+        raise ValueError(
+            f"factors {tuple(factors.up.shape)} @ {tuple(factors.down.shape)} do not fit "
+            f"the weight {tuple(weight.shape)}"
+        )
+
+
+def _checked(delta: WeightDelta, backup: _Patched) -> WeightDelta:
+    """A full-size delta whose sizes fit the weight and bias, else ValueError."""
+    for name, value, original in (
+        ("weight", delta.weight, backup.weight),
+        ("bias", delta.bias, backup.bias),
+    ):
+        if value is not None and original is not None and value.numel() != original.numel():
+            raise ValueError(
+                f"{name} delta of shape {tuple(value.shape)} does not fit {tuple(original.shape)}"
+            )
+    return delta
 
 
 def _fp32_contiguous(original: Tensor, target: Tensor) -> bool:
