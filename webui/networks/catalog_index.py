@@ -675,10 +675,8 @@ def _gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        # the entries live as long as the index: move them out of the young generations, or
-        # the first collection after enabling walks all of them (0.1 s for 5,000 files);
-        # reference counting still frees them when they are dropped
-        gc.freeze()
+        # no gc.freeze() here: it makes every object alive at that moment immortal to the
+        # collector, the loaded model's included, so a model switch leaked the old one
         if enabled:
             gc.enable()
 
