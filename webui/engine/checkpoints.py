@@ -5,6 +5,7 @@ The only module that reads model files."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -12,6 +13,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -350,30 +352,82 @@ def _component_configs(pipe: DiffusionPipeline) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _config_folder_for(kind: ModelKind, metadata: Mapping[str, str]) -> Path:
+# Embedded configs are a few kB per component; anything far larger is not ours.
+MAX_EMBEDDED_CONFIGS_BYTES = 1024 * 1024
+_config_root_lock = threading.Lock()
+_config_root: Path | None = None
+
+
+def _private_config_root() -> Path:
+    """This process's own folder for config copies: mkdtemp makes it 0700 under an unpredictable
+    name, so no other user can plant or swap a config there; removed at exit."""
+    global _config_root
+    with _config_root_lock:
+        if _config_root is None or not _config_root.is_dir():
+            _config_root = Path(tempfile.mkdtemp(prefix="lora-webui-configs-"))
+            atexit.register(shutil.rmtree, _config_root, ignore_errors=True)
+        return _config_root
+
+
+def component_names(base: Path) -> frozenset[str]:
+    """The pipeline's components, as the reference config's `model_index.json` names them
+    (entries with a library and class; `[null, null]` ones such as safety_checker are absent)."""
+    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    return frozenset(
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(part, str) for part in value)
+    )
+
+
+def embedded_configs(raw: str, allowed: frozenset[str], source: str) -> dict[str, dict[str, Any]]:
+    """Parse a file's `lora_webui.component_configs` metadata, which is untrusted: a JSON object
+    of JSON objects, keyed by component names in `allowed` only (a key is a folder name, so
+    anything else could point outside the config folder). Raises CheckpointError naming
+    `source`."""
+    problem = f"{source}: metadata {CONFIGS_METADATA_KEY}"
+    if len(raw) > MAX_EMBEDDED_CONFIGS_BYTES:
+        raise CheckpointError(
+            f"{problem} is {len(raw)} bytes, over the {MAX_EMBEDDED_CONFIGS_BYTES} allowed"
+        )
+    try:
+        configs = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON, huge ints, deep nesting
+        raise CheckpointError(f"{problem} is not valid JSON ({exc})") from exc
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise CheckpointError(f"{problem} must be a JSON object of JSON objects")
+    unknown = sorted(set(configs) - allowed)
+    if unknown:
+        raise CheckpointError(
+            f"{problem} names unknown components {unknown!r}; expected some of {sorted(allowed)}"
+        )
+    return configs
+
+
+def _config_folder_for(kind: ModelKind, metadata: Mapping[str, str], source: str) -> Path:
     """`configs/<arch>`, or for files carrying their own component configs, a copy of it with
-    those configs written in (cached by content)."""
+    those configs written in (cached by content in this process's private folder)."""
     base = config_folder(kind.arch)
     embedded = metadata.get(CONFIGS_METADATA_KEY)
     if not embedded:
         return base
+    configs = embedded_configs(embedded, component_names(base), source)
     digest = hashlib.sha256(embedded.encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "lora-webui-configs" / f"{base.name}-{digest}"
+    root = _private_config_root()
+    folder = root / f"{base.name}-{digest}"
     if not (folder / "model_index.json").is_file():
-        staging = Path(
-            tempfile.mkdtemp(
-                prefix="configs-", dir=folder.parent if folder.parent.exists() else None
-            )
-        )
+        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=root))
         shutil.copytree(base, staging, dirs_exist_ok=True)
-        for name, config in json.loads(embedded).items():
+        for name, config in configs.items():
             file = "scheduler_config.json" if name == "scheduler" else "config.json"
             (staging / name).mkdir(exist_ok=True)
             (staging / name / file).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(folder)
-        except OSError:  # another process won the race; its folder is identical
+        except OSError:  # another thread won the race; its folder is identical
             shutil.rmtree(staging, ignore_errors=True)
     return folder
 
@@ -419,7 +473,7 @@ def load_checkpoint(
     else:
         header = read_header(checkpoint.path)
         kind = detect_kind(header, checkpoint.path.name)
-        folder = _config_folder_for(kind, header.metadata)
+        folder = _config_folder_for(kind, header.metadata, checkpoint.path.name)
         extra: dict[str, Any] = {}
         if kind.arch is not Arch.SDXL:
             extra = {

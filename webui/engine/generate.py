@@ -4,6 +4,7 @@ Requests are serialized: one generation or model load runs at a time."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import re
@@ -229,6 +230,7 @@ class Engine:
                 return self._model
             device, dtype = self.settings.torch_device(), self.settings.torch_dtype()
             if name == DEMO_MODEL_NAME:
+                self._unload()
                 loaded = self._load_demo(device, dtype)
             else:
                 matches = [c for c in self.checkpoints() if c.name == name]
@@ -236,7 +238,7 @@ class Engine:
                     raise CheckpointError(
                         f"no checkpoint named {name!r} in {self.settings.models_dir}"
                     )
-                self._model, self._networks = None, None  # free the old model first
+                self._unload()
                 loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
             self._model = loaded
             self._networks = None
@@ -247,7 +249,7 @@ class Engine:
         """Load a checkpoint file or diffusers folder from anywhere on disk."""
         checkpoint = checkpoint_from_path(path)
         with self._lock:
-            self._model, self._networks = None, None
+            self._unload()
             self._model = load_checkpoint(
                 checkpoint,
                 self.settings.torch_device(),
@@ -256,6 +258,14 @@ class Engine:
             )
             self._on_loaded(self._model, remember=False)
             return self._model
+
+    def _unload(self) -> None:
+        """Drop the model and its LoRA state and give their memory back before the next load:
+        a pipeline holds reference cycles, which only the cyclic collector frees."""
+        self._model, self._networks = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def load_default(self) -> LoadedModel:
         """The model `default_model` names."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from webui.arch import Arch
 from webui.networks import previews, sidecars
@@ -45,6 +48,11 @@ ENTRIES_REBUILD_SECONDS = 0.25
 # Caption tags kept per entry: the browser shows and searches the frequent ones, and every tag
 # kept costs start-up time when the cache is read back.
 TAG_FREQUENCY_LIMIT = 50
+# A caption tag's count above this is garbage, not a training run; the bound also keeps summed
+# counts far below Python's limit on digits for int/str conversion.
+MAX_TAG_COUNT = 2**53
+# The reason an entry carries when reading its file failed in a way nothing here anticipated.
+UNEXPECTED_ERROR = "unexpected error while reading the file"
 
 _DTYPE_FORMATS = {"F32": "<f", "F16": "<e", "F64": "<d"}
 
@@ -133,18 +141,18 @@ _VARIANT_ORDER = ("lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full",
 _RANK_SUFFIXES = frozenset({"lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"})
 
 
-def _int(value: str | None) -> int | None:
-    try:
-        return int(float(value)) if value not in (None, "", "None") else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _float(value: str | None) -> float | None:
+    """A finite number, or None for missing, unreadable, infinite and NaN values."""
     try:
-        return float(value) if value not in (None, "", "None") else None
-    except (TypeError, ValueError):
+        number = float(value) if value not in (None, "", "None") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _int(value: str | None) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None
 
 
 def _first(metadata: Mapping[str, str], *names: str) -> str | None:
@@ -173,7 +181,7 @@ def tag_frequency(raw: str | None, limit: int | None = None) -> tuple[tuple[str,
         return ()
     try:
         datasets = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad JSON, integers past the digit limit, deep nesting
         log.warning("ignoring unreadable ss_tag_frequency metadata")
         return ()
     totals: Counter[str] = Counter()
@@ -182,10 +190,12 @@ def tag_frequency(raw: str | None, limit: int | None = None) -> tuple[tuple[str,
             if not isinstance(tags, dict):
                 continue
             for tag, count in tags.items():
-                # the hot loop of a cold scan: exact type checks, no conversions for the usual int
+                # the hot loop of a cold scan: exact type checks, no conversions for the usual int;
+                # the range check also drops NaN and infinities (a count of 1e999 parses as inf)
                 if type(count) is int:
-                    totals[" ".join(tag.split())] += count
-                elif type(count) is float:
+                    if 0 < count <= MAX_TAG_COUNT:
+                        totals[" ".join(tag.split())] += count
+                elif type(count) is float and 1.0 <= count <= MAX_TAG_COUNT:
                     totals[" ".join(tag.split())] += int(count)
     totals.pop("", None)
     return tuple(totals.most_common(limit))
@@ -236,7 +246,9 @@ def _read_alphas(path: Path, header: SafetensorsHeader) -> float | None:
                 handle.seek(header.data_start + info.data_offsets[0])
                 raw = handle.read(struct.calcsize(fmt))
                 if len(raw) == struct.calcsize(fmt):
-                    values[round(struct.unpack(fmt, raw)[0], 6)] += 1
+                    value = struct.unpack(fmt, raw)[0]
+                    if math.isfinite(value):
+                        values[round(value, 6)] += 1
     except OSError as error:
         log.warning("%s: cannot read alphas: %s", path, error)
         return None
@@ -255,9 +267,9 @@ def pickle_facts(path: Path) -> HeaderFacts:
     detection = detect_base({}, shapes)
     variants, rank = variants_and_rank(shapes)
     alphas = Counter(
-        round(float(tensor), 6)
+        round(value, 6)
         for key, tensor in tensors.items()
-        if key.endswith(".alpha") and tensor.numel() == 1
+        if key.endswith(".alpha") and (value := _scalar(tensor)) is not None
     )
     return HeaderFacts(
         base=detection.arch,
@@ -266,6 +278,24 @@ def pickle_facts(path: Path) -> HeaderFacts:
         rank=rank,
         alpha=alphas.most_common(1)[0][0] if alphas else None,
     )
+
+
+def _scalar(tensor: torch.Tensor) -> float | None:
+    """A one-element real tensor's finite value; None for anything else (complex, bool, NaN)."""
+    if tensor.numel() != 1 or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        return None
+    value = float(tensor.detach().to("cpu", torch.float64))
+    return value if math.isfinite(value) else None
+
+
+def guarded_header_facts(path: Path) -> HeaderFacts:
+    """`header_facts`, and for a failure nobody foresaw, facts carrying only `error` (logged with
+    its trace): one file must never stop a scan."""
+    try:
+        return header_facts(path)
+    except Exception as error:  # the last line of defence; the readers raise NetworkFileError
+        log.exception("%s: %s", path, UNEXPECTED_ERROR)
+        return HeaderFacts(error=f"{UNEXPECTED_ERROR} ({type(error).__name__}: {error})")
 
 
 def header_facts(path: Path) -> HeaderFacts:
@@ -393,49 +423,92 @@ def _pack_tags(tags: Sequence[Pair]) -> dict[str, str]:
     return {"tags": packed_tags, "tag_counts": packed_counts}
 
 
+class _BadRecord(ValueError):
+    """A cached record whose shape or types are not what `_Record.to_json` writes."""
+
+
+def _of(value: Any, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    """`value` when it is a `kind` (bool is not a number here), else _BadRecord."""
+    if value is None and optional:
+        return None
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise _BadRecord(f"{value!r:.40} is not {kind}")
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    items = tuple(_of(value, list))
+    for item in items:
+        _of(item, str)
+    return items
+
+
+def _number(value: Any) -> float | int | None:
+    number = _of(value, (int, float), optional=True)
+    if number is not None and not math.isfinite(number):
+        raise _BadRecord(f"{number} is not finite")
+    return number
+
+
 def _unpack_tags(data: Mapping[str, Any]) -> TagCounts:
-    tags, counts = str(data.get("tags", "")), str(data.get("tag_counts", ""))
+    tags, counts = _of(data.get("tags", ""), str), _of(data.get("tag_counts", ""), str)
     # checked here, cheaply, so that a damaged cache is dropped at load, not met in the UI
-    if tags and (tags.count("\n") != counts.count(" ") or not counts.replace(" ", "").isdigit()):
-        raise ValueError("tags and tag counts do not match")
+    digits = counts.replace(" ", "")
+    if tags and (
+        tags.count("\n") != counts.count(" ") or not (digits.isascii() and digits.isdigit())
+    ):
+        raise _BadRecord("tags and tag counts do not match")
     return TagCounts(tags, counts)
 
 
+def _training_from_json(data: Any) -> TrainingFacts:
+    data = _of(data or {}, dict)
+    return TrainingFacts(
+        base_checkpoint=_of(data.get("base_checkpoint"), str, optional=True),
+        resolution=_of(data.get("resolution"), str, optional=True),
+        epochs=_of(data.get("epochs"), int, optional=True),
+        images=_of(data.get("images"), int, optional=True),
+        steps=_of(data.get("steps"), int, optional=True),
+    )
+
+
 def _header_from_json(data: Mapping[str, Any]) -> HeaderFacts:
-    training = data.get("training") or {}
+    base = _of(data.get("base"), str, optional=True)
     return HeaderFacts(
-        alias=data.get("alias"),
-        base=Arch(data["base"]) if data.get("base") else None,
-        base_source=data.get("base_source", ""),
-        variants=tuple(data.get("variants", ())),
-        rank=data.get("rank"),
-        alpha=data.get("alpha"),
-        training=TrainingFacts(**training),
+        alias=_of(data.get("alias"), str, optional=True),
+        base=Arch(base) if base else None,
+        base_source=_of(data.get("base_source", ""), str),
+        variants=_strings(data.get("variants", [])),
+        rank=_of(data.get("rank"), int, optional=True),
+        alpha=_number(data.get("alpha")),
+        training=_training_from_json(data.get("training")),
         tag_frequency=_unpack_tags(data),
-        spec_trigger_words=tuple(data.get("spec_trigger_words", ())),
-        embedded_preview=bool(data.get("embedded_preview")),
-        error=data.get("error"),
+        spec_trigger_words=_strings(data.get("spec_trigger_words", [])),
+        embedded_preview=_of(data.get("embedded_preview", False), bool),
+        error=_of(data.get("error"), str, optional=True),
     )
 
 
 def _side_from_json(data: Mapping[str, Any]) -> SidecarFacts:
-    user, civitai = data.get("user"), data.get("civitai")
+    user = _of(data.get("user"), dict, optional=True)
+    civitai = _of(data.get("civitai"), dict, optional=True)
     return SidecarFacts(
         user=sidecars.UserMetadata(
-            activation_text=tuple(user["activation_text"]),
-            preferred_weight=user["preferred_weight"],
-            notes=user["notes"],
-            sd_version=user["sd_version"],
-            description=user["description"],
+            activation_text=_strings(user["activation_text"]),
+            preferred_weight=_number(user["preferred_weight"]),
+            notes=_of(user["notes"], str),
+            sd_version=_of(user["sd_version"], str, optional=True),
+            description=_of(user["description"], str, optional=True),
         )
         if user
         else None,
         civitai=sidecars.CivitaiInfo(
-            trained_words=tuple(civitai["trained_words"]), description=civitai["description"]
+            trained_words=_strings(civitai["trained_words"]),
+            description=_of(civitai["description"], str, optional=True),
         )
         if civitai
         else None,
-        preview=data.get("preview"),
+        preview=_of(data.get("preview"), str, optional=True),
     )
 
 
@@ -484,16 +557,25 @@ class _Record:
         }
 
     @classmethod
-    def from_json(cls, relative: str, data: Mapping[str, Any]) -> _Record:
-        hashes = data.get("hashes")
+    def from_json(cls, relative: str, data: Any) -> _Record:
+        """The record `to_json` wrote; _BadRecord (or KeyError) for anything else."""
+        data = _of(data, dict)
+        hashes = _of(data.get("hashes"), dict, optional=True)
         return cls(
             relative=relative,
-            size=int(data["size"]),
-            mtime_ns=int(data["mtime_ns"]),
-            sidecar_stamp=tuple((str(n), int(m)) for n, m in data.get("sidecars", ())),
-            header=_header_from_json(data["header"]),
-            side=_side_from_json(data["side"]),
-            hashes=FileHashes(**hashes) if hashes else None,
+            size=_of(data["size"], int),
+            mtime_ns=_of(data["mtime_ns"], int),
+            sidecar_stamp=tuple(
+                (_of(n, str), _of(m, int)) for n, m in _of(data.get("sidecars", []), list)
+            ),
+            header=_header_from_json(_of(data["header"], dict)),
+            side=_side_from_json(_of(data["side"], dict)),
+            hashes=FileHashes(
+                sha256=_of(hashes["sha256"], str),
+                addnet_sha256=_of(hashes["addnet_sha256"], str, optional=True),
+            )
+            if hashes
+            else None,
         )
 
 
@@ -593,10 +675,8 @@ def _gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        # the entries live as long as the index: move them out of the young generations, or
-        # the first collection after enabling walks all of them (0.1 s for 5,000 files);
-        # reference counting still frees them when they are dropped
-        gc.freeze()
+        # no gc.freeze() here: it makes every object alive at that moment immortal to the
+        # collector, the loaded model's included, so a model switch leaked the old one
         if enabled:
             gc.enable()
 
@@ -654,7 +734,7 @@ class CatalogIndex:
                         size=found.size,
                         mtime_ns=found.mtime_ns,
                         sidecar_stamp=found.sidecar_stamp,
-                        header=header_facts(Path(found.path)),
+                        header=guarded_header_facts(Path(found.path)),
                         side=sidecar_facts(Path(found.path), found.names_in_folder),
                     )
                     changed = True
@@ -693,15 +773,20 @@ class CatalogIndex:
             return {}
         try:
             data = json.loads(self.cache_file.read_text(encoding="utf-8"))
-            if data.get("version") != CACHE_VERSION or data.get("folder") != str(self.folder):
-                return {}
-            return {
-                relative: _Record.from_json(relative, raw)
-                for relative, raw in data.get("files", {}).items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+                raise _BadRecord("not a catalog cache")
+        except (OSError, ValueError, RecursionError) as error:
             log.warning("ignoring unreadable catalog cache %s: %s", self.cache_file, error)
             return {}
+        if data.get("version") != CACHE_VERSION or data.get("folder") != str(self.folder):
+            return {}
+        records: dict[str, _Record] = {}
+        for relative, raw in data["files"].items():
+            try:
+                records[relative] = _Record.from_json(relative, raw)
+            except (_BadRecord, KeyError, TypeError) as error:  # that file is read again
+                log.warning("ignoring damaged cache record of %s: %s", relative, error)
+        return records
 
     def _save_cache(self) -> None:
         if self.cache_file is None:

@@ -196,7 +196,12 @@ def _parse_header(path: Path, raw: bytes, length: int, file_size: int) -> Safete
     if not isinstance(raw_metadata, dict):
         raise NetworkFileError(path, "malformed __metadata__ (not a JSON object)")
     # The format allows only strings; stringify anything else rather than refusing the file.
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw_metadata.items()}
+    try:
+        metadata = {
+            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw_metadata.items()
+        }
+    except RecursionError as error:
+        raise NetworkFileError(path, "malformed __metadata__ (nested too deeply)") from error
     tensors = {name: _tensor_info(path, name, entry) for name, entry in parsed.items()}
 
     data_size = file_size - _LENGTH_BYTES - length
@@ -292,8 +297,12 @@ def _load_pickle(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         raise NetworkFileError(
             path, f"refused by weights_only loading: {detail.strip() or first_line}"
         ) from error
-    except (OSError, EOFError, RuntimeError, ValueError) as error:
-        raise NetworkFileError(path, f"cannot load pickle: {error}") from error
+    except (
+        Exception
+    ) as error:  # torch's unpickler raises any type on garbage (IndexError, KeyError)
+        raise NetworkFileError(
+            path, f"cannot load pickle: {type(error).__name__}: {error}"
+        ) from error
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in _unwrap_state_dict(loaded, path).items():

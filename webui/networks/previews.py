@@ -64,7 +64,7 @@ def _cover_images(metadata: Mapping[str, str]) -> list[str]:
         return []
     try:
         images = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad JSON, huge integers, deep nesting
         log.warning("ignoring unreadable %s metadata", COVER_IMAGES_KEY)
         return []
     return [i for i in images if isinstance(i, str) and i] if isinstance(images, list) else []

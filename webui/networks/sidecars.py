@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
             data = json.load(handle)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: bad UTF-8, bad JSON, integers over Python's digit limit; RecursionError: deep nesting
+    except (OSError, ValueError, RecursionError) as error:
         log.warning("ignoring unreadable %s: %s", path, error)
         return None
     if not isinstance(data, dict):
@@ -91,7 +93,9 @@ def _weight(value: Any) -> float | None:
         return None
     try:
         weight = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
+        return None
+    if not math.isfinite(weight):
         return None
     return weight or None  # A1111 writes 0 for "not set"
 
