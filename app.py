@@ -37,6 +37,12 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         "--loras-dir", type=Path, default=default, help="folder of LoRA files (default: loras/)"
     )
     parser.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        default=default,
+        help="folder of textual-inversion embeddings (default: embeddings/)",
+    )
+    parser.add_argument(
         "--device", choices=[c.value for c in DeviceChoice], default=default or "auto"
     )
     parser.add_argument(
@@ -187,6 +193,7 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
     return Settings(
         models_dir=(args.models_dir or defaults.models_dir).resolve(),
         loras_dir=(args.loras_dir or defaults.loras_dir).resolve(),
+        embeddings_dir=(getattr(args, "embeddings_dir", None) or defaults.embeddings_dir).resolve(),
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,

@@ -47,6 +47,7 @@ class Settings:
 
     models_dir: Path = ROOT / "models"
     loras_dir: Path = ROOT / "loras"
+    embeddings_dir: Path = ROOT / "embeddings"  # textual-inversion files, named in prompts
     outputs_dir: Path = ROOT / "outputs"
     device: DeviceChoice = DeviceChoice.AUTO
     dtype: DtypeChoice = DtypeChoice.AUTO

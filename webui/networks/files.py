@@ -193,9 +193,12 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
     return loaded
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def load_pickle(path: str | os.PathLike[str]) -> Any:
+    """A pickle's object as `torch.load(weights_only=True)` gives it (tensors, dicts, numbers,
+    strings only), on the CPU; a refused or broken file raises NetworkFileError naming it."""
+    path = Path(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message runs to a page; keep the line naming the refused global.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -205,6 +208,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     except (OSError, EOFError, RuntimeError, ValueError) as error:
         raise NetworkFileError(path, f"cannot load pickle: {error}") from error
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    loaded = load_pickle(path)
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in _unwrap_state_dict(loaded, path).items():
