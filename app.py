@@ -37,6 +37,12 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         "--loras-dir", type=Path, default=default, help="folder of LoRA files (default: loras/)"
     )
     parser.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        default=default,
+        help="folder of textual-inversion embeddings (default: embeddings/)",
+    )
+    parser.add_argument(
         "--device", choices=[c.value for c in DeviceChoice], default=default or "auto"
     )
     parser.add_argument(
@@ -214,6 +220,7 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         outputs_dir=(args.outputs_dir or defaults.outputs_dir).resolve(),
         cache_dir=(args.cache_dir or defaults.cache_dir).resolve(),
         settings_file=(getattr(args, "settings_file", None) or defaults.settings_file).resolve(),
+        embeddings_dir=(getattr(args, "embeddings_dir", None) or defaults.embeddings_dir).resolve(),
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,

@@ -57,6 +57,7 @@ class Settings:
 
     models_dir: Path = ROOT / "models"
     loras_dir: Path = ROOT / "loras"
+    embeddings_dir: Path = ROOT / "embeddings"  # textual-inversion files, named in prompts
     outputs_dir: Path = ROOT / "outputs"
     settings_file: Path = ROOT / "config.json"
     device: DeviceChoice = DeviceChoice.AUTO

@@ -35,10 +35,15 @@ from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
 from webui.engine.network_set import ChosenNetwork, choose_networks
-from webui.engine.prompt_encoding import encode_for_pipeline
+from webui.engine.prompt_encoding import (
+    embeddings_in_prompts,
+    encode_for_pipeline,
+    token_embedding,
+)
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
+from webui.networks.embedding_library import Embedding, EmbeddingLibrary
 from webui.networks.keys import Component
 from webui.networks.patcher import ModuleProgress
 from webui.prompt import NetworkTag, parse_prompt
@@ -208,6 +213,8 @@ class Engine:
         # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words
         self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
+        self.embeddings = EmbeddingLibrary(settings.embeddings_dir)
+        self._embeddings_now: list[Embedding] = []  # what this generation's prompts may name
 
     # -- models -------------------------------------------------------------------------------
 
@@ -343,6 +350,8 @@ class Engine:
             _first_set(request.auto_trigger_words, self.settings.auto_trigger_words),
         )
         texts = replace(request, prompt=triggers.prompt, negative_prompt=negative.text)
+        self._embeddings_now = self._usable_embeddings(model, applied, warnings)
+        ti_hashes = self._ti_hashes(model, texts)
         pipe = model.pipe
         pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
         images: list[GeneratedImage] = []
@@ -365,7 +374,9 @@ class Engine:
                 callback_on_step_end=callback,
             )
             for image, seed in zip(output.images, seeds, strict=True):
-                infotext = self.infotext(model, request, seed, applied, triggers.added)
+                infotext = self.infotext(
+                    model, request, seed, applied, triggers.added, ti_hashes=ti_hashes
+                )
                 images.append(
                     GeneratedImage(image, seed, infotext, self._save(image, infotext, seed))
                 )
@@ -412,14 +423,39 @@ class Engine:
             for c, route in zip(chosen, routed.routes, strict=True)
         ]
 
-    @staticmethod
-    def _prompt_embeddings(model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
-        """Prompt and negative prompt encoded A1111's way (emphasis, BREAK, 75-token chunks)
-        with the text encoders as they are patched now, as pipeline keyword arguments."""
+    def _usable_embeddings(
+        self, model: LoadedModel, applied: Sequence[ChosenNetwork], warnings: list[str]
+    ) -> list[Embedding]:
+        """The folder's embeddings and those bundled in the applied LoRAs that fit the model's
+        text encoders; unreadable ones become warnings."""
+        encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
+        widths = [token_embedding(te).embedding_dim for te in encoders if te is not None]
+        loras = [(a.name, a.network.path) for a in applied]
+        usable, problems = self.embeddings.active(widths, loras)
+        warnings.extend(problems)
+        return usable
+
+    def _ti_hashes(self, model: LoadedModel, request: GenerationRequest) -> list[tuple[str, str]]:
+        """(name, hash) of each embedding the prompts use, for the infotext's `TI hashes`."""
+        used = embeddings_in_prompts(
+            model.pipe.tokenizer, [request.prompt, request.negative_prompt], self._embeddings_now
+        )
+        by_name = {embedding.name: embedding.short_hash for embedding in self._embeddings_now}
+        return [(name, by_name[name]) for name in used]
+
+    def _prompt_embeddings(self, model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
+        """Prompt and negative prompt encoded A1111's way (emphasis, BREAK, 75-token chunks,
+        textual-inversion embeddings) with the text encoders as they are patched now, as
+        pipeline keyword arguments."""
         prompts = [request.prompt] * request.batch_size
         negatives = [request.negative_prompt] * request.batch_size
         return encode_for_pipeline(
-            model.pipe, model.kind.arch, prompts, negatives, request.clip_skip
+            model.pipe,
+            model.kind.arch,
+            prompts,
+            negatives,
+            request.clip_skip,
+            embeddings=self._embeddings_now,
         )
 
     def _step_callback(
@@ -483,8 +519,11 @@ class Engine:
         seed: int,
         applied: Sequence[ChosenNetwork] | None = None,
         trigger_words: tuple[str, ...] = (),
+        *,
+        ti_hashes: Sequence[tuple[str, str]] = (),
     ) -> Infotext:
-        """A1111-format parameters for one image; the prompt keeps its tags as typed."""
+        """A1111-format parameters for one image; the prompt keeps its tags as typed.
+        `ti_hashes`: (name, hash) of the embeddings used, written as A1111's `TI hashes`."""
         params: dict[str, str] = {
             "Steps": str(request.steps),
             "Sampler": get_sampler(request.sampler).name,
@@ -504,6 +543,11 @@ class Engine:
         hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)
+        if ti_hashes:
+            # A1111 drops ":" and "," from names so the list stays parseable
+            params["TI hashes"] = ", ".join(
+                f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in ti_hashes
+            )
         backends = [
             f"{a.name}={a.route.backend.value}"
             for a in applied or []

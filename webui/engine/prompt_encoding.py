@@ -1,6 +1,8 @@
 """Prompt text -> text-encoder conditioning with AUTOMATIC1111's semantics: emphasis syntax
 (`(word)`, `[word]`, `(word:1.3)`), prompts longer than 75 tokens as several 77-token chunks,
-`BREAK`, the comma rule for chunk boundaries, "Original" emphasis and clip skip.
+`BREAK`, the comma rule for chunk boundaries, "Original" emphasis, clip skip and textual-inversion
+embeddings (an embedding's name in the prompt puts its vectors in place of the name's tokens, in
+the encoder's input embeddings; the tokenizer is never changed).
 
 Why our own: diffusers 0.42.1 implements `clip_skip` for SD1/SD2 through
 `text_encoder.text_model.final_layer_norm`, which transformers 5 removed from `CLIPTextModel`,
@@ -14,9 +16,10 @@ Entry point for the engine: `encode_for_pipeline`."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import torch
 from torch import nn
@@ -32,6 +35,10 @@ SQUARE_BRACKET_MULTIPLIER: Final = 1 / 1.1
 CHUNK_LENGTH: Final = 75
 """Prompt tokens per chunk; with BOS and EOS a chunk fills CLIP's 77 positions."""
 CHUNK_POSITIONS: Final = CHUNK_LENGTH + 2
+PLACEHOLDER_TOKEN: Final = 0
+"""The token id A1111 puts where an embedding's vectors go ("!" in CLIP's vocabulary): its
+input embedding is replaced, so only its id (never the end token, which pooling looks for)
+matters."""
 COMMA_BACKTRACK: Final = 20
 """A1111's default "Prompt word wrap length limit": a chunk that fills up within this many tokens
 after a comma ends at the comma and the words after it move to the next chunk."""
@@ -120,13 +127,63 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return fragments or [("", 1.0)]
 
 
+class TextualInversion(Protocol):
+    """An embedding as the engine holds it: its name and one [n, width] matrix per text
+    encoder of the model (SD1/SD2: one; SDXL: CLIP-L's, then CLIP-G's)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vectors(self) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEmbedding:
+    """An embedding as one text encoder uses it: its name and vectors [n, width]."""
+
+    name: str
+    vectors: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EmbeddingFix:
+    """Where in a 77-token chunk an embedding's vectors start (BOS is position 0)."""
+
+    position: int
+    name: str
+
+
 @dataclass(frozen=True)
 class PromptChunk:
-    """77 token ids (BOS, up to 75 prompt tokens, EOS, EOS padding, as A1111 builds them) and
-    one emphasis multiplier per position."""
+    """77 token ids (BOS, up to 75 prompt tokens, EOS, EOS padding, as A1111 builds them),
+    one emphasis multiplier per position, and the embeddings placed in it."""
 
     token_ids: tuple[int, ...]
     multipliers: tuple[float, ...]
+    fixes: tuple[EmbeddingFix, ...] = ()
+
+
+class _EmbeddingMatcher:
+    """A1111's lookup: an embedding is found where the prompt's tokens equal the tokens of its
+    name; of several that match at one place, the one with the longest name wins."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, embeddings: Sequence[PromptEmbedding]) -> None:
+        self._by_first: dict[int, list[tuple[tuple[int, ...], PromptEmbedding]]] = {}
+        names = [embedding.name for embedding in embeddings]
+        tokenized = tokenizer(names, add_special_tokens=False, verbose=False).input_ids
+        for ids, embedding in zip(tokenized, embeddings, strict=True):
+            if ids:
+                self._by_first.setdefault(ids[0], []).append((tuple(ids), embedding))
+        for candidates in self._by_first.values():
+            candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
+
+    def at(self, tokens: Sequence[int], position: int) -> tuple[PromptEmbedding, int] | None:
+        """The embedding whose name starts at `position`, and how many tokens the name has."""
+        for ids, embedding in self._by_first.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(ids)]) == ids:
+                return embedding, len(ids)
+        return None
 
 
 def empty_chunk(tokenizer: CLIPTokenizer) -> PromptChunk:
@@ -138,11 +195,20 @@ def empty_chunk(tokenizer: CLIPTokenizer) -> PromptChunk:
 
 
 def chunk_prompt(
-    tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: CLIPTokenizer,
+    text: str,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: Sequence[PromptEmbedding] = (),
 ) -> list[PromptChunk]:
     """A prompt as A1111 tokenizes it: emphasis parsed, each fragment tokenized alone, tokens
     filled into 75-token chunks (never truncated), `BREAK` closing the current chunk, and a full
-    chunk ending at its last comma when that comma is within `comma_backtrack` tokens."""
+    chunk ending at its last comma when that comma is within `comma_backtrack` tokens.
+    An embedding's name becomes n placeholder tokens (n = its vectors, with the name's weight)
+    and a fix; an embedding that does not fit in the current chunk starts the next one. One
+    deliberate difference from A1111: when the comma rule moves tokens to the next chunk, the
+    embeddings among them move too (A1111 leaves their fixes behind and writes the vectors over
+    the old chunk's padding)."""
+    matcher = _EmbeddingMatcher(tokenizer, embeddings) if embeddings else None
     fragments = parse_attention(text)
     words = [fragment for fragment in fragments if fragment != BREAK]
     tokenized = tokenizer(
@@ -155,20 +221,30 @@ def chunk_prompt(
     chunks: list[PromptChunk] = []
     ids: list[int] = []
     multipliers: list[float] = []
+    fixes: list[EmbeddingFix] = []  # positions counted in `ids` (without BOS)
     last_comma = -1
 
     def close_chunk() -> None:
-        nonlocal ids, multipliers, last_comma
+        nonlocal ids, multipliers, fixes, last_comma
         fill = CHUNK_LENGTH - len(ids) + 1
-        chunks.append(PromptChunk((bos, *ids, *[eos] * fill), (1.0, *multipliers, *[1.0] * fill)))
-        ids, multipliers, last_comma = [], [], -1
+        chunks.append(
+            PromptChunk(
+                (bos, *ids, *[eos] * fill),
+                (1.0, *multipliers, *[1.0] * fill),
+                tuple(EmbeddingFix(fix.position + 1, fix.name) for fix in fixes),
+            )
+        )
+        ids, multipliers, fixes, last_comma = [], [], [], -1
 
     for fragment in fragments:
         if fragment == BREAK:
             close_chunk()
             continue
         weight = fragment[1]
-        for token in next(tokens_of):
+        tokens = next(tokens_of)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif (
@@ -179,13 +255,29 @@ def chunk_prompt(
             ):
                 cut = last_comma + 1
                 moved_ids, moved_multipliers = ids[cut:], multipliers[cut:]
+                moved_fixes = [
+                    EmbeddingFix(f.position - cut, f.name) for f in fixes if f.position >= cut
+                ]
                 ids, multipliers = ids[:cut], multipliers[:cut]
+                fixes = [fix for fix in fixes if fix.position < cut]
                 close_chunk()
-                ids, multipliers = moved_ids, moved_multipliers
+                ids, multipliers, fixes = moved_ids, moved_multipliers, moved_fixes
             if len(ids) == CHUNK_LENGTH:
                 close_chunk()
-            ids.append(token)
-            multipliers.append(weight)
+            found = matcher.at(tokens, position) if matcher is not None else None
+            if found is None:
+                ids.append(token)
+                multipliers.append(weight)
+                position += 1
+                continue
+            embedding, name_length = found
+            count = int(embedding.vectors.shape[0])
+            if len(ids) + count > CHUNK_LENGTH:
+                close_chunk()
+            fixes.append(EmbeddingFix(len(ids), embedding.name))
+            ids.extend([PLACEHOLDER_TOKEN] * count)
+            multipliers.extend([weight] * count)
+            position += name_length
     if ids or not chunks:
         close_chunk()
     return chunks
@@ -261,20 +353,53 @@ def _model_ids(chunk: PromptChunk, eos: int, pad: int) -> list[int]:
     return ids[:end] + [pad] * (len(ids) - end)
 
 
+def token_embedding(text_encoder: nn.Module) -> nn.Module:
+    """The encoder's token-embedding lookup (input embeddings before positions are added)."""
+    return getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+
+
+@contextmanager
+def _vectors_in_place(
+    text_encoder: nn.Module, batch: Sequence[PromptChunk], vectors: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """While active, the token-embedding lookup returns each chunk's embedding vectors at its
+    fixes' positions (A1111's `EmbeddingsWithFixes`); no hook when no chunk has a fix."""
+    if not any(chunk.fixes for chunk in batch):
+        yield
+        return
+
+    def replace_rows(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for row, chunk in enumerate(batch):
+            for fix in chunk.fixes:
+                rows = vectors[fix.name][: CHUNK_POSITIONS - 1 - fix.position]
+                output[row, fix.position : fix.position + rows.shape[0]] = rows.to(output)
+        return output
+
+    handle = token_embedding(text_encoder).register_forward_hook(replace_rows)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def encode_chunked(
     tokenizer: CLIPTokenizer,
     text_encoder: nn.Module,
     prompts: Sequence[str],
     layer: EncoderLayer,
+    embeddings: Sequence[PromptEmbedding] = (),
 ) -> EncodedPrompts:
     """Each prompt chunked, every chunk encoded with emphasis applied, chunks concatenated
     along the sequence axis; prompts with fewer chunks than the longest in the batch are padded
-    with empty chunks, as A1111 does."""
+    with empty chunks, as A1111 does. Embeddings named in a prompt replace the input embeddings
+    of their placeholder tokens."""
     cache: dict[str, list[PromptChunk]] = {}
     for text in prompts:
         if text not in cache:
-            cache[text] = chunk_prompt(tokenizer, text)
+            cache[text] = chunk_prompt(tokenizer, text, embeddings=embeddings)
+    vectors = {embedding.name: embedding.vectors for embedding in embeddings}
     chunked = [cache[text] for text in prompts]
     blank = empty_chunk(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -284,7 +409,8 @@ def encode_chunked(
     for position in range(max(len(chunks) for chunks in chunked)):
         batch = [chunks[position] if position < len(chunks) else blank for chunks in chunked]
         ids = torch.tensor([_model_ids(chunk, eos, pad) for chunk in batch], device=device)
-        output = text_encoder(ids, output_hidden_states=not layer.is_last_normalised)
+        with _vectors_in_place(text_encoder, batch, vectors):
+            output = text_encoder(ids, output_hidden_states=not layer.is_last_normalised)
         if position == 0:
             pooled = getattr(output, "text_embeds", None)
         multipliers = torch.tensor([chunk.multipliers for chunk in batch])
@@ -318,15 +444,46 @@ def _equalise(
     return first, second
 
 
+def for_encoder(
+    embeddings: Sequence[TextualInversion], encoder: int, encoders: int
+) -> list[PromptEmbedding]:
+    """The embeddings made for a model with `encoders` text encoders, as encoder number
+    `encoder` (0-based) uses them."""
+    return [
+        PromptEmbedding(e.name, e.vectors[encoder])
+        for e in embeddings
+        if len(e.vectors) == encoders
+    ]
+
+
+def embeddings_in_prompts(
+    tokenizer: CLIPTokenizer, prompts: Sequence[str], embeddings: Sequence[TextualInversion]
+) -> list[str]:
+    """Names of the embeddings the prompts use, in order of first use (for `TI hashes`)."""
+    if not embeddings:
+        return []
+    single = [PromptEmbedding(e.name, e.vectors[0]) for e in embeddings]
+    used: dict[str, None] = {}
+    for text in dict.fromkeys(prompts):
+        for chunk in chunk_prompt(tokenizer, text, embeddings=single):
+            used.update(dict.fromkeys(fix.name for fix in chunk.fixes))
+    return list(used)
+
+
 def encode_prompts(
-    tokenizer: CLIPTokenizer, text_encoder: nn.Module, prompts: list[str], clip_skip: int
+    tokenizer: CLIPTokenizer,
+    text_encoder: nn.Module,
+    prompts: list[str],
+    clip_skip: int,
+    embeddings: Sequence[PromptEmbedding] = (),
 ) -> torch.Tensor:
     """SD1/SD2 conditioning with A1111's emphasis, long prompts and clip skip (1 = last layer;
     n = n-th hidden state from the end, through the final LayerNorm); shape
     (len(prompts), 77 * chunks, width). Plain prompts up to 75 tokens give exactly what the
     tokenizer's own 77-token padding gives. Positive and negative can differ in chunk count:
     use `encode_prompt_pair` for CFG."""
-    return encode_chunked(tokenizer, text_encoder, prompts, EncoderLayer.for_sd(clip_skip)).embeds
+    layer = EncoderLayer.for_sd(clip_skip)
+    return encode_chunked(tokenizer, text_encoder, prompts, layer, embeddings).embeds
 
 
 def encode_prompt_pair(
@@ -335,11 +492,12 @@ def encode_prompt_pair(
     prompts: list[str],
     negatives: list[str],
     clip_skip: int,
+    embeddings: Sequence[PromptEmbedding] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SD1/SD2 (prompt, negative) conditioning with the same chunk count, for CFG."""
     return _equalise(
-        encode_prompts(tokenizer, text_encoder, prompts, clip_skip),
-        encode_prompts(tokenizer, text_encoder, negatives, clip_skip),
+        encode_prompts(tokenizer, text_encoder, prompts, clip_skip, embeddings),
+        encode_prompts(tokenizer, text_encoder, negatives, clip_skip, embeddings),
         lambda: encode_prompts(tokenizer, text_encoder, [""], clip_skip),
     )
 
@@ -358,14 +516,23 @@ class SDXLConditioning:
 
 @torch.no_grad()
 def encode_sdxl_prompts(
-    pipe: Any, prompts: list[str], clip_skip: int = 1, clip_l_skip: bool = False
+    pipe: Any,
+    prompts: list[str],
+    clip_skip: int = 1,
+    clip_l_skip: bool = False,
+    embeddings: Sequence[TextualInversion] = (),
 ) -> SDXLConditioning:
     """SDXL conditioning as A1111 builds it: each encoder chunks and emphasises on its own,
     chunks are concatenated on the feature axis; clip skip follows `sdxl_layers`. Plain
-    prompts up to 75 tokens give what diffusers' `StableDiffusionXLPipeline.encode_prompt` does."""
+    prompts up to 75 tokens give what diffusers' `StableDiffusionXLPipeline.encode_prompt` does.
+    SDXL embeddings put their clip_l vectors into the first encoder, clip_g into the second."""
     first_layer, second_layer = sdxl_layers(clip_skip, clip_l_skip)
-    first = encode_chunked(pipe.tokenizer, pipe.text_encoder, prompts, first_layer)
-    second = encode_chunked(pipe.tokenizer_2, pipe.text_encoder_2, prompts, second_layer)
+    first = encode_chunked(
+        pipe.tokenizer, pipe.text_encoder, prompts, first_layer, for_encoder(embeddings, 0, 2)
+    )
+    second = encode_chunked(
+        pipe.tokenizer_2, pipe.text_encoder_2, prompts, second_layer, for_encoder(embeddings, 1, 2)
+    )
     if second.pooled is None:
         raise ValueError("SDXL's second text encoder must have a projection (text_embeds)")
     embeds = _equalise(
@@ -385,19 +552,27 @@ def encode_for_pipeline(
     clip_skip: int,
     *,
     sdxl_clip_l_skip: bool = False,
+    embeddings: Sequence[TextualInversion] = (),
 ) -> dict[str, torch.Tensor]:
     """Keyword arguments for the diffusers pipeline: `prompt_embeds`, `negative_prompt_embeds`
     (same chunk count), plus `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` for SDXL.
     SDXL follows A1111: clip skip only with `sdxl_clip_l_skip`, and an all-empty negative prompt
-    gives zero conditioning (as diffusers' `force_zeros_for_empty_prompt` does too)."""
+    gives zero conditioning (as diffusers' `force_zeros_for_empty_prompt` does too).
+    `embeddings`: the textual inversions prompts may name (those for another encoder count are
+    left out)."""
     if arch is not Arch.SDXL:
         cond, uncond = encode_prompt_pair(
-            pipe.tokenizer, pipe.text_encoder, prompts, negatives, clip_skip
+            pipe.tokenizer,
+            pipe.text_encoder,
+            prompts,
+            negatives,
+            clip_skip,
+            for_encoder(embeddings, 0, 1),
         )
         return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
 
     def sdxl(texts: list[str]) -> SDXLConditioning:
-        return encode_sdxl_prompts(pipe, texts, clip_skip, sdxl_clip_l_skip)
+        return encode_sdxl_prompts(pipe, texts, clip_skip, sdxl_clip_l_skip, embeddings)
 
     positive, negative = sdxl(prompts), sdxl(negatives)
     if all(text == "" for text in negatives):

@@ -287,9 +287,15 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
     return loaded
 
 
-def _load_pickle(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+def load_pickle(path: str | os.PathLike[str], data: bytes | None = None) -> Any:
+    """A pickle's object as `torch.load(weights_only=True)` gives it (tensors, dicts, numbers,
+    strings only), on the CPU, from the file's bytes read into memory under the size cap (or
+    from `data`, already read); a refused or broken file raises NetworkFileError naming it."""
+    path = Path(path)
+    if data is None:
+        data = _read_whole(path, MAX_LORA_BYTES)
     try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message runs to a page; keep the line naming the refused global.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -297,12 +303,14 @@ def _load_pickle(path: Path, data: bytes) -> dict[str, torch.Tensor]:
         raise NetworkFileError(
             path, f"refused by weights_only loading: {detail.strip() or first_line}"
         ) from error
-    except (
-        Exception
-    ) as error:  # torch's unpickler raises any type on garbage (IndexError, KeyError)
+    except Exception as error:  # torch's unpickler raises any type on garbage (IndexError, ...)
         raise NetworkFileError(
             path, f"cannot load pickle: {type(error).__name__}: {error}"
         ) from error
+
+
+def _load_pickle(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    loaded = load_pickle(path, data)
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in _unwrap_state_dict(loaded, path).items():
