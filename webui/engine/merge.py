@@ -29,7 +29,7 @@ from webui.engine.checkpoints import (
     save_folder,
     save_single_file,
 )
-from webui.networks.base_detection import is_compatible, modelspec_architecture
+from webui.networks.base_detection import fits, modelspec_architecture
 from webui.networks.inspection import NotALoraError, refuse_checkpoint
 from webui.networks.network import Network, load_network
 from webui.networks.patcher import NetworkPatcher, NetworkReport
@@ -108,11 +108,13 @@ def _check_output(checkpoint: CheckpointFile, out: Path) -> OutputLayout:
 
 
 def check_bases(networks: Sequence[Network], arch: Arch, model: str) -> None:
-    """Raise MergeError naming every network made for another base than `arch`."""
-    wrong = [n for n in networks if not is_compatible(n.base.arch, arch)]
+    """Raise MergeError naming every network made for another base than `arch`, or for a family
+    this app does not run (a FLUX/SD3 file's CLIP part would otherwise be baked in)."""
+    wrong = [n for n in networks if not fits(n.base, arch)]
     if wrong:
         details = "; ".join(
-            f"{n.name} is for {n.base.arch.value if n.base.arch else '?'} ({n.base.detail})"
+            n.base.refusal(n.name)
+            or f"{n.name} is for {n.base.arch.value if n.base.arch else '?'} ({n.base.detail})"
             for n in wrong
         )
         raise MergeError(f"{model} is {arch.value}, but {details}")

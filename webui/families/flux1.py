@@ -13,6 +13,7 @@ FAMILY = Family(
         r"_(img|txt)_mod_lin_",
         r"single_blocks_\d+_modulation_lin_",
         r"single_transformer_blocks_\d+_norm_linear_",
+        r"double_blocks_\d+_processor_(qkv|proj)_lora[12]_",  # XLabs' trainer
     ),
     widths=(
         shared(

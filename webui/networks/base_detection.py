@@ -84,9 +84,11 @@ _INPUT_SIDE_SUFFIXES = (
     "down.weight",  # old diffusers `to_k_lora.down.weight`, `lora.down.weight`
     "hada_w1_b",
     "hada_w2_b",
-    "lokr_w2_b",
     "diff",
 )
+# LoKr factors the input width: the layer's is w1's times w2's (w1 and w2 full or low-rank).
+_LOKR_W1 = ("lokr_w1", "lokr_w1_b")
+_LOKR_W2 = ("lokr_w2", "lokr_w2_b")
 # LoRA down weights keep the wrapped layer's kind: 4-d for a conv, 2-d for a linear layer.
 _LORA_DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora_A.default.weight", "down.weight")
 _SD1, _SD2, _SDXL = (families.by_name(a.value) for a in (Arch.SD1, Arch.SD2, Arch.SDXL))
@@ -122,6 +124,19 @@ def _input_width(key: str, shape: tuple[int, ...]) -> int | None:
     return None
 
 
+def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The wrapped layer's input width, on each key that shows it (LoKr: on its w2 key)."""
+    widths = {k: w for k, s in shapes.items() if (w := _input_width(k, s)) is not None}
+    for key, shape in shapes.items():
+        prefix, _, suffix = key.rpartition(".")
+        if suffix not in _LOKR_W2 or len(shape) < 2:
+            continue
+        w1 = next((shapes[f"{prefix}.{n}"] for n in _LOKR_W1 if f"{prefix}.{n}" in shapes), None)
+        if w1 is not None and len(w1) == 2:
+            widths[key] = w1[1] * shape[1]
+    return widths
+
+
 def _foreign_from_keys(
     flat_keys: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[Family, str] | None:
@@ -131,10 +146,11 @@ def _foreign_from_keys(
             for key, flat_key in flat_keys.items():
                 if pattern.search(flat_key):
                     return family, f"{family.name} name {key!r}"
+    widths = _input_widths(shapes)
     for family in families.FOREIGN:
         for signature in family.widths:
             for key, flat_key in flat_keys.items():
-                width = _input_width(key, shapes[key])
+                width = widths.get(key)
                 if width in signature.widths and signature.pattern.search(flat_key):
                     return family, f"{family.name} layer of width {width} ({key!r})"
     return None
@@ -167,12 +183,13 @@ def detect_from_keys(tensor_shapes: Mapping[str, tuple[int, ...]]) -> BaseDetect
     if sdxl_names:
         return found(Arch.SDXL, f"SDXL-only name {sdxl_names[0]!r}")
 
+    input_widths = _input_widths(shapes)
     for pattern, widths, what in (
         (_CONTEXT_NAME, _CONTEXT_WIDTHS, "cross-attention context width"),
         (_TEXT_ENCODER_NAME, _TEXT_WIDTHS, "text encoder width"),
     ):
         for key, flat_key in sorted(flat_keys.items()):
-            width = _input_width(key, shapes[key])
+            width = input_widths.get(key)
             if width in widths and pattern.search(flat_key):
                 return found(widths[width], f"{what} {width} ({key!r})")
     for key, flat_key in sorted(flat_keys.items()):
