@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -101,6 +103,30 @@ def png_info(infotext: Infotext) -> PngInfo:
 def save_png(image: Image.Image, path: Path, infotext: Infotext) -> None:
     """Write `image` as PNG with its parameters text chunk."""
     image.save(path, format="PNG", pnginfo=png_info(infotext))
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the server decodes; the message gives its size."""
+
+
+def open_image(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
+    """Open an image, refusing one over `max_pixels` before its pixels are decoded (PIL reads
+    the size from the header first). Raises ImageTooLargeError, or PIL's errors for a file
+    that is not an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as exc:  # PIL's own, far higher limit
+        raise ImageTooLargeError(f"image too large to read: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image too large to read: {width}x{height} is {width * height} pixels, "
+            f"at most {max_pixels}"
+        )
+    image.load()  # text chunks written after the pixel data are read only here
+    return image
 
 
 def read_image_parameters(image: Image.Image) -> str | None:
