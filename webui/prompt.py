@@ -23,9 +23,10 @@ that is a preset name or a comma list without `@` is read as `lbw` (LoRA Block W
 `<lora:NAME:1:PRESET>` form).
 
 Errors (each message starts with the tag as typed):
-- a value that decides how strongly the network applies cannot be read (bad number, schedule,
-  `dyn`, `lbw` vector or preset) or the name is empty: the tag is skipped ("...; tag skipped"),
-  since applying a guessed strength would give an image the user did not ask for;
+- a value that decides how strongly the network applies cannot be read (bad number, one out
+  of float's range such as `1e999`, schedule, `dyn`, `lbw` vector or preset) or the name is
+  empty: the tag is skipped ("...; tag skipped"), since applying a guessed strength would give
+  an image the user did not ask for;
 - an unknown key, a surplus positional argument, a named argument with no value: that argument
   is ignored ("... (ignored)") and the tag applies; a key given twice: the last value is used.
 """
@@ -33,15 +34,18 @@ Errors (each message starts with the tag as typed):
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 NETWORK_KINDS = ("lora", "lyco")
-_TAG = re.compile(r"<(\w+):([^>]*)>")
+# a tag opens with `<kind:` and runs to the next `>` (found with str.find: one regex scanning to
+# the end from every `<` took quadratic time on prompts full of `<` and no `>`)
+_TAG_OPENING = re.compile(r"<(\w+):")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_STEP = re.compile(r"\d+")
+_STEP = re.compile(r"\d{1,9}")  # whole numbers stay far below int()'s digit limit
 _FRACTION = re.compile(r"\d*\.\d*")
 _STRENGTH_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out")
 KEYS = (*_STRENGTH_KEYS, "dyn", "lbw")
@@ -206,10 +210,14 @@ class _Unreadable(ValueError):
     """A value that cannot be read; the message completes "<label> '<raw>' ..."."""
 
 
-def _number(raw: str) -> float:
+def _number(raw: str, what: str = "") -> float:
+    """The finite number `raw` spells; `what` prefixes the problem ("value 'x' ")."""
     if not _NUMBER.fullmatch(raw):
-        raise _Unreadable("is not a number")
-    return float(raw)
+        raise _Unreadable(f"{what}is not a number")
+    value = float(raw)
+    if not math.isfinite(value):  # 1e999 reads as infinity: the image would come out black
+        raise _Unreadable(f"{what}is out of range (not a finite number)")
+    return value
 
 
 def _schedule(raw: str) -> Schedule:
@@ -218,13 +226,12 @@ def _schedule(raw: str) -> Schedule:
         value, at, step = item.partition("@")
         if not at:
             raise _Unreadable(f"is not a schedule: {item!r} is not VALUE@STEP")
-        if not _NUMBER.fullmatch(value.strip()):
-            raise _Unreadable(f"is not a schedule: value {value.strip()!r} is not a number")
+        number = _number(value.strip(), f"is not a schedule: value {value.strip()!r} ")
         step = step.strip()
         if _STEP.fullmatch(step):
-            points.append(SchedulePoint(float(value), int(step)))
+            points.append(SchedulePoint(number, int(step)))
         elif _FRACTION.fullmatch(step) and step != "." and float(step) <= 1:
-            points.append(SchedulePoint(float(value), float(step), fraction=True))
+            points.append(SchedulePoint(number, float(step), fraction=True))
         else:
             raise _Unreadable(
                 f"is not a schedule: step {step!r} is neither a step number nor a fraction 0..1"
@@ -237,8 +244,10 @@ def _strength(raw: str) -> Strength:
 
 
 def _dyn(raw: str) -> int:
-    if not _STEP.fullmatch(raw):
+    if not raw.isascii() or not raw.isdigit():
         raise _Unreadable("is not a whole number >= 0")
+    if not _STEP.fullmatch(raw):
+        raise _Unreadable("is too large (at most 9 digits)")
     return int(raw)
 
 
@@ -250,13 +259,11 @@ def _blocks(raw: str) -> BlockWeights:
     items = [item.strip() for item in raw.split(",")]
     if len(items) == 1 and not _NUMBER.fullmatch(items[0]):
         raise _Unreadable(f"is not a block vector or a preset ({', '.join(PRESETS)})")
-    bad = [item for item in items if not _NUMBER.fullmatch(item)]
-    if bad:
-        raise _Unreadable(f"is not a block vector: {bad[0]!r} is not a number")
+    values = tuple(_number(item, f"is not a block vector: {item!r} ") for item in items)
     if len(items) not in _BLOCK_LABELS:
         count = f"{len(items)} value" + ("" if len(items) == 1 else "s")
         raise _Unreadable(f"has {count}; a block vector has 12, 17, 20 or 26")
-    return BlockWeights(tuple(float(item) for item in items), block_labels(len(items)))
+    return BlockWeights(values, block_labels(len(items)))
 
 
 def _looks_like_blocks(raw: str) -> bool:
@@ -336,7 +343,8 @@ def _parse_tag(text: str, args: str) -> tuple[NetworkTag | None, list[str]]:
 def _tidy(text: str) -> str:
     # removing a tag leaves doubled spaces and dangling commas behind
     text = re.sub(r"[ \t]{2,}", " ", text)
-    text = re.sub(r"\s+,", ",", text)
+    # only from the start of a whitespace run: retrying inside a long run made this quadratic
+    text = re.sub(r"(?<!\s)\s+,", ",", text)
     text = re.sub(r",(\s*,)+", ",", text)
     return text.strip().strip(",").strip()
 
@@ -348,14 +356,21 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     tags: list[NetworkTag] = []
     errors: list[str] = []
 
-    def take(match: re.Match[str]) -> str:
-        if match.group(1).lower() not in NETWORK_KINDS:
-            return match.group(0)
-        tag, messages = _parse_tag(match.group(0), match.group(2))
-        errors.extend(messages)
-        if tag is not None:
-            tags.append(tag)
-        return ""
-
-    text = _TAG.sub(take, prompt)
-    return ParsedPrompt(_tidy(text), tuple(tags), tuple(errors))
+    kept: list[str] = []
+    start = 0  # prompt[start:] is not yet copied to `kept`
+    opening = _TAG_OPENING.search(prompt)
+    while opening is not None:
+        end = prompt.find(">", opening.end())
+        if end < 0:
+            break  # no `>` left: no tag can close
+        if opening.group(1).lower() in NETWORK_KINDS:
+            text = prompt[opening.start() : end + 1]
+            tag, messages = _parse_tag(text, prompt[opening.end() : end])
+            errors.extend(messages)
+            if tag is not None:
+                tags.append(tag)
+            kept.append(prompt[start : opening.start()])
+            start = end + 1
+        opening = _TAG_OPENING.search(prompt, end + 1)
+    kept.append(prompt[start:])
+    return ParsedPrompt(_tidy("".join(kept)), tuple(tags), tuple(errors))

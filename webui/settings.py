@@ -52,6 +52,19 @@ _DTYPES = {
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """The most a request may ask of the server; bigger ones are refused with a message that
+    names the limit (413 for a body, 422 for a field), before anything is parsed or decoded."""
+
+    max_body_bytes: int = 64 * 1024 * 1024  # a base64 PNG for PNG Info is the largest body
+    max_prompt_chars: int = 20_000  # each of prompt and negative prompt; CLIP reads ~300 words
+    max_image_pixels: int = 8192 * 8192  # PNG Info: width x height, read before decoding
+
+
+LIMITS = RequestLimits()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Paths, device and server options. Paths are absolute once resolved."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from engine_settings import cpu_settings
+from fastapi import FastAPI
 
 from webui.engine.generate import Engine
 from webui.server import Access, build_app
@@ -25,6 +26,7 @@ from webui.settings import Settings
 class RunningServer:
     engine: Engine
     port: int
+    app: FastAPI | None = None
 
     @property
     def url(self) -> str:
@@ -62,8 +64,9 @@ def start_server() -> Iterator:
     def start(settings: Settings, access: Access | None = None) -> RunningServer:
         engine = Engine(settings)
         port = free_port()
+        app = build_app(engine, access or Access())
         config = uvicorn.Config(
-            build_app(engine, access or Access()),
+            app,
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -78,7 +81,7 @@ def start_server() -> Iterator:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise AssertionError("the server did not start")
             time.sleep(0.05)
-        return RunningServer(engine, port)
+        return RunningServer(engine, port, app)
 
     yield start
     for server, thread in servers:

@@ -3,6 +3,8 @@ command line, checked in constant time; anything else gets 401 before the route 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,18 @@ def parse_credentials(text: str) -> tuple[Credential, ...]:
             raise ValueError(f"{pair.strip()!r} is not user:password")
         credentials.append(Credential(user, password))
     return tuple(credentials)
+
+
+def basic_header_matches(header: str | None, credentials: Sequence[Credential]) -> bool:
+    """Whether an `Authorization: Basic ...` header carries one of `credentials`."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return bool(sep) and any(c.matches(user, password) for c in credentials)
 
 
 _basic = HTTPBasic(auto_error=False, description="--api-auth user:password")

@@ -20,7 +20,7 @@ def check_with_engine(**fields: Any) -> None:
     """Run the engine's own range checks on these request fields (all others at their valid
     defaults); raises ValueError with the engine's message."""
     try:
-        GenerationRequest(prompt="", **fields).validate()
+        GenerationRequest(**{"prompt": "", **fields}).validate()
     except RequestError as exc:
         raise ValueError(str(exc)) from exc
 
@@ -29,7 +29,7 @@ class Options(BaseModel):
     """Options that can be set for one request (`override_settings`) or for all later ones
     (`POST /options`). Other A1111 options are accepted and ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     sd_model_checkpoint: str | None = Field(
         None, description="checkpoint title, name or hash, as listed by /sdapi/v1/sd-models"
@@ -47,7 +47,8 @@ class Options(BaseModel):
 class Txt2ImgRequest(BaseModel):
     """`POST /sdapi/v1/txt2img`. LoRA tags go in the prompt: `<lora:NAME:WEIGHT>`."""
 
-    model_config = ConfigDict(extra="allow")
+    # JSON from Python clients may hold NaN or Infinity: every float field must be finite
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -73,7 +74,9 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = Field(False, description="accepted; the server's setting decides")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="accepted, ignored")
 
-    @field_validator("steps", "cfg_scale", "width", "height", "seed", "batch_size")
+    @field_validator(
+        "prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size"
+    )
     @classmethod
     def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
         check_with_engine(**{info.field_name: value})

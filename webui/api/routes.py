@@ -39,10 +39,17 @@ from webui.engine.generate import (
     GenerationResult,
     RequestError,
 )
-from webui.engine.infotext import PNG_TEXT_KEY, png_info, read_image_parameters
+from webui.engine.infotext import (
+    PNG_TEXT_KEY,
+    ImageTooLargeError,
+    open_image,
+    png_info,
+    read_image_parameters,
+)
 from webui.engine.jobs import JobQueue
 from webui.engine.samplers import SAMPLERS
 from webui.networks.files import NetworkFileError, read_metadata
+from webui.settings import LIMITS
 
 # Infotext keys that A1111 keeps in fields of its own rather than in `extra_generation_params`.
 _CORE_PARAMS = {"Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model", "Version"}
@@ -66,12 +73,14 @@ def encode_png(image: Image.Image, text_chunks: PngInfo) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: str) -> Image.Image:
-    """A base64 image, optionally as a `data:` URL. Raises a 422 naming `image`."""
+def decode_image(data: str, max_pixels: int = LIMITS.max_image_pixels) -> Image.Image:
+    """A base64 image, optionally as a `data:` URL, of at most `max_pixels` (checked before
+    its pixels are decoded). Raises a 422 naming `image`."""
     payload = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        image.load()
+        image = open_image(io.BytesIO(base64.b64decode(payload, validate=True)), max_pixels)
+    except ImageTooLargeError as exc:
+        raise field_error(["image"], str(exc), data[:40]) from exc
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
         raise field_error(["image"], f"not a base64-encoded image: {exc}", data[:40]) from exc
     return image

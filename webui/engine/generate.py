@@ -46,8 +46,8 @@ from webui.networks.catalog import NetworkCatalog
 from webui.networks.embedding_library import Embedding, EmbeddingLibrary
 from webui.networks.keys import Component
 from webui.networks.patcher import ModuleProgress
-from webui.prompt import NetworkTag, parse_prompt
-from webui.settings import SAVED_OPTIONS, LoraBackend, Settings, SettingsFile
+from webui.prompt import NetworkTag, ParsedPrompt, parse_prompt
+from webui.settings import LIMITS, SAVED_OPTIONS, LoraBackend, RequestLimits, Settings, SettingsFile
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,18 @@ class GenerationRequest:
     # trigger words added (0 off, N the first N, -1 all); None: the server-wide setting
     auto_trigger_words: int | None = None
 
-    def validate(self) -> None:
+    def validate(self, limits: RequestLimits = LIMITS) -> None:
         """Raise RequestError naming the first field that is out of range."""
+        most = limits.max_prompt_chars
         checks = [
+            ("prompt", len(self.prompt) <= most, f"is too long: at most {most} characters"),
+            (
+                "negative_prompt",
+                len(self.negative_prompt) <= most,
+                f"is too long: at most {most} characters",
+            ),
             ("steps", 1 <= self.steps <= 150, "must be between 1 and 150"),
+            # NaN fails every comparison; infinity is out of range
             ("cfg_scale", 0.0 <= self.cfg_scale <= 30.0, "must be between 0 and 30"),
             (
                 "width",
@@ -107,11 +115,18 @@ class GenerationRequest:
         ]
         for name, ok, message in checks:
             if not ok:
-                raise RequestError(f"{name} {message} (got {getattr(self, name)!r})")
+                raise RequestError(f"{name} {message} (got {_shown(getattr(self, name))})")
         try:
             get_sampler(self.sampler)
         except UnknownSamplerError as exc:
             raise RequestError(f"sampler: {exc}") from exc
+
+
+def _shown(value: object) -> str:
+    """A field's value for an error message; long text is cut to its length and start."""
+    if isinstance(value, str) and len(value) > 40:
+        return f"{len(value)} characters: {value[:20]!r}..."
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -327,18 +342,24 @@ class Engine:
     ) -> GenerationResult:
         """Render `request` with the loaded model. Raises RequestError or NoModelError."""
         request.validate()
+        # parsed before taking the lock: a long prompt never holds up the job running now
+        prompts = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
         with self._lock:
             if self._model is None:
                 raise NoModelError("no model is loaded")
             self._interrupt.clear()
-            return self._generate(self._model, request, on_progress)
+            return self._generate(self._model, request, prompts, on_progress)
 
     def _generate(
-        self, model: LoadedModel, request: GenerationRequest, on_progress: ProgressCallback | None
+        self,
+        model: LoadedModel,
+        request: GenerationRequest,
+        prompts: tuple[ParsedPrompt, ParsedPrompt],
+        on_progress: ProgressCallback | None,
     ) -> GenerationResult:
         started = time.perf_counter()
         request = replace(request, seed=resolve_seed(request.seed))
-        prompt, negative = parse_prompt(request.prompt), parse_prompt(request.negative_prompt)
+        prompt, negative = prompts
         warnings = [*prompt.errors, *negative.errors]
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         routes = self._apply_networks(model, request, prompt.tags, warnings, on_progress)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -17,7 +19,11 @@ _NEGATIVE_PREFIX = "Negative prompt:"
 
 # One `Key: value` pair; a value is either JSON-quoted (it may then hold commas) or runs to the
 # next comma. Keys start with a word character and may hold spaces, dashes and slashes.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's pattern is the first alternative alone; findall then retried it at every character of
+# a run of key characters with no colon after it (quadratic). The second alternative consumes
+# such a run in one step (no position inside it could start a pair either), the empty one lets
+# a whitespace run be skipped once; both leave the key group empty.
+_PARAM = re.compile(r'\s*+(?:(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)|\w[\w \-/]*+|)')
 
 # A1111's key and value for a zero-terminal-SNR schedule (its `sd_noise_schedule` option)
 NOISE_SCHEDULE_KEY = "Noise Schedule"
@@ -72,8 +78,13 @@ def unquote(value: str) -> str:
     return value
 
 
-def _parse_params_line(line: str) -> dict[str, str]:
-    return {key.strip(): unquote(value.strip()) for key, value in _PARAM.findall(line)}
+def _pairs(line: str) -> list[tuple[str, str]]:
+    """The `Key: value` pairs of a line, in A1111's reading, in linear time."""
+    return [(key, value) for key, value in _PARAM.findall(line) if key]
+
+
+def _parse_params_line(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    return {key.strip(): unquote(value.strip()) for key, value in pairs}
 
 
 def parse_infotext(text: str) -> Infotext:
@@ -82,8 +93,10 @@ def parse_infotext(text: str) -> Infotext:
     prompt, which runs to the parameters line."""
     lines = text.strip("\n").split("\n")
     params: dict[str, str] = {}
-    if lines and len(_PARAM.findall(lines[-1])) >= 3:
-        params = _parse_params_line(lines.pop())
+    pairs = _pairs(lines[-1]) if lines else []
+    if len(pairs) >= 3:
+        params = _parse_params_line(pairs)
+        lines.pop()
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
     in_negative = False
@@ -105,6 +118,30 @@ def png_info(infotext: Infotext) -> PngInfo:
 def save_png(image: Image.Image, path: Path, infotext: Infotext) -> None:
     """Write `image` as PNG with its parameters text chunk."""
     image.save(path, format="PNG", pnginfo=png_info(infotext))
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the server decodes; the message gives its size."""
+
+
+def open_image(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
+    """Open an image, refusing one over `max_pixels` before its pixels are decoded (PIL reads
+    the size from the header first). Raises ImageTooLargeError, or PIL's errors for a file
+    that is not an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as exc:  # PIL's own, far higher limit
+        raise ImageTooLargeError(f"image too large to read: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image too large to read: {width}x{height} is {width * height} pixels, "
+            f"at most {max_pixels}"
+        )
+    image.load()  # text chunks written after the pixel data are read only here
+    return image
 
 
 def read_image_parameters(image: Image.Image) -> str | None:

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from webui.engine.infotext import parse_infotext, read_image_parameters
+from webui.engine.infotext import (
+    ImageTooLargeError,
+    open_image,
+    parse_infotext,
+    read_image_parameters,
+)
+from webui.settings import LIMITS
 
 
-def describe_image(image: Image.Image | None) -> tuple[str, list[list[str]]]:
-    """The raw parameters text and a (field, value) table, or a note when there are none."""
+def describe_image(
+    image: Image.Image | str | Path | None, max_pixels: int = LIMITS.max_image_pixels
+) -> tuple[str, list[list[str]]]:
+    """The raw parameters text and a (field, value) table, or a note when there are none. A
+    path is opened here, so that an image over `max_pixels` is refused before it is decoded."""
     if image is None:
         return "", []
+    if not isinstance(image, Image.Image):
+        try:
+            image = open_image(Path(image), max_pixels)
+        except ImageTooLargeError as exc:
+            return f"{exc}.", []
+        except (UnidentifiedImageError, OSError) as exc:
+            return f"not an image: {exc}", []
     text = read_image_parameters(image)
     if text is None:
         return "This image carries no generation parameters.", []
@@ -25,8 +43,13 @@ def build_png_info_tab() -> None:
     """Lay out the tab inside the current Blocks context."""
     with gr.Row():
         with gr.Column():
+            # a path, not a PIL image: gradio would decode every pixel before we see the size
             image = gr.Image(
-                label="Image", type="pil", sources=["upload", "clipboard"], elem_id="png-info-image"
+                label="Image",
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                elem_id="png-info-image",
             )
         with gr.Column():
             raw = gr.Textbox(label="Parameters", lines=6, buttons=["copy"], elem_id="png-info-text")
