@@ -8,7 +8,6 @@ import base64
 import html
 import io
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -23,9 +22,9 @@ from webui.engine.generate import Engine
 from webui.networks.catalog_index import CatalogIndex, NetworkEntry
 from webui.networks.previews import preview_bytes, set_preview
 from webui.networks.sidecars import save_user_metadata
-from webui.prompt import parse_prompt
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_cards import Card, Details, render_details, render_grid, summary_rows
+from webui.ui.prompt_edit import add_word, prompt_has_network, toggle_network
 
 log = logging.getLogger(__name__)
 
@@ -54,62 +53,6 @@ class Filters:
     folder: str = ALL_FOLDERS
     base: str = ANY_BASE
     show_all: bool = False  # also show LoRAs made for another base (dimmed)
-
-
-# -- pure prompt editing ----------------------------------------------------------------------
-
-
-def lora_tag(name: str, weight: float | None) -> str:
-    """`<lora:NAME:W>`; weight 1 when the file has no preferred weight."""
-    value = 1.0 if weight is None else weight
-    return f"<lora:{name}:{value:g}>"
-
-
-def _same_network(tag_name: str, name: str) -> bool:
-    wanted = tag_name.replace("\\", "/").strip("/").lower()
-    return wanted in (name.lower(), name.rsplit("/", 1)[-1].lower())
-
-
-def prompt_has_network(prompt: str, name: str) -> bool:
-    return any(_same_network(tag.name, name) for tag in parse_prompt(prompt).tags)
-
-
-def _append(prompt: str, text: str) -> str:
-    stripped = prompt.rstrip()
-    if not stripped:
-        return text
-    return f"{stripped} {text}" if stripped.endswith(",") else f"{stripped}, {text}"
-
-
-def _remove(prompt: str, piece: str) -> str:
-    """Remove `piece` and the separator it leaves behind."""
-    at = prompt.find(piece)
-    if at < 0:
-        return prompt
-    before, after = prompt[:at], prompt[at + len(piece) :]
-    if before.rstrip().endswith(","):
-        before = before.rstrip()[:-1]
-    elif after.lstrip().startswith(","):
-        after = after.lstrip()[1:]
-    return re.sub(r"[ \t]{2,}", " ", (before.rstrip() + " " + after.lstrip()).strip())
-
-
-def toggle_network(prompt: str, name: str, weight: float | None) -> str:
-    """Add `<lora:NAME:W>` to the prompt, or remove every tag of that network if present."""
-    tags = [t for t in parse_prompt(prompt).tags if _same_network(t.name, name)]
-    if not tags:
-        return _append(prompt, lora_tag(name, weight))
-    for tag in tags:
-        prompt = _remove(prompt, tag.text)
-    return prompt
-
-
-def add_word(prompt: str, word: str) -> str:
-    """Append a trigger word unless the prompt already holds it (any case, whole phrase)."""
-    word = word.strip()
-    if not word or re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE):
-        return prompt
-    return _append(prompt, word)
 
 
 # -- pure filtering ---------------------------------------------------------------------------
@@ -217,11 +160,14 @@ class NetworksView:
                 return entry.trigger_words
         return ()
 
-    def card(self, entry: NetworkEntry, prompt: str, selected: str | None) -> Card:
+    def card(
+        self, entry: NetworkEntry, prompt: str, selected: str | None, strength: float | None = None
+    ) -> Card:
         arch = self.model_arch()
         return Card(
             name=entry.name,
-            title=entry.alias or entry.name.rsplit("/", 1)[-1],
+            title=entry.name.rsplit("/", 1)[-1],  # what the tag uses
+            subtitle=entry.alias if entry.alias != entry.name.rsplit("/", 1)[-1] else None,
             folder=entry.folder,
             base=entry.base,
             trigger_words=tuple(entry.trigger_words),
@@ -232,6 +178,7 @@ class NetworksView:
             selected=entry.name == selected,
             size=entry.size,
             mtime=entry.mtime,
+            strength=strength,
         )
 
     def grid(self, filters: Filters, prompt: str, selected: str | None) -> str:
