@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Bumped whenever the cached record's shape or meaning changes; older caches are ignored.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Alpha values live in tensor data; reading a sample keeps the scan of huge files cheap.
 MAX_ALPHA_READS = 32
 TOP_TAG_TRIGGERS = 5
@@ -71,6 +71,8 @@ class NetworkEntry:
     alias: str | None = None  # ss_output_name
     base: Arch | None = None
     base_source: str = ""
+    family: str | None = None  # the family it was made for, also one this app does not run
+    key_format: str = ""  # the key-name format (`identify_format`)
     variants: tuple[str, ...] = ()  # lora, loha, lokr, ia3, glora, oft, boft, full, norm, dora
     rank: int | None = None  # the most common rank
     alpha: float | None = None  # the most common alpha
@@ -100,6 +102,8 @@ class HeaderFacts:
     alias: str | None = None
     base: Arch | None = None
     base_source: str = ""
+    family: str | None = None
+    key_format: str = ""
     variants: tuple[str, ...] = ()
     rank: int | None = None
     alpha: float | None = None
@@ -262,6 +266,8 @@ def pickle_facts(path: Path) -> HeaderFacts:
     return HeaderFacts(
         base=detection.arch,
         base_source=detection.source,
+        family=detection.family,
+        key_format=detection.key_format,
         variants=variants,
         rank=rank,
         alpha=alphas.most_common(1)[0][0] if alphas else None,
@@ -294,6 +300,8 @@ def header_facts(path: Path) -> HeaderFacts:
         alias=metadata.get("ss_output_name") or None,
         base=detection.arch,
         base_source=detection.source,
+        family=detection.family,
+        key_format=detection.key_format,
         variants=variants,
         rank=rank,
         alpha=alpha,
@@ -362,6 +370,8 @@ def make_entry(
         alias=header.alias,
         base=header.base,
         base_source=header.base_source,
+        family=header.family,
+        key_format=header.key_format,
         variants=header.variants,
         rank=header.rank,
         alpha=header.alpha,
@@ -407,6 +417,8 @@ def _header_from_json(data: Mapping[str, Any]) -> HeaderFacts:
         alias=data.get("alias"),
         base=Arch(data["base"]) if data.get("base") else None,
         base_source=data.get("base_source", ""),
+        family=data.get("family"),
+        key_format=data.get("key_format", ""),
         variants=tuple(data.get("variants", ())),
         rank=data.get("rank"),
         alpha=data.get("alpha"),
@@ -466,6 +478,8 @@ class _Record:
                 "alias": header.alias,
                 "base": header.base.value if header.base else None,
                 "base_source": header.base_source,
+                "family": header.family,
+                "key_format": header.key_format,
                 "variants": header.variants,
                 "rank": header.rank,
                 "alpha": header.alpha,

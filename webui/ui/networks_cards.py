@@ -32,6 +32,7 @@ class Card:
     subtitle: str | None = None  # the alias (ss_output_name) when it differs from the title
     strength: float | None = None  # a strength control with this value (None: no control)
     reason: str | None = None  # why it is dimmed, when not the base mismatch
+    family: str | None = None  # the family it was made for, also one this app does not run
 
 
 def initials(title: str) -> str:
@@ -75,6 +76,11 @@ def _badges(card: Card) -> str:
     if card.base is not None:
         parts.append(
             f"<span class='lw-badge lw-base-{card.base.value.lower()}'>{card.base.label}</span>"
+        )
+    elif card.family:
+        title = f" title='{_attr(card.reason)}'" if card.reason else ""
+        parts.append(
+            f"<span class='lw-badge lw-base-other'{title}>{html.escape(card.family)}</span>"
         )
     if card.error:
         parts.append(

@@ -17,9 +17,12 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from webui import families
 from webui.arch import Arch
 from webui.engine.generate import Engine
+from webui.networks.base_detection import BaseDetection, fits
 from webui.networks.catalog_index import CatalogIndex, NetworkEntry
+from webui.networks.formats import UNKNOWN
 from webui.networks.previews import preview_bytes, set_preview
 from webui.networks.sidecars import save_user_metadata
 from webui.ui.messages import user_message, warnings_html
@@ -58,9 +61,21 @@ class Filters:
 # -- pure filtering ---------------------------------------------------------------------------
 
 
+def detection_of(entry: NetworkEntry) -> BaseDetection:
+    """The catalog's answer to "what was this file made for", as base detection gives it."""
+    return BaseDetection(
+        entry.base, entry.base_source, "", entry.family, entry.key_format or UNKNOWN
+    )
+
+
 def is_compatible(entry: NetworkEntry, model_arch: Arch | None) -> bool:
-    """Unknown bases and an unloaded model count as compatible: nothing is hidden on a guess."""
-    return model_arch is None or entry.base is None or entry.base is model_arch
+    """What the engine would apply (`fits`): a family this app does not run never is; unknown
+    bases and an unloaded model count as compatible, so nothing is hidden on a guess."""
+    return fits(detection_of(entry), model_arch)
+
+
+def family_of(entry: NetworkEntry) -> str | None:
+    return entry.base.value if entry.base is not None else entry.family
 
 
 def _searchable(entry: NetworkEntry) -> str:
@@ -80,7 +95,7 @@ def select_entries(
         for e in entries
         if all(w in _searchable(e) for w in words)
         and (filters.folder == ALL_FOLDERS or e.folder == filters.folder)
-        and (filters.base == ANY_BASE or (e.base is not None and e.base.value == filters.base))
+        and (filters.base == ANY_BASE or family_of(e) == filters.base)
         and (filters.show_all or is_compatible(e, model_arch))
     ]
     if filters.sort is SortOrder.NEWEST:
@@ -174,6 +189,8 @@ class NetworksView:
             preview_url=self.previews.url(entry),
             error=entry.error,
             compatible=is_compatible(entry, arch),
+            family=entry.family,
+            reason=detection_of(entry).refusal(entry.path.name),
             in_prompt=prompt_has_network(prompt, entry.name),
             selected=entry.name == selected,
             size=entry.size,
@@ -272,7 +289,7 @@ def build_networks_tab(
             elem_id="networks-folder",
         )
         base = gr.Dropdown(
-            [ANY_BASE, *(a.value for a in Arch)],
+            [ANY_BASE, *(f.name for f in families.FAMILIES)],
             value=ANY_BASE,
             show_label=False,
             scale=1,
