@@ -192,6 +192,8 @@ def test_kohya_file_with_all_sidecars(loras: Path) -> None:
         alias="inkwash_v2",
         base=Arch.SD1,
         base_source="metadata ss_base_model_version",
+        family="SD1",
+        key_format="kohya",
         variants=("lora",),
         rank=4,
         alpha=2.0,

@@ -3,7 +3,9 @@ in the catalog, files loaded (DyLoRA `dyn` honoured), repeated names combined.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 
 from webui.networks.catalog import NetworkCatalog, UnknownNetworkError
@@ -73,12 +75,34 @@ def choose_networks(
                 continue
         try:
             network = load_network(catalog.resolve(tag.name).path, dyn=tag.dyn)
-        except (UnknownNetworkError, NetworkFileError) as exc:
+        except UnknownNetworkError as exc:
+            warnings.append(str(exc) + did_you_mean(tag.name, _names(catalog)))
+            continue
+        except NetworkFileError as exc:
             warnings.append(str(exc))
             continue
         seen.setdefault(key, len(chosen))
         chosen.append(ChosenNetwork(tag.name, network, strengths))
     return chosen
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """` (did you mean "a" or "b"?)` for the closest catalog names to a misspelled one, compared
+    without case; "" when none is close."""
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f'"{by_lower[c]}"' for c in close) + "?)"
+
+
+def _names(catalog: NetworkCatalog) -> list[str]:
+    """One name per file, the shortest a tag may use (its stem unless two files share it), and
+    the aliases."""
+    stems = Counter(f.stem.lower() for f in catalog.files)
+    names = [f.stem if stems[f.stem.lower()] == 1 else f.name for f in catalog.files]
+    names += [alias for f in catalog.files if (alias := catalog.alias(f))]
+    return list(dict.fromkeys(names))
 
 
 def _unknown(catalog: NetworkCatalog, name: str) -> bool:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Bumped whenever the cached record's shape or meaning changes; older caches are ignored.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Alpha values live in tensor data; reading a sample keeps the scan of huge files cheap.
 MAX_ALPHA_READS = 32
 TOP_TAG_TRIGGERS = 5
@@ -79,6 +79,8 @@ class NetworkEntry:
     alias: str | None = None  # ss_output_name
     base: Arch | None = None
     base_source: str = ""
+    family: str | None = None  # the family it was made for, also one this app does not run
+    key_format: str = ""  # the key-name format (`identify_format`)
     variants: tuple[str, ...] = ()  # lora, loha, lokr, ia3, glora, oft, boft, full, norm, dora
     rank: int | None = None  # the most common rank
     alpha: float | None = None  # the most common alpha
@@ -108,6 +110,8 @@ class HeaderFacts:
     alias: str | None = None
     base: Arch | None = None
     base_source: str = ""
+    family: str | None = None
+    key_format: str = ""
     variants: tuple[str, ...] = ()
     rank: int | None = None
     alpha: float | None = None
@@ -274,6 +278,8 @@ def pickle_facts(path: Path) -> HeaderFacts:
     return HeaderFacts(
         base=detection.arch,
         base_source=detection.source,
+        family=detection.family,
+        key_format=detection.key_format,
         variants=variants,
         rank=rank,
         alpha=alphas.most_common(1)[0][0] if alphas else None,
@@ -324,6 +330,8 @@ def header_facts(path: Path) -> HeaderFacts:
         alias=metadata.get("ss_output_name") or None,
         base=detection.arch,
         base_source=detection.source,
+        family=detection.family,
+        key_format=detection.key_format,
         variants=variants,
         rank=rank,
         alpha=alpha,
@@ -392,6 +400,8 @@ def make_entry(
         alias=header.alias,
         base=header.base,
         base_source=header.base_source,
+        family=header.family,
+        key_format=header.key_format,
         variants=header.variants,
         rank=header.rank,
         alpha=header.alpha,
@@ -478,6 +488,8 @@ def _header_from_json(data: Mapping[str, Any]) -> HeaderFacts:
         alias=_of(data.get("alias"), str, optional=True),
         base=Arch(base) if base else None,
         base_source=_of(data.get("base_source", ""), str),
+        family=_of(data.get("family"), str, optional=True),
+        key_format=_of(data.get("key_format", ""), str),
         variants=_strings(data.get("variants", [])),
         rank=_of(data.get("rank"), int, optional=True),
         alpha=_number(data.get("alpha")),
@@ -539,6 +551,8 @@ class _Record:
                 "alias": header.alias,
                 "base": header.base.value if header.base else None,
                 "base_source": header.base_source,
+                "family": header.family,
+                "key_format": header.key_format,
                 "variants": header.variants,
                 "rank": header.rank,
                 "alpha": header.alpha,

@@ -14,6 +14,7 @@ from typing import Any
 from webui.arch import Arch
 from webui.networks.catalog_index import tag_frequency
 from webui.networks.files import FileHashes, compute_hashes, is_safetensors, read_header
+from webui.networks.formats import UNKNOWN, embedding_name, is_embedding_key
 from webui.networks.modules import LowRankModule, canonical_suffix, split_module_key
 from webui.networks.network import Network
 from webui.networks.patcher import NetworkReport
@@ -122,10 +123,14 @@ class LoraInspection:
     sha256: str
     unsupported: tuple[UnsupportedModule, ...]
     model_check: ModelCheck | None = None
+    family: str | None = None  # also a family this app does not run (then `base` is None)
+    key_format: str = UNKNOWN  # `identify_format`'s name: kohya, OneTrainer, PEFT/diffusers, ...
+    embeddings: tuple[str, ...] = ()  # names of the bundled textual-inversion embeddings
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (dataclasses and tuples become objects and lists)."""
-        return asdict(self)
+        """A JSON-ready dict (dataclasses and tuples become objects and lists), the verdict
+        line first."""
+        return {"verdict": verdict(self), **asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -276,7 +281,53 @@ def inspect_network(
             UnsupportedModule(prefix, tuple(keys)) for prefix, keys in network.unsupported.items()
         ),
         model_check=check,
+        family=network.base.family,
+        key_format=network.base.key_format,
+        embeddings=_embeddings(network.path),
     )
+
+
+def _embeddings(path: Path) -> tuple[str, ...]:
+    """The bundled embeddings' names, from a safetensors header (pickles: none reported)."""
+    if not is_safetensors(path):
+        return ()
+    names = (embedding_name(key) for key in read_header(path).tensors if is_embedding_key(key))
+    return tuple(dict.fromkeys(names))
+
+
+# How the verdict names a variant beside "LoRA" (plain LoRA needs no word).
+_VARIANT_WORDS = {
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "ia3": "IA3",
+    "glora": "GLoRA",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "full": "full weights",
+    "norm": "norm layers",
+}
+
+
+def verdict(inspection: LoraInspection) -> str:
+    """One plain line first: what the file is and whether this app runs it, e.g.
+    `SDXL LoRA, OneTrainer format, DoRA, 722 modules, 1 bundled embedding "sks_dog"` or
+    `FLUX.1 LoRA, kohya format: needs a FLUX.1 model`."""
+    i = inspection
+    fmt = f"{i.key_format} format"
+    if i.base is None and i.family is not None:  # recognised, but not a family this app runs
+        if i.family == "another model family":
+            return f"LoRA of another model family, {fmt}: needs a model of that family"
+        return f"{i.family} LoRA, {fmt}: needs a {i.family} model"
+    parts = [f"{i.base} LoRA" if i.base else "LoRA of unknown base", fmt]
+    parts += [_VARIANT_WORDS[v] for v in i.variants if v in _VARIANT_WORDS]
+    if i.dora_modules:
+        parts.append("DoRA")
+    parts.append(f"{i.modules} module{'s' if i.modules != 1 else ''}")
+    if i.embeddings:
+        names = ", ".join(f'"{name}"' for name in i.embeddings)
+        plural = "s" if len(i.embeddings) != 1 else ""
+        parts.append(f"{len(i.embeddings)} bundled embedding{plural} {names}")
+    return ", ".join(parts)
 
 
 def _number(value: float | None, missing: str) -> str:
@@ -304,6 +355,7 @@ def format_text(inspection: LoraInspection) -> str:
     meta = i.metadata
     variants = ", ".join(i.variants) + (f" (DoRA on {i.dora_modules})" if i.dora_modules else "")
     lines = [
+        verdict(i),
         f"{i.name}  ({i.path})",
         f"  format:      {i.file_type}, {' + '.join(i.key_formats)} key names",
         f"  variant:     {variants}",

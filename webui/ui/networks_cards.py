@@ -18,7 +18,7 @@ class Card:
     """What one card shows; built from a catalog entry by the tab."""
 
     name: str  # path below loras/ without extension: what the tag uses
-    title: str
+    title: str  # the file stem: the name its tag uses
     folder: str
     base: Arch | None
     trigger_words: tuple[str, ...] = ()
@@ -29,6 +29,10 @@ class Card:
     selected: bool = False
     size: int = 0
     mtime: float = 0.0
+    subtitle: str | None = None  # the alias (ss_output_name) when it differs from the title
+    strength: float | None = None  # a strength control with this value (None: no control)
+    reason: str | None = None  # why it is dimmed, when not the base mismatch
+    family: str | None = None  # the family it was made for, also one this app does not run
 
 
 def initials(title: str) -> str:
@@ -73,6 +77,11 @@ def _badges(card: Card) -> str:
         parts.append(
             f"<span class='lw-badge lw-base-{card.base.value.lower()}'>{card.base.label}</span>"
         )
+    elif card.family:
+        title = f" title='{_attr(card.reason)}'" if card.reason else ""
+        parts.append(
+            f"<span class='lw-badge lw-base-other'{title}>{html.escape(card.family)}</span>"
+        )
     if card.error:
         parts.append(
             f"<span class='lw-badge lw-badge-error' title='{_attr(card.error)}'>unreadable</span>"
@@ -98,20 +107,35 @@ def render_card(card: Card) -> str:
         for word in card.trigger_words[:6]
     )
     note = ""
-    if not card.compatible and card.base is not None:
+    if card.reason:
+        note = f"<div class='lw-card-note'>{html.escape(card.reason)}</div>"
+    elif not card.compatible and card.base is not None:
         note = f"<div class='lw-card-note'>made for {card.base.label}: not for this model</div>"
     if card.error:
         note = f"<div class='lw-card-note lw-card-note-error'>{html.escape(card.error)}</div>"
     folder = (
         f"<span class='lw-card-folder'>{html.escape(card.folder)}/</span>" if card.folder else ""
     )
+    subtitle = (
+        f"<div class='lw-card-subtitle' title='Alias (ss_output_name)'>{html.escape(card.subtitle)}</div>"
+        if card.subtitle
+        else ""
+    )
+    strength = ""
+    if card.strength is not None:
+        strength = (
+            f"<label class='lw-strength' title='Strength of the tag a click inserts'>strength "
+            f"<input type='number' data-strength='1' step='0.05' min='-5' max='5' "
+            f"value='{card.strength:g}'></label>"
+        )
+    tooltip = card.reason or f"Click: add or remove &lt;lora:{_attr(card.name)}&gt;"
     return (
         f"<div class='{' '.join(classes)}' data-lora='{_attr(card.name)}' role='button' tabindex='0' "
-        f"title='Click: add or remove &lt;lora:{_attr(card.name)}&gt;'>"
+        f"title='{_attr(tooltip) if card.reason else tooltip}'>"
         f"<div class='lw-card-thumb'>{_thumb(card)}<div class='lw-card-badges'>{_badges(card)}</div>"
         f"<button class='lw-card-info' type='button' data-info='1' title='Details'>i</button></div>"
         f"<div class='lw-card-body'><div class='lw-card-title'>{folder}{html.escape(card.title)}</div>"
-        f"{note}<div class='lw-chips'>{chips}</div></div></div>"
+        f"{subtitle}{note}{strength}<div class='lw-chips'>{chips}</div></div></div>"
     )
 
 

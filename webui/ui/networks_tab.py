@@ -8,7 +8,6 @@ import base64
 import html
 import io
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -18,14 +17,17 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from webui import families
 from webui.arch import Arch
 from webui.engine.generate import Engine
+from webui.networks.base_detection import BaseDetection, fits
 from webui.networks.catalog_index import CatalogIndex, NetworkEntry
+from webui.networks.formats import UNKNOWN
 from webui.networks.previews import preview_bytes, set_preview
 from webui.networks.sidecars import save_user_metadata
-from webui.prompt import parse_prompt
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_cards import Card, Details, render_details, render_grid, summary_rows
+from webui.ui.prompt_edit import add_word, prompt_has_network, toggle_network
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +58,24 @@ class Filters:
     show_all: bool = False  # also show LoRAs made for another base (dimmed)
 
 
-# -- pure prompt editing ----------------------------------------------------------------------
-
-
-def lora_tag(name: str, weight: float | None) -> str:
-    """`<lora:NAME:W>`; weight 1 when the file has no preferred weight."""
-    value = 1.0 if weight is None else weight
-    return f"<lora:{name}:{value:g}>"
-
-
-def _same_network(tag_name: str, name: str) -> bool:
-    wanted = tag_name.replace("\\", "/").strip("/").lower()
-    return wanted in (name.lower(), name.rsplit("/", 1)[-1].lower())
-
-
-def prompt_has_network(prompt: str, name: str) -> bool:
-    return any(_same_network(tag.name, name) for tag in parse_prompt(prompt).tags)
-
-
-def _append(prompt: str, text: str) -> str:
-    stripped = prompt.rstrip()
-    if not stripped:
-        return text
-    return f"{stripped} {text}" if stripped.endswith(",") else f"{stripped}, {text}"
-
-
-def _remove(prompt: str, piece: str) -> str:
-    """Remove `piece` and the separator it leaves behind."""
-    at = prompt.find(piece)
-    if at < 0:
-        return prompt
-    before, after = prompt[:at], prompt[at + len(piece) :]
-    if before.rstrip().endswith(","):
-        before = before.rstrip()[:-1]
-    elif after.lstrip().startswith(","):
-        after = after.lstrip()[1:]
-    return re.sub(r"[ \t]{2,}", " ", (before.rstrip() + " " + after.lstrip()).strip())
-
-
-def toggle_network(prompt: str, name: str, weight: float | None) -> str:
-    """Add `<lora:NAME:W>` to the prompt, or remove every tag of that network if present."""
-    tags = [t for t in parse_prompt(prompt).tags if _same_network(t.name, name)]
-    if not tags:
-        return _append(prompt, lora_tag(name, weight))
-    for tag in tags:
-        prompt = _remove(prompt, tag.text)
-    return prompt
-
-
-def add_word(prompt: str, word: str) -> str:
-    """Append a trigger word unless the prompt already holds it (any case, whole phrase)."""
-    word = word.strip()
-    if not word or re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE):
-        return prompt
-    return _append(prompt, word)
-
-
 # -- pure filtering ---------------------------------------------------------------------------
 
 
+def detection_of(entry: NetworkEntry) -> BaseDetection:
+    """The catalog's answer to "what was this file made for", as base detection gives it."""
+    return BaseDetection(
+        entry.base, entry.base_source, "", entry.family, entry.key_format or UNKNOWN
+    )
+
+
 def is_compatible(entry: NetworkEntry, model_arch: Arch | None) -> bool:
-    """Unknown bases and an unloaded model count as compatible: nothing is hidden on a guess."""
-    return model_arch is None or entry.base is None or entry.base is model_arch
+    """What the engine would apply (`fits`): a family this app does not run never is; unknown
+    bases and an unloaded model count as compatible, so nothing is hidden on a guess."""
+    return fits(detection_of(entry), model_arch)
+
+
+def family_of(entry: NetworkEntry) -> str | None:
+    return entry.base.value if entry.base is not None else entry.family
 
 
 def _searchable(entry: NetworkEntry) -> str:
@@ -137,7 +95,7 @@ def select_entries(
         for e in entries
         if all(w in _searchable(e) for w in words)
         and (filters.folder == ALL_FOLDERS or e.folder == filters.folder)
-        and (filters.base == ANY_BASE or (e.base is not None and e.base.value == filters.base))
+        and (filters.base == ANY_BASE or family_of(e) == filters.base)
         and (filters.show_all or is_compatible(e, model_arch))
     ]
     if filters.sort is SortOrder.NEWEST:
@@ -217,21 +175,27 @@ class NetworksView:
                 return entry.trigger_words
         return ()
 
-    def card(self, entry: NetworkEntry, prompt: str, selected: str | None) -> Card:
+    def card(
+        self, entry: NetworkEntry, prompt: str, selected: str | None, strength: float | None = None
+    ) -> Card:
         arch = self.model_arch()
         return Card(
             name=entry.name,
-            title=entry.alias or entry.name.rsplit("/", 1)[-1],
+            title=entry.name.rsplit("/", 1)[-1],  # what the tag uses
+            subtitle=entry.alias if entry.alias != entry.name.rsplit("/", 1)[-1] else None,
             folder=entry.folder,
             base=entry.base,
             trigger_words=tuple(entry.trigger_words),
             preview_url=self.previews.url(entry),
             error=entry.error,
             compatible=is_compatible(entry, arch),
+            family=entry.family,
+            reason=detection_of(entry).refusal(entry.path.name),
             in_prompt=prompt_has_network(prompt, entry.name),
             selected=entry.name == selected,
             size=entry.size,
             mtime=entry.mtime,
+            strength=strength,
         )
 
     def grid(self, filters: Filters, prompt: str, selected: str | None) -> str:
@@ -325,7 +289,7 @@ def build_networks_tab(
             elem_id="networks-folder",
         )
         base = gr.Dropdown(
-            [ANY_BASE, *(a.value for a in Arch)],
+            [ANY_BASE, *(f.name for f in families.FAMILIES)],
             value=ANY_BASE,
             show_label=False,
             scale=1,

@@ -22,6 +22,7 @@ from webui.engine.trigger_words import (
 )
 from webui.settings import LoraBackend
 from webui.ui.messages import user_message, warnings_html
+from webui.ui.networks_panel import build_networks_panel
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 placeholder="a watercolor fox, <lora:name:0.8>",
                 elem_id="txt2img-prompt",
             )
+            build_networks_panel(engine, prompt)
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button(

@@ -1,6 +1,15 @@
-// Networks tab: one delegated listener on the component root, which survives re-renders.
-// A chip adds its word; the "i" button only selects; anywhere else on a card toggles its tag.
+// Network cards (Networks tab, txt2img panel): one delegated listener on the component root,
+// which survives re-renders. A chip adds its word; the "i" button only selects; the strength
+// box only edits; anywhere else on a card toggles its tag, at the card's strength if it has one.
+const strengthOf = (card) => {
+  const box = card && card.querySelector('input[data-strength]');
+  return box ? box.value : null;
+};
 element.addEventListener('click', (event) => {
+  if (event.target.closest('.lw-strength')) {
+    event.stopPropagation();
+    return;
+  }
   const chip = event.target.closest('[data-word]');
   const holder = event.target.closest('[data-lora]');
   const name = holder ? holder.dataset.lora : '';
@@ -15,13 +24,14 @@ element.addEventListener('click', (event) => {
     return;
   }
   if (holder && holder.classList.contains('lw-card')) {
-    trigger('click', { kind: 'card', name: name });
+    trigger('click', { kind: 'card', name: name, weight: strengthOf(holder) });
   }
 });
 element.addEventListener('keydown', (event) => {
   const card = event.target.closest('.lw-card');
-  if (card && (event.key === 'Enter' || event.key === ' ')) {
+  const inBox = event.target.closest('.lw-strength');
+  if (card && (event.key === 'Enter' || (event.key === ' ' && !inBox))) {
     event.preventDefault();
-    trigger('click', { kind: 'card', name: card.dataset.lora });
+    trigger('click', { kind: 'card', name: card.dataset.lora, weight: strengthOf(card) });
   }
 });
