@@ -119,7 +119,7 @@ class SoakReport:
             "rss_growth_mb": round(self.rss_growth_mb, 1),
             "file_mutations": self.mutations,
             "seconds": round(self.seconds, 1),
-            "server_log_tail": self.server_log_tail if not self.server_alive else "",
+            "server_log_tail": self.server_log_tail if self.server_errors else "",
         }
 
 

@@ -20,7 +20,7 @@ def test_server_survives_a_soak_with_files_changing_under_it(tmp_path: Path) -> 
     assert report.server_alive, (
         f"the server died (exit {report.exit_code}):\n{report.server_log_tail}"
     )
-    assert not report.server_errors, report.server_errors[:5]
+    assert not report.server_errors, (report.server_errors[:5], report.server_log_tail)
     assert len(report.answers) >= 50, f"only {len(report.answers)} requests in 60 s"
     assert report.mutations > 20  # the files really changed while requests ran
     assert not report.fifo_violations, report.fifo_violations[:5]

@@ -105,6 +105,9 @@ class SafetensorsHeader:
         return {name: info.shape for name, info in self.tensors.items()}
 
 
+AUTOV3_DIGITS = 12  # A1111 shows the first 12 hex digits of the data hash
+
+
 @dataclass(frozen=True)
 class FileHashes:
     """Hashes of one file, as A1111 and civitai compute them.
@@ -123,7 +126,7 @@ class FileHashes:
 
     @property
     def autov3(self) -> str | None:
-        return None if self.addnet_sha256 is None else self.addnet_sha256[:12]
+        return None if self.addnet_sha256 is None else self.addnet_sha256[:AUTOV3_DIGITS]
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:
@@ -332,6 +335,9 @@ class LoadedFile:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    # A1111's AutoV3 of the very bytes read (safetensors only): the hash of what was applied,
+    # even when the file changes afterwards
+    autov3: str | None = None
 
 
 def load_file_contents(
@@ -354,7 +360,8 @@ def load_file_contents(
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise NetworkFileError(path, f"cannot load safetensors: {error}") from error
-    return LoadedFile(tensors, header.metadata)
+    data_hash = hashlib.sha256(memoryview(data)[_LENGTH_BYTES + length :]).hexdigest()
+    return LoadedFile(tensors, header.metadata, data_hash[:AUTOV3_DIGITS])
 
 
 def load_tensors(

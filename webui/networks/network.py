@@ -8,14 +8,13 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from webui.networks.base_detection import BaseDetection, detect_base
-from webui.networks.files import NetworkFileError, compute_hashes, load_file_contents
+from webui.networks.files import NetworkFileError, load_file_contents
 from webui.networks.modules import (
     InvalidModuleError,
     NetworkModule,
@@ -41,18 +40,13 @@ class Network:
     modules: Mapping[str, NetworkModule]  # file key prefix -> module
     unsupported: Mapping[str, tuple[str, ...]]  # prefix -> keys no variant understands
     base: BaseDetection
-    _hash_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # A1111's LoRA hash of the bytes that were loaded (None for pickles, which it hashes whole)
+    autov3: str | None = None
 
     @property
     def variants(self) -> tuple[Variant, ...]:
         """The variants present, in a stable order."""
         return tuple(sorted({m.variant for m in self.modules.values()}, key=lambda v: v.value))
-
-    @cached_property
-    def autov3(self) -> str | None:
-        """A1111's LoRA hash (sha256 of the tensor data after the header, 12 hex); computed once."""
-        with self._hash_lock:
-            return compute_hashes(self.path).autov3
 
 
 def network_name(path: Path) -> str:
@@ -85,7 +79,7 @@ def read_network(path: Path, *, dyn: int | None = None) -> Network:
         raise NetworkFileError(path, f"malformed module {invalid[0]}{more}")
     shapes = {key: tuple(t.shape) for key, t in tensors.items()}
     base = detect_base(metadata, shapes)
-    return Network(path, network_name(path), metadata, modules, unsupported, base)
+    return Network(path, network_name(path), metadata, modules, unsupported, base, contents.autov3)
 
 
 _cache: OrderedDict[tuple[str, int, int, int | None], Network] = OrderedDict()
