@@ -885,4 +885,5 @@ def flux_part_state(pipe: DiffusionPipeline, part: flux1.Part) -> dict[str, torc
         return vae_to_ldm(weights, module.config)
     if part.component == "text_encoder":
         return {with_text_model_prefix(k): v for k, v in weights.items()}
-    return dict(weights)
+    # T5's input embedding is tied to `shared`; the downloads keep `shared.weight` only
+    return {k: v for k, v in weights.items() if k != "encoder.embed_tokens.weight"}
