@@ -1,8 +1,9 @@
-"""Build the CLIP tokenizer files in configs/ from the BPE vocabulary shipped in open-clip-torch.
+"""Build the tokenizer files in configs/: CLIP's from the BPE vocabulary shipped in open-clip-torch,
+T5's (FLUX.1's second tokenizer) from the tokenizer.json shipped in the invokeai wheel.
 
 Usage:
-    python scripts/build_tokenizers.py              # download the wheel with pip, write the files
-    python scripts/build_tokenizers.py --wheel W    # use a wheel already on disk
+    python scripts/build_tokenizers.py              # download the wheels with pip, write the files
+    python scripts/build_tokenizers.py --wheel W --t5-wheel T   # use wheels already on disk
     python scripts/build_tokenizers.py --check      # exit 1 if the files on disk differ
 """
 
@@ -48,7 +49,17 @@ TOKENIZER_FOLDERS: tuple[TokenizerFolder, ...] = (
     TokenizerFolder("sd21/tokenizer", "!"),
     TokenizerFolder("sdxl/tokenizer", END_TOKEN),
     TokenizerFolder("sdxl/tokenizer_2", "!"),
+    TokenizerFolder("flux1-dev/tokenizer", END_TOKEN),
+    TokenizerFolder("flux1-schnell/tokenizer", END_TOKEN),
 )
+
+# T5 v1.1 (FLUX.1's text_encoder_2): the SentencePiece vocabulary as a `tokenizers` JSON file, so
+# neither sentencepiece nor a hub download is needed.
+INVOKEAI_REQUIREMENT = "invokeai==6.14.2"
+T5_MEMBER_DIR = "invokeai/backend/t5/tokenizer/"
+T5_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+T5_MAX_LENGTH = 512  # FLUX.1-dev's T5 sequence length; schnell's pipelines pass 256 themselves
+T5_FOLDERS: tuple[str, ...] = ("flux1-dev/tokenizer_2", "flux1-schnell/tokenizer_2")
 
 
 @cache
@@ -141,25 +152,51 @@ def render_folder(
     }
 
 
-def download_wheel(target_dir: Path) -> Path:
-    """Download the open-clip-torch wheel (without dependencies) with pip and return its path."""
+def render_t5_folder(wheel: Path) -> dict[str, str]:
+    """Return file name -> text for the T5 tokenizer folder, normalised from the invokeai wheel:
+    stable JSON, `model_max_length` 512, the tokenizers-backed class."""
+    with zipfile.ZipFile(wheel) as archive:
+        loaded = {name: json.loads(archive.read(T5_MEMBER_DIR + name)) for name in T5_FILES}
+    config = loaded["tokenizer_config.json"]
+    config["model_max_length"] = T5_MAX_LENGTH
+    config["tokenizer_class"] = "T5Tokenizer"
+    model = loaded["tokenizer.json"].get("model", {})
+    if model.get("type") != "Unigram" or len(model.get("vocab", ())) != 32100:
+        raise ValueError(f"{wheel.name}: {T5_MEMBER_DIR}tokenizer.json is not the T5 vocabulary")
+    return {
+        # One compact line: the vocabulary would be much larger indented.
+        "tokenizer.json": json.dumps(loaded["tokenizer.json"], ensure_ascii=False) + "\n",
+        "tokenizer_config.json": dump_json(config),
+        "special_tokens_map.json": dump_json(loaded["special_tokens_map.json"]),
+    }
+
+
+def download_wheel(target_dir: Path, requirement: str = OPEN_CLIP_REQUIREMENT) -> Path:
+    """Download a wheel (without dependencies) with pip and return its path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += [OPEN_CLIP_REQUIREMENT, "-d", str(target_dir)]
+    command += [requirement, "-d", str(target_dir)]
     subprocess.run(command, check=True)
-    wheels = sorted(target_dir.glob("open_clip_torch-*.whl"))
+    project = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(target_dir.glob(f"{project}-*.whl"))
     if not wheels:
-        raise FileNotFoundError(f"pip left no open_clip_torch wheel in {target_dir}")
+        raise FileNotFoundError(f"pip left no {project} wheel in {target_dir}")
     return wheels[0]
 
 
-def expected_files(wheel: Path, configs_dir: Path) -> dict[Path, str]:
-    """Return path -> text for every tokenizer file this script owns."""
+def expected_files(wheel: Path, configs_dir: Path, t5_wheel: Path | None = None) -> dict[Path, str]:
+    """Return path -> text for every tokenizer file this script owns (the T5 ones only when
+    `t5_wheel` is given)."""
     merges = parse_merges(read_bpe_lines(wheel))
     vocab = build_vocab(merges)
     files: dict[Path, str] = {}
     for folder in TOKENIZER_FOLDERS:
         for name, text in render_folder(folder, vocab, merges).items():
             files[configs_dir / folder.relative_path / name] = text
+    if t5_wheel is not None:
+        t5_files = render_t5_folder(t5_wheel)
+        for relative_path in T5_FOLDERS:
+            for name, text in t5_files.items():
+                files[configs_dir / relative_path / name] = text
     return files
 
 
@@ -185,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help="open-clip-torch wheel to read (default: pip)")
+    parser.add_argument("--t5-wheel", type=Path, help="invokeai wheel to read (default: pip)")
     parser.add_argument("--configs", type=Path, default=CONFIGS_DIR, help="configs folder")
     parser.add_argument("--check", action="store_true", help="verify only; exit 1 on differences")
     return parser.parse_args(argv)
@@ -196,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel or download_wheel(Path(tmp))
-        files = expected_files(wheel, args.configs)
+        t5_wheel = args.t5_wheel or download_wheel(Path(tmp), INVOKEAI_REQUIREMENT)
+        files = expected_files(wheel, args.configs, t5_wheel)
     if args.check:
         stale = stale_files(files)
         for path in stale:

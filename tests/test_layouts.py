@@ -23,7 +23,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from webui.arch import Arch
+from webui.arch import UNET_ARCHES, Arch
 from webui.layouts.single_file import to_single_file
 from webui.layouts.text_encoders import clip_to_ldm, open_clip_to_ldm
 from webui.layouts.unet import unet_module_names
@@ -149,7 +149,7 @@ def _build(arch: Arch, full_size: bool) -> Case:
     return Case(arch, full_size, models)
 
 
-_CASES = [(arch, full) for arch in Arch for full in (False, True)]
+_CASES = [(arch, full) for arch in UNET_ARCHES for full in (False, True)]
 _IDS = [f"{arch.value}-{'full' if full else 'tiny'}" for arch, full in _CASES]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from webui.arch import Arch
+from webui.arch import UNET_ARCHES, Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.prompt_encoding import (
     BREAK,
@@ -93,7 +93,7 @@ def test_parse_attention(prompt: str, expected: list[tuple[str, float]]) -> None
 def pipes() -> dict[Arch, object]:
     """Tiny pipelines whose final LayerNorms have a trained-looking bias: at initialisation
     they centre every row, and "Original" emphasis divides by that (near-zero) mean."""
-    built = {arch: build_pipeline(ModelSpec(arch)) for arch in Arch}
+    built = {arch: build_pipeline(ModelSpec(arch)) for arch in UNET_ARCHES}
     generator = torch.Generator().manual_seed(0)
     for pipe in built.values():
         for encoder in filter(None, [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lora_files import ldm_names, register_preset, write_lycoris
 
-from webui.arch import Arch
+from webui.arch import UNET_ARCHES, Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.base_detection import (
     SOURCE_BASE_VERSION,
@@ -160,7 +160,7 @@ def lycoris_preset(monkeypatch: pytest.MonkeyPatch) -> str:
     )
 
 
-@pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)
+@pytest.mark.parametrize("arch", UNET_ARCHES, ids=lambda a: a.value)
 def test_lycoris_files_detected_from_keys(lycoris_preset: str, tmp_path: Path, arch: Arch) -> None:
     pipeline = build_pipeline(ModelSpec(arch))
     path = tmp_path / "lora.safetensors"

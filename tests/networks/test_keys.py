@@ -26,7 +26,7 @@ from lora_files import (
 from safetensors import safe_open
 from torch import nn
 
-from webui.arch import Arch
+from webui.arch import UNET_ARCHES, Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.layouts.unet import unet_module_names
 from webui.networks.keys import Component, KeyMap
@@ -48,10 +48,10 @@ def _lycoris_file(pipeline: DiffusionPipeline, preset: str, path: Path) -> dict[
 
 @pytest.fixture(scope="module")
 def pipelines() -> dict[Arch, DiffusionPipeline]:
-    return {arch: build_pipeline(ModelSpec(arch)) for arch in Arch}
+    return {arch: build_pipeline(ModelSpec(arch)) for arch in UNET_ARCHES}
 
 
-@pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)
+@pytest.mark.parametrize("arch", UNET_ARCHES, ids=lambda a: a.value)
 def test_lycoris_kohya_names_resolve_to_wrapped_modules(
     pipelines: dict[Arch, DiffusionPipeline], lycoris_preset: str, tmp_path: Path, arch: Arch
 ) -> None:

@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from webui.arch import Arch
+from webui.arch import UNET_ARCHES, Arch
 from webui.engine.lora_backends import LoraBackends
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
 from webui.engine.network_set import ChosenNetwork
@@ -194,7 +194,7 @@ def sd_layouts(arch: Arch) -> list[Layout]:
     return [Layout(f"{a}-{n}", a, sources[n], s) for n, s in layouts.items()]
 
 
-SD_LAYOUTS = [layout for arch in Arch for layout in sd_layouts(arch)]
+SD_LAYOUTS = [layout for arch in UNET_ARCHES for layout in sd_layouts(arch)]
 
 
 def _tensors(shapes: Shapes) -> dict[str, torch.Tensor]:

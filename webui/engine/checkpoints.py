@@ -23,12 +23,24 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from accelerate import init_empty_weights
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from webui.arch import Arch, Prediction
-from webui.engine.model_factory import config_folder
+from webui.arch import Arch, FluxVariant, Prediction
+from webui.engine.model_factory import FLUX_COMPONENTS, config_folder, flux_pipeline
 from webui.engine.samplers import ZERO_SNR, build_scheduler, zero_snr_config
+from webui.families.flux1 import model as flux1
+from webui.layouts import flux as flux_layout
 from webui.layouts.single_file import to_single_file
+from webui.layouts.text_encoders import with_text_model_prefix
+from webui.layouts.vae import vae_module_name, vae_to_ldm
 from webui.networks.files import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -94,9 +106,12 @@ class ModelKind:
     arch: Arch
     prediction: Prediction | None
     zero_snr: bool = False
+    variant: FluxVariant | None = None  # FLUX.1 only: dev or schnell
 
     @property
     def label(self) -> str:
+        if self.variant is not None:
+            return f"{self.arch.value} {self.variant.value}"
         if self.prediction is not Prediction.V:
             return self.arch.value
         return "SD2-v" if self.arch is Arch.SD2 else f"{self.arch.value} v-pred"
@@ -104,6 +119,8 @@ class ModelKind:
     @property
     def default_size(self) -> int:
         """The resolution the architecture was trained at."""
+        if self.arch is Arch.FLUX1:
+            return flux1.DEFAULT_SIZE
         if self.arch is Arch.SDXL:
             return 1024
         return 768 if self.arch is Arch.SD2 and self.prediction is Prediction.V else 512
@@ -138,9 +155,12 @@ def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
     for folder in diffusers_dirs:
         name = folder.relative_to(models_dir).as_posix()
         found.append(_listed(folder, name, CheckpointFormat.DIFFUSERS))
+    parts = [models_dir / folder for folder in flux1.PART_FOLDERS]
     for path in sorted(models_dir.rglob("*")):
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES or not path.is_file():
             continue
+        if any(folder in path.parents for folder in parts):
+            continue  # text encoders and VAEs downloaded alone are parts, not checkpoints
         if any(folder in path.parents for folder in diffusers_dirs):
             continue  # weights inside a diffusers folder belong to that folder
         name = path.relative_to(models_dir).with_suffix("").as_posix()
@@ -202,8 +222,12 @@ def _load_ckpt(path: Path) -> dict[str, torch.Tensor]:
 
 def detect_kind(header: CheckpointHeader, source: str = "checkpoint") -> ModelKind:
     """Architecture from the file's keys and shapes; prediction type from metadata when given.
-    Raises CheckpointError, naming `source`, for files that are not SD1/SD2/SDXL checkpoints."""
+    Raises CheckpointError, naming `source`, for files that are not SD1/SD2/SDXL/FLUX.1
+    checkpoints."""
     keys = header.shapes.keys()
+    flux = flux_transformer(header)
+    if flux is not None:
+        return ModelKind(Arch.FLUX1, None, variant=flux.variant)
     if not any(key.startswith(_UNET) for key in keys):
         if any(marker in key for key in keys for marker in _LORA_MARKERS):
             raise CheckpointError(
@@ -338,7 +362,7 @@ def probe_v_prediction(pipe: DiffusionPipeline) -> Prediction:
 
 def _component_configs(pipe: DiffusionPipeline) -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         component = getattr(pipe, name, None)
         if component is None:
             continue
@@ -444,6 +468,11 @@ def _set_prediction(pipe: DiffusionPipeline, kind: ModelKind) -> None:
 
 
 def _kind_of_pipeline(pipe: DiffusionPipeline) -> ModelKind:
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        guidance = transformer.config.get("guidance_embeds")
+        variant = FluxVariant.DEV if guidance else FluxVariant.SCHNELL
+        return ModelKind(Arch.FLUX1, None, variant=variant)
     unet_config = pipe.unet.config
     if unet_config.get("addition_embed_type") == "text_time":
         arch = Arch.SDXL
@@ -466,13 +495,19 @@ def load_checkpoint(
     lowvram: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint fully offline onto `device` in `dtype`. Raises CheckpointError with the
-    file name for anything that is not a usable SD1/SD2/SDXL checkpoint."""
+    file name for anything that is not a usable SD1/SD2/SDXL/FLUX.1 checkpoint. A FLUX.1 file
+    without text encoders or VAE takes them from `text_encoders/` and `vae/` beside it or in a
+    folder above (the `models/` folder)."""
     if checkpoint.format is CheckpointFormat.DIFFUSERS:
         pipe = _load_diffusers_folder(checkpoint, dtype)
         kind = _kind_of_pipeline(pipe)
     else:
         header = read_header(checkpoint.path)
         kind = detect_kind(header, checkpoint.path.name)
+    # families built component by component (FLUX.1) load through their own table entry
+    if checkpoint.format is not CheckpointFormat.DIFFUSERS and kind.arch in _COMPONENT_LOADERS:
+        pipe = _COMPONENT_LOADERS[kind.arch](checkpoint.path, header, kind, dtype)
+    elif checkpoint.format is not CheckpointFormat.DIFFUSERS:
         folder = _config_folder_for(kind, header.metadata, checkpoint.path.name)
         extra: dict[str, Any] = {}
         if kind.arch is not Arch.SDXL:
@@ -546,8 +581,13 @@ def place_pipeline(pipe: DiffusionPipeline, device: torch.device, lowvram: bool)
     pipe.set_progress_bar_config(disable=True)
 
 
-def pipeline_state_dict(pipe: DiffusionPipeline, kind: ModelKind) -> dict[str, torch.Tensor]:
-    """The pipeline's weights in the original single-file layout (LDM for SD1/SD2, SGM for SDXL)."""
+def pipeline_state_dict(
+    pipe: DiffusionPipeline, kind: ModelKind, *, with_parts: bool = True
+) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the original single-file layout (LDM for SD1/SD2, SGM for SDXL,
+    BFL + ComfyUI prefixes for FLUX.1; `with_parts=False`: its transformer only)."""
+    if kind.arch is Arch.FLUX1:
+        return flux_state_dict(pipe, with_parts=with_parts)
     components = {
         name: getattr(pipe, name).state_dict()
         for name in ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -575,14 +615,18 @@ def save_single_file(
     embed_configs: bool = False,
     metadata: Mapping[str, str] | None = None,
     keep_from: Path | None = None,
+    with_parts: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> int:
     """Write the pipeline as a single `.safetensors` checkpoint in the original key layout.
     `embed_configs` stores the component configs, for models whose sizes differ from configs/;
     `keep_from` copies the tensors of that source file the conversion does not produce (EMA
-    weights, SD2's last text layer). The file appears complete or not at all. Returns how many
-    tensors were kept from the source."""
+    weights, SD2's last text layer); `with_parts=False` writes a FLUX.1 transformer alone;
+    `dtype` casts floating tensors (bf16, fp16, float8_e4m3fn). The file appears complete or not
+    at all. Returns how many tensors were kept from the source."""
     state = {
-        k: v.detach().to("cpu").contiguous() for k, v in pipeline_state_dict(pipe, kind).items()
+        k: _cast(v.detach().to("cpu"), dtype).contiguous()
+        for k, v in pipeline_state_dict(pipe, kind, with_parts=with_parts).items()
     }
     # the markers ComfyUI and Forge (and our loader) read; empty tensors, as NoobAI writes them
     if kind.prediction is Prediction.V:
@@ -592,7 +636,8 @@ def save_single_file(
     kept = read_tensors(keep_from, set(state)) if keep_from is not None else {}
     state.update({k: v.contiguous() for k, v in kept.items()})
     meta = dict(metadata or {})
-    meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
+    if kind.arch is not Arch.FLUX1:
+        meta["modelspec.prediction_type"] = "v" if kind.prediction is Prediction.V else "epsilon"
     if embed_configs:
         meta[CONFIGS_METADATA_KEY] = json.dumps(_component_configs(pipe))
     write_safetensors(path, state, meta)
@@ -611,3 +656,234 @@ def save_folder(pipe: DiffusionPipeline, out: Path) -> None:
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+# -- FLUX.1: a transformer file plus parts (CLIP-L, T5-XXL, VAE) in the same file or beside it --
+
+
+class TransformerLayout(StrEnum):
+    BFL = "bfl"  # black-forest-labs' own names, as released and as ComfyUI writes them
+    DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class FluxTransformer:
+    """Where a file holds a FLUX.1 transformer: its key prefix, layout and variant."""
+
+    prefix: str
+    layout: TransformerLayout
+    variant: FluxVariant
+
+
+def flux_transformer(header: CheckpointHeader) -> FluxTransformer | None:
+    """The FLUX.1 transformer a file holds, from its keys (None: not a FLUX.1 file).
+    [dev] and [schnell] differ by the guidance embedder."""
+    keys = header.shapes.keys()
+    for prefix in flux1.TRANSFORMER_PREFIXES:
+        for marker, layout in (
+            (flux1.BFL_MARKER, TransformerLayout.BFL),
+            (flux1.DIFFUSERS_MARKER, TransformerLayout.DIFFUSERS),
+        ):
+            if prefix + marker in keys:
+                guided = any(prefix + m in keys for m in flux1.GUIDANCE_MARKERS)
+                variant = FluxVariant.DEV if guided else FluxVariant.SCHNELL
+                return FluxTransformer(prefix, layout, variant)
+    return None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _read_prefixed(path: Path, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (stripped), upcast to `dtype` (fp8 -> fp32/bf16 is exact)."""
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        keys = [k for k in handle.keys() if k.startswith(prefix)]  # noqa: SIM118 - not iterable
+        return {k.removeprefix(prefix): _cast(handle.get_tensor(k), dtype) for k in keys}
+
+
+def _materialise(
+    empty: torch.nn.Module, state: dict[str, torch.Tensor], what: str
+) -> torch.nn.Module:
+    """Load `state` into a module built on the meta device; every weight must be there."""
+    expected = set(empty.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(
+            f"{what} lacks {len(missing)} weight(s), e.g. {missing[0]}; the file may be "
+            "truncated or of another model"
+        )
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        log.debug("%s: ignoring %d unused tensors, e.g. %s", what, len(unexpected), unexpected[0])
+    try:
+        empty.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{what} does not fit its config ({exc})") from exc
+    return empty.eval()
+
+
+def _clip_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # files say `text_model.encoder...`; transformers >= 5.6 may name them without the wrapper
+    wrapped = any(k.startswith("text_model.") for k in model.state_dict())
+    return {
+        (with_text_model_prefix(k) if wrapped else k.removeprefix("text_model.")): v
+        for k, v in state.items()
+    }
+
+
+def _t5_state(state: dict[str, torch.Tensor], _model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # the embedding is tied: files carry `shared.weight`, `encoder.embed_tokens.weight` or both
+    state = dict(state)
+    key, twin = "shared.weight", "encoder.embed_tokens.weight"
+    if twin in state:
+        state.setdefault(key, state[twin])
+    if key in state:
+        state.setdefault(twin, state[key])
+    return state
+
+
+def _vae_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """BFL's `ae` (LDM names) or diffusers names -> the model's names."""
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        return state
+    up_blocks = len(model.config.up_block_types)
+    converted: dict[str, torch.Tensor] = {}
+    for key, expected in model.state_dict().items():
+        module, _, param = key.rpartition(".")
+        name = vae_module_name(module, up_blocks)
+        tensor = state.get(f"{name}.{param}") if name else None
+        if tensor is not None:
+            converted[key] = tensor.reshape(expected.shape)  # LDM's 1x1 conv attention weights
+    return converted
+
+
+_PART_BUILDERS = {
+    "text_encoder": (lambda c: CLIPTextModel(CLIPTextConfig(**c)), _clip_state),
+    "text_encoder_2": (lambda c: T5EncoderModel(T5Config(**c)), _t5_state),
+    "vae": (AutoencoderKL.from_config, _vae_state),
+}
+
+
+def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def _file_configs(header: CheckpointHeader, source: str) -> dict[str, dict[str, Any]]:
+    raw = header.metadata.get(CONFIGS_METADATA_KEY)
+    allowed = frozenset((*FLUX_COMPONENTS, "scheduler"))
+    return embedded_configs(raw, allowed, source) if raw else {}
+
+
+def _parts_folders(path: Path) -> list[Path]:
+    """`text_encoders/` and `vae/` in the file's folder and each folder above it."""
+    return [
+        parent / folder
+        for parent in path.resolve().parents
+        for folder in sorted(flux1.PART_FOLDERS)
+        if (parent / folder).is_dir()
+    ]
+
+
+def _find_part(part: flux1.Part, path: Path) -> tuple[Path, str, CheckpointHeader] | None:
+    """The first file (by name) in the parts folders that holds `part`, with the key prefix."""
+    for folder in _parts_folders(path):
+        for candidate in sorted(folder.rglob("*.safetensors")):
+            try:
+                header = read_header(candidate)
+            except CheckpointError as exc:
+                log.warning("skipping %s: %s", candidate, exc)
+                continue
+            for prefix in (part.prefix, ""):
+                if any(prefix + m in header.shapes for m in part.markers):
+                    return candidate, prefix, header
+    return None
+
+
+def _load_flux(
+    path: Path, header: CheckpointHeader, kind: ModelKind, dtype: torch.dtype
+) -> DiffusionPipeline:
+    """A FluxPipeline from a transformer file (BFL or diffusers layout, any prefix) and the
+    parts it holds or that lie in `text_encoders/` and `vae/`."""
+    source = path.name
+    found = flux_transformer(header)
+    assert found is not None and kind.variant is not None
+    folder = config_folder(Arch.FLUX1, kind.variant)
+    embedded = _file_configs(header, source)
+    state = _read_prefixed(path, found.prefix, dtype)
+    if found.prefix == "":  # a bare transformer file: keep only transformer keys
+        state = {k: v for k, v in state.items() if not k.startswith(("text_encoders.", "vae."))}
+    try:
+        if found.layout is TransformerLayout.BFL:
+            state = flux_layout.bfl_to_diffusers(state)
+        config = json.loads((folder / "transformer" / "config.json").read_text("utf-8"))
+        config.update(embedded.get("transformer", {}))
+        config.update(flux_layout.transformer_config({k: tuple(v.shape) for k, v in state.items()}))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{source}: not a complete FLUX.1 transformer ({exc})") from exc
+    head_dim = config["attention_head_dim"]
+    if sum(config["axes_dims_rope"]) != head_dim:
+        raise CheckpointError(
+            f"{source}: attention heads of width {head_dim} do not match rope axes "
+            f"{config['axes_dims_rope']}; the file needs its component configs"
+        )
+    with init_empty_weights(include_buffers=False):
+        transformer = FluxTransformer2DModel.from_config(_clean(config))
+    components: dict[str, Any] = {
+        "transformer": _materialise(transformer, state, f"{source}: transformer")
+    }
+    missing: list[flux1.Part] = []
+    for part in flux1.PARTS:
+        if any(part.prefix + m in header.shapes for m in part.markers):
+            where: tuple[Path, str, CheckpointHeader] | None = (path, part.prefix, header)
+        else:
+            where = _find_part(part, path)
+        if where is None:
+            missing.append(part)
+            continue
+        part_path, prefix, part_header = where
+        configs = embedded if part_path == path else _file_configs(part_header, part_path.name)
+        part_config = json.loads((folder / part.component / "config.json").read_text("utf-8"))
+        part_config.update(configs.get(part.component, {}))
+        build, rename = _PART_BUILDERS[part.component]
+        with init_empty_weights(include_buffers=False):
+            empty = build(_clean(part_config))
+        tensors = rename(_read_prefixed(part_path, prefix, dtype), empty)
+        what = f"{part_path.name}: {part.label}"
+        components[part.component] = _materialise(empty, tensors, what)
+    if missing:
+        needed = "; ".join(f"{p.label} in models/{p.folder}/" for p in missing)
+        raise CheckpointError(
+            f"{source} is a FLUX.1 {kind.variant.value} transformer without its other parts; "
+            f"missing: {needed}"
+        )
+    return flux_pipeline(folder, **components)  # tensors are already in `dtype`
+
+
+_COMPONENT_LOADERS = {Arch.FLUX1: _load_flux}
+
+
+def flux_state_dict(pipe: DiffusionPipeline, *, with_parts: bool) -> dict[str, torch.Tensor]:
+    """A FluxPipeline's weights as ComfyUI writes checkpoints: the transformer in BFL layout under
+    `model.diffusion_model.`, and with `with_parts` CLIP-L, T5-XXL and the VAE (LDM names)."""
+    state = {
+        flux1.TRANSFORMER_PREFIXES[0] + k: v
+        for k, v in flux_layout.diffusers_to_bfl(pipe.transformer.state_dict()).items()
+    }
+    if with_parts:
+        for part in flux1.PARTS:
+            state.update({part.prefix + k: v for k, v in flux_part_state(pipe, part).items()})
+    return state
+
+
+def flux_part_state(pipe: DiffusionPipeline, part: flux1.Part) -> dict[str, torch.Tensor]:
+    """One part's weights as the separate downloads name them (no prefix): HF names for the text
+    encoders (`text_model.` CLIP wrapper included), LDM names for the VAE."""
+    module = getattr(pipe, part.component)
+    weights = module.state_dict()
+    if part.component == "vae":
+        return vae_to_ldm(weights, module.config)
+    if part.component == "text_encoder":
+        return {with_text_model_prefix(k): v for k, v in weights.items()}
+    # T5's input embedding is tied to `shared`; the downloads keep `shared.weight` only
+    return {k: v for k, v in weights.items() if k != "encoder.embed_tokens.weight"}

@@ -1,4 +1,4 @@
-"""Build Stable Diffusion pipelines from config alone: the tiny demo/test models and full-size
+"""Build Stable Diffusion and FLUX.1 pipelines from config alone: the tiny demo/test models and full-size
 random-weight models for benchmarks. Nothing here reads weights or touches a model hub."""
 
 from __future__ import annotations
@@ -16,14 +16,26 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from webui.arch import Arch, Prediction
+from webui.arch import Arch, FluxVariant, Prediction
+from webui.families.flux1 import model as flux1_model
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -37,15 +49,19 @@ class ModelSize(StrEnum):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to build: an architecture, its prediction type and a size."""
+    """What to build: an architecture, its prediction type (SD) or variant (FLUX.1) and a size."""
 
     arch: Arch
     prediction: Prediction = Prediction.EPSILON
     size: ModelSize = ModelSize.TINY
+    variant: FluxVariant = FluxVariant.DEV  # FLUX.1 only
 
 
-def config_folder(arch: Arch) -> Path:
-    """The offline diffusers config folder shipped in `configs/` for an architecture."""
+def config_folder(arch: Arch, variant: FluxVariant = FluxVariant.DEV) -> Path:
+    """The offline diffusers config folder shipped in `configs/` for an architecture (and, for
+    FLUX.1, its variant)."""
+    if arch is Arch.FLUX1:
+        return CONFIGS_DIR / flux1_model.CONFIG_FOLDERS[variant]
     return CONFIGS_DIR / CONFIG_FOLDER[arch]
 
 
@@ -113,9 +129,47 @@ _TINY_UNET = {
 }
 
 
+# Tiny FLUX.1: two double and two single blocks, 2 heads x 16 (rope axes 4+6+6 = 16), a T5 and a
+# CLIP of width 32 (joint_attention_dim and pooled_projection_dim follow them), a 16-channel VAE
+# with four levels (scale factor 8, as the real one). Vocabularies stay real: the tokenizers are.
+_TINY_FLUX_TRANSFORMER = {
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "axes_dims_rope": [4, 6, 6],
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+}
+_TINY_T5 = {
+    "d_model": 32,
+    "d_ff": 64,
+    "d_kv": 16,
+    "num_heads": 2,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+}
+_TINY_FLUX_VAE = {**_TINY_VAE, "latent_channels": 16}
+FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def _flux_component_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    folder = config_folder(spec.arch, spec.variant)
+    configs = {name: _read_json(folder / name / "config.json") for name in FLUX_COMPONENTS}
+    configs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if spec.size is ModelSize.TINY:
+        configs["transformer"].update(copy.deepcopy(_TINY_FLUX_TRANSFORMER))
+        configs["vae"].update(copy.deepcopy(_TINY_FLUX_VAE))
+        configs["text_encoder"].update(_TINY_TEXT)
+        configs["text_encoder_2"].update(_TINY_T5)
+    return configs
+
+
 def component_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     """Diffusers/transformers configs per component ("unet", "vae", "text_encoder", ...),
     read from `configs/` and shrunk for tiny models."""
+    if spec.arch is Arch.FLUX1:
+        return _flux_component_configs(spec)
     folder = config_folder(spec.arch)
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if spec.arch is Arch.SDXL else [])
     configs = {name: _read_json(folder / name / "config.json") for name in names}
@@ -128,6 +182,11 @@ def component_configs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
         if spec.arch is Arch.SDXL:
             configs["text_encoder_2"].update(_TINY_TEXT_2)
     return configs
+
+
+def t5_encoder(config: dict[str, Any]) -> T5EncoderModel:
+    """A T5 encoder built from a config dict (random weights)."""
+    return T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
 
 
 def _text_encoder(config: dict[str, Any], with_projection: bool) -> torch.nn.Module:
@@ -168,6 +227,8 @@ def build_pipeline(
 ) -> DiffusionPipeline:
     """A pipeline with random weights (seeded, so the same spec and seed give the same model).
     Benchmarks that never decode or encode leave out the VAE or the text encoders (None)."""
+    if spec.arch is Arch.FLUX1:
+        return _build_flux(spec, seed, with_vae, with_text_encoders, dtype)
     configs = component_configs(spec)
     folder = config_folder(spec.arch)
     torch.manual_seed(seed)
@@ -202,4 +263,41 @@ def build_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def flux_pipeline(folder: Path, **components: Any) -> FluxPipeline:
+    """A FluxPipeline from built components, with the scheduler and tokenizers of a config folder
+    (`configs/flux1-*` or a copy of it)."""
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        **components,
+    )
+
+
+def _build_flux(
+    spec: ModelSpec,
+    seed: int,
+    with_vae: bool,
+    with_text_encoders: bool,
+    dtype: torch.dtype | None,
+) -> FluxPipeline:
+    configs = component_configs(spec)
+    torch.manual_seed(seed)
+    text_encoder = text_encoder_2 = None
+    with _created_in(dtype):
+        transformer = FluxTransformer2DModel.from_config(configs["transformer"])
+        vae = AutoencoderKL.from_config(configs["vae"]) if with_vae else None
+        if with_text_encoders:
+            text_encoder = _text_encoder(configs["text_encoder"], with_projection=False)
+            _realistic_norms(text_encoder)
+            text_encoder_2 = t5_encoder(configs["text_encoder_2"])
+    return flux_pipeline(
+        config_folder(spec.arch, spec.variant),
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
     )

@@ -1,6 +1,6 @@
 """FLUX.1: BFL's 12B rectified-flow transformer (19 double + 38 single blocks, width 3072),
 CLIP-L + T5-XXL text encoders. Names: BFL flux/model.py, diffusers FluxTransformer2DModel, sd-scripts
-networks/lora_flux.py."""
+networks/lora_flux.py. The model side (configs, checkpoint keys, parts) is in `model.py`."""
 
 from webui.families.family import Family, patterns, shared
 
@@ -24,5 +24,7 @@ FAMILY = Family(
         ),
     ),
     text_widths=frozenset({768, 4096}),
+    # Arch.FLUX1 models load and run; their LoRAs are not applied yet (issue 18, LoRA part),
+    # so this row still only recognises them.
     arch=None,
 )
