@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from webui.api.infotext_fields import a1111_fields
 from webui.engine.infotext import Infotext, parse_infotext
+from webui.engine.prompt_encoding import parse_attention
 from webui.prompt import ParsedPrompt, parse_prompt
 
 # the pieces the grammars are made of, and those that broke them
@@ -80,11 +81,15 @@ SHAPES: dict[str, Callable[[int], str]] = {
     "colons": lambda n: ":" * n,
     "parentheses": lambda n: "(" * n,
     "open quotes": lambda n: 'a: "' + "\\a" * (n // 2),
+    "open weights": lambda n: "(a:" * (n // 3),
+    "brackets": lambda n: "([a]" * (n // 4),
+    "breaks": lambda n: "a BREAK " * (n // 8),
 }
 PARSERS: dict[str, Callable[[str], object]] = {
     "prompt": parse_prompt,
     "infotext": parse_infotext,
     "a1111_fields": a1111_fields,
+    "emphasis": parse_attention,
 }
 
 

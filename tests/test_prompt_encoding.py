@@ -329,3 +329,16 @@ def test_pipelines_accept_long_prompt_embeddings(pipes, arch: Arch) -> None:
         generator=torch.Generator().manual_seed(0),
     ).images
     assert torch.isfinite(latents).all()
+
+
+def test_brackets_deeper_than_the_limit_are_text() -> None:
+    """Past MAX_EMPHASIS_DEPTH open brackets of one kind, `(` is read as text (else every open
+    bracket rescales everything after it: quadratic); the first 32 still multiply by 1.1."""
+    from webui.engine.prompt_encoding import MAX_EMPHASIS_DEPTH, parse_attention
+
+    extra = 3
+    fragments = parse_attention("(" * (MAX_EMPHASIS_DEPTH + extra) + "cat")
+    expected = 1.0
+    for _ in range(MAX_EMPHASIS_DEPTH):
+        expected *= 1.1
+    assert fragments == [("(" * extra + "cat", expected)]

@@ -57,7 +57,12 @@ _ATTENTION_TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
-_BREAK_KEYWORD = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+# the white space around BREAK is stripped by hand: `\s*` on both sides retried inside every
+# run of white space, quadratic in its length
+_BREAK_KEYWORD = re.compile(r"\bBREAK\b")
+MAX_EMPHASIS_DEPTH: Final = 32
+"""Brackets open deeper than this (of one kind) are read as text: each open bracket scales every
+fragment after it, so unbounded depth makes parsing quadratic (and 1.1**33 is already 23x)."""
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -81,11 +86,15 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
                 weights[index] *= factor
 
     def add_text(plain: str) -> None:
-        for number, part in enumerate(_BREAK_KEYWORD.split(plain)):
+        parts = _BREAK_KEYWORD.split(plain)
+        for number, part in enumerate(parts):
             if number:
                 breaks.add(len(texts))
                 texts.append(BREAK[0])
                 weights.append(BREAK[1])
+                part = part.lstrip()
+            if number < len(parts) - 1:
+                part = part.rstrip()
             texts.append(part)
             weights.append(1.0)
 
@@ -94,9 +103,9 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         if token.startswith("\\"):
             texts.append(token[1:])
             weights.append(1.0)
-        elif token == "(":
+        elif token == "(" and len(round_open) < MAX_EMPHASIS_DEPTH:
             round_open.append(len(texts))
-        elif token == "[":
+        elif token == "[" and len(square_open) < MAX_EMPHASIS_DEPTH:
             square_open.append(len(texts))
         elif weight is not None and round_open:
             try:
@@ -117,13 +126,16 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale_from(start, SQUARE_BRACKET_MULTIPLIER)
 
-    fragments: list[tuple[str, float]] = []
+    # runs of equal weight merged; pieces joined once per run (repeated `+` is quadratic)
+    runs: list[tuple[list[str], float] | None] = []  # None: a BREAK
     for index, (piece, weight_of_piece) in enumerate(zip(texts, weights, strict=True)):
-        mergeable = fragments and index not in breaks and fragments[-1] != BREAK
-        if mergeable and fragments[-1][1] == weight_of_piece:
-            fragments[-1] = (fragments[-1][0] + piece, weight_of_piece)
+        if index in breaks:
+            runs.append(None)
+        elif runs and runs[-1] is not None and runs[-1][1] == weight_of_piece:
+            runs[-1][0].append(piece)
         else:
-            fragments.append(BREAK if index in breaks else (piece, weight_of_piece))
+            runs.append(([piece], weight_of_piece))
+    fragments = [BREAK if run is None else ("".join(run[0]), run[1]) for run in runs]
     return fragments or [("", 1.0)]
 
 
