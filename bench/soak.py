@@ -7,9 +7,9 @@ server still alive, no 5xx, requests answered first come first served, the image
 without LoRAs pixel-identical at the start and the end (the weights are back at base), and the
 server's resident memory across model switches.
 
-    python -m bench.soak                                    # the acceptance soak: 200 requests,
-                                                            # 2 minutes, 10 model switches
-    python -m bench.soak --requests 100 --seconds 60 --switches 0 --out bench/results/soak.json
+    python -m bench.soak                                    # the acceptance soak: 200 requests
+                                                            # spread over 2 minutes, 10 switches
+    python -m bench.soak --requests 100 --seconds 60 --unpaced   # as fast as the server answers
 
 The test suite runs a short one (`tests/test_soak.py`).
 """
@@ -50,6 +50,7 @@ class SoakPlan:
     requests: int = 200
     clients: int = 4
     seconds: float = 120.0  # the soak stops sending when this runs out
+    paced: bool = True  # spread the requests evenly over `seconds` (else: as fast as answered)
     switches: int = 10  # model switches, spread evenly over the requests
     churn_interval: float = 0.05  # seconds between two file mutations
     seed: int = 0
@@ -316,7 +317,11 @@ def run_soak(root: Path, plan: SoakPlan) -> SoakReport:
         deadline = time.monotonic() + plan.seconds
         churn.start()
 
+        began = time.monotonic()
+        interval = plan.seconds / plan.requests if plan.paced else 0.0
+
         def send(index: int) -> Answer | None:
+            time.sleep(max(0.0, began + index * interval - time.monotonic()))
             if time.monotonic() > deadline:
                 return None
             sent = time.monotonic()
@@ -354,9 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=defaults.clients)
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--switches", type=int, default=defaults.switches)
+    parser.add_argument(
+        "--unpaced", action="store_true", help="send as fast as answered, not spread over --seconds"
+    )
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    plan = SoakPlan(args.requests, args.clients, args.seconds, args.switches)
+    plan = SoakPlan(args.requests, args.clients, args.seconds, args.switches, not args.unpaced)
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         root = Path(scratch)
         prepare_folder(root)

@@ -15,7 +15,9 @@ from bench.soak import SoakPlan, prepare_folder, run_soak
 @pytest.mark.slow
 def test_server_survives_a_soak_with_files_changing_under_it(tmp_path: Path) -> None:
     prepare_folder(tmp_path)
-    report = run_soak(tmp_path, SoakPlan(requests=100, clients=4, seconds=60, switches=2))
+    report = run_soak(
+        tmp_path, SoakPlan(requests=100, clients=4, seconds=60, switches=2, paced=False)
+    )
 
     assert report.server_alive, (
         f"the server died (exit {report.exit_code}):\n{report.server_log_tail}"
