@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.engine.samplers import UnknownSamplerError, get_sampler
 from webui.settings import LIMITS, LoraBackend, RequestLimits
 
 MAX_SEED = 2**32 - 1
@@ -33,7 +33,7 @@ class GenerationRequest:
     seed: int = -1
     batch_size: int = 1
     batch_count: int = 1
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str = ""  # the family's default (SD: Euler a, FLUX.1: Euler)
     clip_skip: int = 1
     lora_backend: LoraBackend | None = None  # None: the Settings default
     # trigger words added (0 off, N the first N, -1 all); None: the server-wide setting
