@@ -134,12 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=7.0)
+    gen.add_argument("--steps", type=int, help="default: the model's (20; FLUX.1 schnell 4)")
+    gen.add_argument(
+        "--cfg", type=float, help="CFG scale; default: the model's (7; FLUX.1 1 = no true CFG)"
+    )
+    gen.add_argument(
+        "--distilled-cfg", type=float, default=3.5, help="FLUX.1 dev's distilled CFG scale"
+    )
     gen.add_argument("--seed", type=int, default=-1)
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
-    gen.add_argument("--sampler", default="Euler a")
+    gen.add_argument("--sampler", default="", help="default: the model's (Euler a; FLUX.1 Euler)")
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--batch-count", type=int, default=1)
     gen.add_argument("--clip-skip", type=int, default=1)
@@ -248,6 +253,7 @@ def run_generate(args: argparse.Namespace) -> int:
         RequestError,
     )
     from webui.engine.infotext import save_png
+    from webui.engine.recipes import recipe_for
 
     quiet_progress_bars(args.verbose)
     engine = Engine(settings_from(args, save_outputs=False))
@@ -258,11 +264,13 @@ def run_generate(args: argparse.Namespace) -> int:
             else engine.load_path(Path(args.model))
         )
         size = model.kind.default_size
+        defaults = recipe_for(model.kind).defaults
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative,
-            steps=args.steps,
-            cfg_scale=args.cfg,
+            steps=defaults.steps if args.steps is None else args.steps,
+            cfg_scale=defaults.cfg_scale if args.cfg is None else args.cfg,
+            distilled_cfg_scale=args.distilled_cfg,
             seed=args.seed,
             width=args.width or size,
             height=args.height or size,

@@ -57,12 +57,17 @@ class Txt2ImgRequest(BaseModel):
     subseed: int = Field(-1, description="accepted, ignored")
     subseed_strength: float = Field(0.0, description="accepted, ignored")
     scheduler: str | None = Field(None, description="schedule type: Automatic or Karras")
-    sampler_name: str | None = Field(None, description=f"default {DEFAULT_SAMPLER}")
+    sampler_name: str | None = Field(
+        None, description=f"default: the model's ({DEFAULT_SAMPLER}; FLUX.1 Euler)"
+    )
     sampler_index: str | None = Field(None, description="deprecated name of sampler_name")
     batch_size: int = 1
     n_iter: int = Field(1, description="batch count")
     steps: int = 50
-    cfg_scale: float = 7.0
+    cfg_scale: float = Field(
+        7.0, description="FLUX.1: above 1 is true CFG with the negative prompt"
+    )
+    distilled_cfg_scale: float = Field(3.5, description="FLUX.1 dev's guidance (Forge's field)")
     width: int = 512
     height: int = 512
     enable_hr: bool = Field(False, description="hires fix is not supported; ignored")
@@ -75,7 +80,15 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="accepted, ignored")
 
     @field_validator(
-        "prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size"
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "cfg_scale",
+        "distilled_cfg_scale",
+        "width",
+        "height",
+        "seed",
+        "batch_size",
     )
     @classmethod
     def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
@@ -103,9 +116,10 @@ class Txt2ImgRequest(BaseModel):
 
     @property
     def sampler(self) -> str:
-        """The engine's sampler name: A1111's name plus the schedule type, when it has one."""
-        name = self.sampler_name or self.sampler_index or DEFAULT_SAMPLER
-        return get_sampler(name, self.scheduler or "").name
+        """The engine's sampler name: A1111's name plus the schedule type, when it has one;
+        "" (the model's default) when the body names none."""
+        name = self.sampler_name or self.sampler_index
+        return get_sampler(name, self.scheduler or "").name if name else ""
 
     def generation_request(self, clip_skip: int) -> GenerationRequest:
         """The engine's request for this body, with `clip_skip` unless it overrides it."""
@@ -115,6 +129,7 @@ class Txt2ImgRequest(BaseModel):
             negative_prompt=self.negative_prompt,
             steps=self.steps,
             cfg_scale=self.cfg_scale,
+            distilled_cfg_scale=self.distilled_cfg_scale,
             width=self.width,
             height=self.height,
             seed=self.seed,

@@ -144,6 +144,8 @@ class LoadedModel:
     path: Path | None  # None for the demo model
     device: torch.device
     dtype: torch.dtype
+    # components read from separate files (FLUX.1 parts), by diffusers component name
+    parts: Mapping[str, Path] = field(default_factory=dict)
 
 
 def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
@@ -505,8 +507,9 @@ def load_checkpoint(
         header = read_header(checkpoint.path)
         kind = detect_kind(header, checkpoint.path.name)
     # families built component by component (FLUX.1) load through their own table entry
+    parts: dict[str, Path] = {}
     if checkpoint.format is not CheckpointFormat.DIFFUSERS and kind.arch in _COMPONENT_LOADERS:
-        pipe = _COMPONENT_LOADERS[kind.arch](checkpoint.path, header, kind, dtype)
+        pipe = _COMPONENT_LOADERS[kind.arch](checkpoint.path, header, kind, dtype, parts)
     elif checkpoint.format is not CheckpointFormat.DIFFUSERS:
         folder = _config_folder_for(kind, header.metadata, checkpoint.path.name)
         extra: dict[str, Any] = {}
@@ -537,7 +540,7 @@ def load_checkpoint(
         _set_prediction(pipe, kind)
     place_pipeline(pipe, device, lowvram)
     log.info("loaded %s (%s) on %s in %s", checkpoint.name, kind.label, device, dtype)
-    return LoadedModel(pipe, kind, checkpoint.name, checkpoint.path, device, dtype)
+    return LoadedModel(pipe, kind, checkpoint.name, checkpoint.path, device, dtype, parts)
 
 
 def _check_complete(pipe: DiffusionPipeline, source: str) -> None:
@@ -801,10 +804,14 @@ def _find_part(part: flux1.Part, path: Path) -> tuple[Path, str, CheckpointHeade
 
 
 def _load_flux(
-    path: Path, header: CheckpointHeader, kind: ModelKind, dtype: torch.dtype
+    path: Path,
+    header: CheckpointHeader,
+    kind: ModelKind,
+    dtype: torch.dtype,
+    parts: dict[str, Path],
 ) -> DiffusionPipeline:
     """A FluxPipeline from a transformer file (BFL or diffusers layout, any prefix) and the
-    parts it holds or that lie in `text_encoders/` and `vae/`."""
+    parts it holds or that lie in `text_encoders/` and `vae/` (recorded in `parts`)."""
     source = path.name
     found = flux_transformer(header)
     assert found is not None and kind.variant is not None
@@ -842,6 +849,8 @@ def _load_flux(
             missing.append(part)
             continue
         part_path, prefix, part_header = where
+        if part_path != path:
+            parts[part.component] = part_path
         configs = embedded if part_path == path else _file_configs(part_header, part_path.name)
         part_config = json.loads((folder / part.component / "config.json").read_text("utf-8"))
         part_config.update(configs.get(part.component, {}))

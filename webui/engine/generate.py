@@ -35,19 +35,18 @@ from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
 from webui.engine.network_set import ChosenNetwork, choose_networks
-from webui.engine.prompt_encoding import (
-    embeddings_in_prompts,
-    encode_for_pipeline,
-    token_embedding,
-)
-from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.engine.prompt_encoding import embeddings_in_prompts, token_embedding
+from webui.engine.recipes import recipe_for
+from webui.engine.request import MAX_SEED as MAX_SEED
+from webui.engine.request import GenerationRequest as GenerationRequest
+from webui.engine.request import RequestError as RequestError
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.embedding_library import Embedding, EmbeddingLibrary
 from webui.networks.keys import Component
 from webui.networks.patcher import ModuleProgress
 from webui.prompt import NetworkTag, ParsedPrompt, parse_prompt
-from webui.settings import LIMITS, SAVED_OPTIONS, LoraBackend, RequestLimits, Settings, SettingsFile
+from webui.settings import SAVED_OPTIONS, Settings, SettingsFile
 
 log = logging.getLogger(__name__)
 
@@ -55,78 +54,10 @@ APP_VERSION = "lora-webui 0.1.0"
 DEMO_MODEL_NAME = "demo-tiny-sd1 (random weights)"
 OUTPUTS_SUBFOLDER = "txt2img-images"  # A1111's folder for txt2img outputs
 _NUMBERED = re.compile(r"^(\d+)-")
-MAX_SEED = 2**32 - 1
-
-
-class RequestError(ValueError):
-    """A request with a bad field; the message names the field."""
 
 
 class NoModelError(RuntimeError):
     """Generation was asked for before any model was loaded."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything that decides the images. `seed=-1` picks a random seed."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    seed: int = -1
-    batch_size: int = 1
-    batch_count: int = 1
-    sampler: str = DEFAULT_SAMPLER
-    clip_skip: int = 1
-    lora_backend: LoraBackend | None = None  # None: the Settings default
-    # trigger words added (0 off, N the first N, -1 all); None: the server-wide setting
-    auto_trigger_words: int | None = None
-
-    def validate(self, limits: RequestLimits = LIMITS) -> None:
-        """Raise RequestError naming the first field that is out of range."""
-        most = limits.max_prompt_chars
-        checks = [
-            ("prompt", len(self.prompt) <= most, f"is too long: at most {most} characters"),
-            (
-                "negative_prompt",
-                len(self.negative_prompt) <= most,
-                f"is too long: at most {most} characters",
-            ),
-            ("steps", 1 <= self.steps <= 150, "must be between 1 and 150"),
-            # NaN fails every comparison; infinity is out of range
-            ("cfg_scale", 0.0 <= self.cfg_scale <= 30.0, "must be between 0 and 30"),
-            (
-                "width",
-                self.width % 8 == 0 and 64 <= self.width <= 2048,
-                "must be a multiple of 8 in 64..2048",
-            ),
-            (
-                "height",
-                self.height % 8 == 0 and 64 <= self.height <= 2048,
-                "must be a multiple of 8 in 64..2048",
-            ),
-            ("seed", -1 <= self.seed <= MAX_SEED, f"must be -1 (random) or 0..{MAX_SEED}"),
-            ("batch_size", 1 <= self.batch_size <= 8, "must be between 1 and 8"),
-            ("batch_count", 1 <= self.batch_count <= 100, "must be between 1 and 100"),
-            ("clip_skip", 1 <= self.clip_skip <= 12, "must be between 1 and 12"),
-        ]
-        for name, ok, message in checks:
-            if not ok:
-                raise RequestError(f"{name} {message} (got {_shown(getattr(self, name))})")
-        try:
-            get_sampler(self.sampler)
-        except UnknownSamplerError as exc:
-            raise RequestError(f"sampler: {exc}") from exc
-
-
-def _shown(value: object) -> str:
-    """A field's value for an error message; long text is cut to its length and start."""
-    if isinstance(value, str) and len(value) > 40:
-        return f"{len(value)} characters: {value[:20]!r}..."
-    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -358,9 +289,10 @@ class Engine:
         on_progress: ProgressCallback | None,
     ) -> GenerationResult:
         started = time.perf_counter()
-        request = replace(request, seed=resolve_seed(request.seed))
         prompt, negative = prompts
         warnings = [*prompt.errors, *negative.errors]
+        recipe = recipe_for(model.kind)
+        request = recipe.resolve(replace(request, seed=resolve_seed(request.seed)), warnings)
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         routes = self._apply_networks(model, request, prompt.tags, warnings, on_progress)
         applied = [routed for routed in routes if routed.route.applied]
@@ -374,7 +306,7 @@ class Engine:
         self._embeddings_now = self._usable_embeddings(model, applied, warnings)
         ti_hashes = self._ti_hashes(model, texts)
         pipe = model.pipe
-        pipe.scheduler = get_sampler(request.sampler).create(pipe.scheduler.config)
+        pipe.scheduler = recipe.scheduler(pipe.scheduler.config, request)
         images: list[GeneratedImage] = []
         interrupted = False
         total_steps = request.steps * request.batch_count
@@ -386,8 +318,8 @@ class Engine:
             callback = self._step_callback(model, texts, batch, first, total_steps, on_progress)
             output = pipe(
                 **self._prompt_embeddings(model, texts),
+                **recipe.guidance(request),
                 num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
                 width=request.width,
                 height=request.height,
                 # one CPU generator per image: the same seed gives the same image on any device
@@ -423,6 +355,12 @@ class Engine:
         """Apply the prompt's networks at step 1, each through its backend (or restore the model
         when there are none). Problems with one network become warnings; the others apply.
         Progress is reported in modules written, at most once per percent."""
+        if tags and not recipe_for(model.kind).applies_loras:
+            names = ", ".join(tag.text for tag in tags)
+            warnings.append(
+                f"LoRAs are not applied to {model.kind.label} models yet: {names} ignored"
+            )
+            return []
         chosen = choose_networks(tags, self.catalog, warnings)
         if self._networks is None:
             if not chosen:
@@ -449,6 +387,8 @@ class Engine:
     ) -> list[Embedding]:
         """The folder's embeddings and those bundled in the applied LoRAs that fit the model's
         text encoders; unreadable ones become warnings."""
+        if not recipe_for(model.kind).uses_embeddings:
+            return []
         encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
         widths = [token_embedding(te).embedding_dim for te in encoders if te is not None]
         loras = [(a.name, a.network.path) for a in applied]
@@ -467,17 +407,8 @@ class Engine:
     def _prompt_embeddings(self, model: LoadedModel, request: GenerationRequest) -> dict[str, Any]:
         """Prompt and negative prompt encoded A1111's way (emphasis, BREAK, 75-token chunks,
         textual-inversion embeddings) with the text encoders as they are patched now, as
-        pipeline keyword arguments."""
-        prompts = [request.prompt] * request.batch_size
-        negatives = [request.negative_prompt] * request.batch_size
-        return encode_for_pipeline(
-            model.pipe,
-            model.kind.arch,
-            prompts,
-            negatives,
-            request.clip_skip,
-            embeddings=self._embeddings_now,
-        )
+        pipeline keyword arguments; each family's recipe encodes its own way."""
+        return recipe_for(model.kind).conditioning(model.pipe, request, self._embeddings_now)
 
     def _step_callback(
         self,
@@ -545,10 +476,10 @@ class Engine:
     ) -> Infotext:
         """A1111-format parameters for one image; the prompt keeps its tags as typed.
         `ti_hashes`: (name, hash) of the embeddings used, written as A1111's `TI hashes`."""
+        recipe = recipe_for(model.kind)
         params: dict[str, str] = {
             "Steps": str(request.steps),
-            "Sampler": get_sampler(request.sampler).name,
-            "CFG scale": f"{request.cfg_scale:g}",
+            **recipe.sampling_fields(request),
             "Seed": str(seed),
             "Size": f"{request.width}x{request.height}",
         }
@@ -579,6 +510,7 @@ class Engine:
         if trigger_words:
             params["Trigger words"] = ", ".join(trigger_words)
         params["Version"] = APP_VERSION
+        params.update(recipe.module_fields(model.parts))  # Forge writes them after the version
         return Infotext(request.prompt, request.negative_prompt, params)
 
     def _save(self, image: Image.Image, infotext: Infotext, seed: int) -> Path | None:

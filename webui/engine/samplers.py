@@ -15,6 +15,7 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
@@ -148,6 +149,10 @@ SAMPLERS: tuple[Sampler, ...] = (
 )
 
 DEFAULT_SAMPLER = "Euler a"
+
+# Rectified-flow models (FLUX.1): Euler on the flow; the shift (static, or dynamic with `mu` from
+# the image size) comes from the model's own scheduler config and the pipeline.
+FLOW_MATCH_EULER = Sampler("Euler", FlowMatchEulerDiscreteScheduler)
 
 _BY_NAME = {
     key.lower(): sampler for sampler in SAMPLERS for key in (sampler.name, *sampler.aliases)

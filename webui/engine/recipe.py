@@ -1,0 +1,64 @@
+"""What a model family's generation needs, as one Protocol: its defaults, request checks,
+scheduler, prompt conditioning, guidance arguments and infotext fields. Each family implements
+it in its own module (`sd_recipe.py`, `flux_recipe.py`); `recipes.recipe_for` picks one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from webui.engine.request import GenerationRequest
+from webui.networks.embedding_library import Embedding
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The values a family's model is meant to run with, for fields a caller left unset."""
+
+    steps: int
+    cfg_scale: float
+    sampler: str
+
+
+class GenerationRecipe(Protocol):
+    """One family's generation path; the engine's loop (batches, seeds, progress) is shared."""
+
+    @property
+    def defaults(self) -> GenerationDefaults: ...
+
+    @property
+    def applies_loras(self) -> bool: ...
+
+    @property
+    def uses_embeddings(self) -> bool: ...
+
+    def resolve(self, request: GenerationRequest, warnings: list[str]) -> GenerationRequest:
+        """The request as it will run (sampler named); raises RequestError for a field this
+        family cannot take; adds a warning for each field it replaces or ignores."""
+        ...
+
+    def scheduler(self, config: Mapping[str, Any], request: GenerationRequest) -> SchedulerMixin:
+        """A fresh scheduler for the resolved request, from the model's scheduler config."""
+        ...
+
+    def conditioning(
+        self, pipe: Any, request: GenerationRequest, embeddings: Sequence[Embedding]
+    ) -> dict[str, Any]:
+        """The prompts encoded, as pipeline keyword arguments (one row per image of a batch)."""
+        ...
+
+    def guidance(self, request: GenerationRequest) -> dict[str, Any]:
+        """The pipeline's guidance keyword arguments."""
+        ...
+
+    def sampling_fields(self, request: GenerationRequest) -> dict[str, str]:
+        """Infotext fields after `Steps`: `Sampler`, `CFG scale` and the family's own."""
+        ...
+
+    def module_fields(self, parts: Mapping[str, Path]) -> dict[str, str]:
+        """Infotext fields naming the separate files the model was assembled from."""
+        ...
