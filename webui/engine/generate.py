@@ -4,6 +4,7 @@ Requests are serialized: one generation or model load runs at a time."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import random
@@ -41,6 +42,7 @@ from webui.engine.prompt_encoding import (
     token_embedding,
 )
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
+from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.embedding_library import Embedding, EmbeddingLibrary
@@ -230,6 +232,7 @@ class Engine:
         self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
         self.embeddings = EmbeddingLibrary(settings.embeddings_dir)
         self._embeddings_now: list[Embedding] = []  # what this generation's prompts may name
+        self._counter: tuple[object, Any] | None = None  # (pipeline, its tokenizer's copy)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -284,7 +287,7 @@ class Engine:
     def _unload(self) -> None:
         """Drop the model and its LoRA state and give their memory back before the next load:
         a pipeline holds reference cycles, which only the cyclic collector frees."""
-        self._model, self._networks = None, None
+        self._model, self._networks, self._counter = None, None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -330,6 +333,17 @@ class Engine:
         return LoadedModel(
             pipe, ModelKind(Arch.SD1, Prediction.EPSILON), DEMO_MODEL_NAME, None, device, dtype
         )
+
+    def count_tokens(self, text: str) -> TokenCount:
+        """The prompt's CLIP tokens as the encoder chunks them (tags removed), with the loaded
+        model's tokenizer, or the reference one before a model loads."""
+        model = self._model
+        if model is None:
+            return count_tokens(reference_tokenizer(), text)
+        if self._counter is None or self._counter[0] is not model.pipe:
+            # a copy: a Rust tokenizer used from two threads at once can fail ("Already borrowed")
+            self._counter = (model.pipe, copy.deepcopy(model.pipe.tokenizer))
+        return count_tokens(self._counter[1], text)
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import gradio as gr
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
 from webui.engine.jobs import JobQueue
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
+from webui.engine.token_count import TokenCount
 from webui.engine.trigger_words import (
     trigger_mode_choices,
     trigger_mode_label,
@@ -59,6 +60,14 @@ def infotext_panels(result: GenerationResult) -> list[str]:
     return panels
 
 
+def token_counter_html(count: TokenCount) -> str:
+    """A1111's counter: tokens used / the chunks' capacity; past 75 the prompt takes a second
+    chunk of 75 (encoded apart, then concatenated)."""
+    note = "CLIP tokens of this prompt (tags not counted) / room in its chunks of 75"
+    extra = " lw-tokens-chunked" if count.chunks > 1 else ""
+    return f"<span class='lw-tokens{extra}' title='{note}'>{count.format()}</span>"
+
+
 def _backends_html(result: GenerationResult) -> str:
     """Which backend took each LoRA, and why."""
     if not result.lora_routes:
@@ -100,8 +109,18 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 placeholder="a watercolor fox, <lora:name:0.8>",
                 elem_id="txt2img-prompt",
             )
+            prompt_tokens = gr.HTML(
+                token_counter_html(engine.count_tokens("")),
+                elem_id="txt2img-token-counter",
+                elem_classes="lw-token-counter",
+            )
             build_networks_panel(engine, prompt)
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
+            negative_tokens = gr.HTML(
+                token_counter_html(engine.count_tokens("")),
+                elem_id="txt2img-negative-token-counter",
+                elem_classes="lw-token-counter",
+            )
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button(
                 "Generate", variant="primary", size="lg", elem_id="txt2img-generate"
@@ -209,6 +228,20 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     def on_select(texts: list[str], evt: gr.SelectData) -> str:
         index = evt.index if isinstance(evt.index, int) else 0
         return texts[index] if 0 <= index < len(texts) else gr.update()
+
+    def on_text(text: str | None) -> str:
+        return token_counter_html(engine.count_tokens(text or ""))
+
+    for box, counter in ((prompt, prompt_tokens), (negative, negative_tokens)):
+        # `.change` also sees the Networks panel's edits; always_last: one count per pause
+        box.change(
+            on_text,
+            inputs=box,
+            outputs=counter,
+            queue=False,
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
 
     gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
     return Txt2ImgControls(prompt, negative, gallery, trigger_words)
