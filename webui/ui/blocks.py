@@ -19,7 +19,7 @@ from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
 from webui.ui.settings_tab import build_settings_tab, current_values
 from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
-from webui.ui.txt2img import build_txt2img_tab, trigger_words_update
+from webui.ui.txt2img import BUTTON_TITLES_JS, build_txt2img_tab, trigger_words_update
 
 log = logging.getLogger(__name__)
 
@@ -139,4 +139,5 @@ def build_ui(engine: Engine) -> gr.Blocks:
         page_outputs = [model, status, *tool_checkpoints, txt2img.trigger_words, *settings.all]
         ui.load(on_page_load, outputs=page_outputs, queue=False)
         ui.load(None, js=KEYBOARD_JS)
+        ui.load(None, js=BUTTON_TITLES_JS)
     return ui

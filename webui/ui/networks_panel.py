@@ -61,12 +61,14 @@ def build_networks_panel(engine: Engine, prompt: gr.Textbox) -> None:
             search = gr.Textbox(
                 placeholder="Search name, folder, trigger words…",
                 show_label=False,
+                info="filters the cards by name, folder, alias or trigger words",
                 scale=4,
                 elem_id="txt2img-networks-search",
             )
             show_all = gr.Checkbox(
                 label="Show incompatible",
                 value=False,
+                info="also list LoRAs made for another base (they would be skipped)",
                 scale=0,
                 min_width=170,
                 elem_id="txt2img-networks-all",

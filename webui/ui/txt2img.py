@@ -6,6 +6,7 @@ included); server-wide options live in the Settings tab."""
 from __future__ import annotations
 
 import html
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,21 @@ from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
 
 log = logging.getLogger(__name__)
+
+# Buttons take no `info=`: their tooltips are `title`s set by `BUTTON_TITLES_JS`, by elem_id.
+BUTTON_TITLES: dict[str, str] = {
+    "txt2img-generate": "Generate images (Ctrl+Enter in a prompt box)",
+    "txt2img-interrupt": "Stop after the current step; finished images are kept (Esc)",
+    "txt2img-random-seed": "Set the seed to -1: a new random seed each time",
+    "txt2img-networks-refresh": "Read loras/ again (new, changed and removed files)",
+}
+BUTTON_TITLES_JS = (
+    "() => { const titles = "
+    + json.dumps(BUTTON_TITLES)
+    + "; const put = () => { for (const [id, t] of Object.entries(titles)) {"
+    " const el = document.getElementById(id); if (el && el.title !== t) el.title = t; } };"
+    " put(); new MutationObserver(put).observe(document.body, {childList: true, subtree: true}); }"
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 label="Prompt",
                 lines=3,
                 placeholder="a watercolor fox, <lora:name:0.8>",
+                info="(word:1.2) emphasis, BREAK starts a new 75-token chunk, <lora:NAME:WEIGHT> "
+                "applies a LoRA; Ctrl+Enter generates, Ctrl+Up/Down changes a weight",
                 elem_id="txt2img-prompt",
             )
             prompt_tokens = gr.HTML(
@@ -115,7 +133,12 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_classes="lw-token-counter",
             )
             build_networks_panel(engine, prompt)
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
+            negative = gr.Textbox(
+                label="Negative prompt",
+                lines=2,
+                info="what the image should not show (LoRA tags here are ignored)",
+                elem_id="txt2img-negative",
+            )
             negative_tokens = gr.HTML(
                 token_counter_html(engine.count_tokens("")),
                 elem_id="txt2img-negative-token-counter",
@@ -129,30 +152,88 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             sampler = gr.Dropdown(
-                sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", elem_id="txt2img-sampler"
+                sampler_names(),
+                value=DEFAULT_SAMPLER,
+                label="Sampler",
+                info="A1111's sampler names; Karras/exponential variants change the noise schedule",
+                elem_id="txt2img-sampler",
             )
-            steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="txt2img-steps")
+            steps = gr.Slider(
+                1,
+                150,
+                value=20,
+                step=1,
+                label="Steps",
+                info="denoising steps: more is slower, rarely better past 30-40",
+                elem_id="txt2img-steps",
+            )
             with gr.Row():
                 width = gr.Slider(
-                    64, 2048, value=512, step=8, label="Width", elem_id="txt2img-width"
+                    64,
+                    2048,
+                    value=512,
+                    step=8,
+                    label="Width",
+                    info="pixels, a multiple of 8; best near the model's size (SD1 512, SDXL 1024)",
+                    elem_id="txt2img-width",
                 )
                 height = gr.Slider(
-                    64, 2048, value=512, step=8, label="Height", elem_id="txt2img-height"
+                    64,
+                    2048,
+                    value=512,
+                    step=8,
+                    label="Height",
+                    info="pixels, a multiple of 8",
+                    elem_id="txt2img-height",
                 )
-            cfg = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img-cfg")
+            cfg = gr.Slider(
+                0,
+                30,
+                value=7,
+                step=0.5,
+                label="CFG scale",
+                info="how closely the image follows the prompt; 1 or less turns guidance off",
+                elem_id="txt2img-cfg",
+            )
             with gr.Row():
                 seed = gr.Number(
-                    value=-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img-seed"
+                    value=-1,
+                    precision=0,
+                    label="Seed (-1 = random)",
+                    info="same seed and settings, same image; image n of a batch uses seed + n",
+                    elem_id="txt2img-seed",
                 )
                 random_seed = gr.Button(
                     "Random", scale=0, min_width=80, size="sm", elem_id="txt2img-random-seed"
                 )
             with gr.Row():
-                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
-                batch_size = gr.Slider(
-                    1, 8, value=1, step=1, label="Batch size", elem_id="txt2img-batch-size"
+                batch_count = gr.Slider(
+                    1,
+                    100,
+                    value=1,
+                    step=1,
+                    label="Batch count",
+                    info="batches run one after another",
+                    elem_id="txt2img-batch-count",
                 )
-            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+                batch_size = gr.Slider(
+                    1,
+                    8,
+                    value=1,
+                    step=1,
+                    label="Batch size",
+                    info="images denoised together in one batch (more memory)",
+                    elem_id="txt2img-batch-size",
+                )
+            clip_skip = gr.Slider(
+                1,
+                12,
+                value=1,
+                step=1,
+                label="Clip skip",
+                info="2 uses CLIP's second-to-last layer, as anime-style models expect",
+                elem_id="txt2img-clip-skip",
+            )
             with gr.Row():
                 lora_backend = gr.Dropdown(
                     [c.value for c in LoraBackend],
