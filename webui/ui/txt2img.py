@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import gradio as gr
 
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
 from webui.engine.jobs import JobQueue
+from webui.engine.lora_backends import LoraRoute
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
 from webui.engine.token_count import TokenCount
 from webui.engine.trigger_words import (
@@ -84,11 +86,25 @@ def token_counter_html(count: TokenCount) -> str:
     return f"<span class='lw-tokens{extra}' title='{note}'>{count.format()}</span>"
 
 
+def route_line(route: LoraRoute, warnings: Sequence[str] = ()) -> str:
+    """One LoRA's line in the backends panel. The route's reason explains the backend choice,
+    which is only true of a LoRA that was written; one that was not says so, with the first
+    warning naming it (wrong base, refused family, failed apply) as the reason."""
+    if route.applied:
+        return f"{route.name}: applied by the {route.backend.value} backend ({route.reason})"
+    names = (route.name, route.name.rsplit("/", 1)[-1])  # the tag's name, the file's stem
+    why = next((w for w in warnings if w.startswith(tuple(f"{n}:" for n in names))), None)
+    return f"{route.name}: not applied" + (f" ({why})" if why else "; see the warnings")
+
+
 def _backends_html(result: GenerationResult) -> str:
-    """Which backend took each LoRA, and why."""
+    """Which backend took each LoRA, and why; a LoRA left out says why instead."""
     if not result.lora_routes:
         return ""
-    items = "".join(f"<li>{html.escape(route.describe())}</li>" for route in result.lora_routes)
+    items = "".join(
+        f"<li>{html.escape(route_line(route, result.warnings))}</li>"
+        for route in result.lora_routes
+    )
     return f"<div class='lw-lora-backends'>LoRA backends:<ul>{items}</ul></div>"
 
 
