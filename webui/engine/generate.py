@@ -31,6 +31,7 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     place_pipeline,
 )
+from webui.engine.image_grid import image_grid
 from webui.engine.infotext import Infotext, model_schedule_fields, save_png
 from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 APP_VERSION = "lora-webui 0.1.0"
 DEMO_MODEL_NAME = "demo-tiny-sd1 (random weights)"
 OUTPUTS_SUBFOLDER = "txt2img-images"  # A1111's folder for txt2img outputs
+GRIDS_SUBFOLDER = "txt2img-grids"  # and for the grids of batches
 _NUMBERED = re.compile(r"^(\d+)-")
 MAX_SEED = 2**32 - 1
 
@@ -595,10 +597,22 @@ class Engine:
         params["Version"] = APP_VERSION
         return Infotext(request.prompt, request.negative_prompt, params)
 
-    def _save(self, image: Image.Image, infotext: Infotext, seed: int) -> Path | None:
+    def save_grid(self, result: GenerationResult) -> GeneratedImage | None:
+        """The grid of a run of several images (A1111's layout), with the first image's seed
+        and infotext; saved to `txt2img-grids/DATE/` when saving is on. None for one image."""
+        if len(result.images) < 2:
+            return None
+        first = result.images[0]
+        grid = image_grid([generated.image for generated in result.images])
+        path = self._save(grid, first.infotext, first.seed, GRIDS_SUBFOLDER)
+        return GeneratedImage(grid, first.seed, first.infotext, path)
+
+    def _save(
+        self, image: Image.Image, infotext: Infotext, seed: int, subfolder: str = OUTPUTS_SUBFOLDER
+    ) -> Path | None:
         if not self.settings.save_outputs:
             return None
-        folder = self.settings.outputs_dir / OUTPUTS_SUBFOLDER / time.strftime("%Y-%m-%d")
+        folder = self.settings.outputs_dir / subfolder / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{next_image_number(folder):05d}-{seed}.png"
         save_png(image, path, infotext)

@@ -14,7 +14,13 @@ from typing import Any
 
 import gradio as gr
 
-from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
+from webui.engine.generate import (
+    Engine,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+)
 from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import LoraRoute
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
@@ -62,13 +68,14 @@ def trigger_words_update(engine: Engine) -> Any:
     return gr.update(choices=trigger_mode_choices(limit), value=trigger_mode_label(limit))
 
 
-def infotext_panels(result: GenerationResult) -> list[str]:
-    """One infotext panel per image (shown for the image selected in the gallery): its
-    parameters, the run's time, where the image was saved, and the LoRA backends."""
+def infotext_panels(result: GenerationResult, grid: GeneratedImage | None = None) -> list[str]:
+    """One infotext panel per gallery item (shown for the item selected): the grid's first when
+    there is one, then each image's parameters, the run's time, where it was saved, and the
+    LoRA backends."""
     note = " <b>(interrupted)</b>" if result.interrupted else ""
     timing = f"{len(result.images)} image(s) in {result.seconds:.1f} s{note}"
     panels = []
-    for image in result.images:
+    for image in [grid, *result.images] if grid else result.images:
         text = html.escape(image.infotext.format())
         saved = f" · saved to <code>{html.escape(str(image.path))}</code>" if image.path else ""
         panels.append(
@@ -76,6 +83,19 @@ def infotext_panels(result: GenerationResult) -> list[str]:
             f"{_backends_html(result)}"
         )
     return panels
+
+
+def gallery_items(
+    result: GenerationResult, grid: GeneratedImage | None = None
+) -> list[tuple[Any, str]]:
+    """(image or saved path, caption) for the gallery: `Grid: ...` first, as in A1111."""
+    items = [
+        (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
+    ]
+    if grid is not None:
+        count = len(result.images)
+        items.insert(0, (str(grid.path) if grid.path else grid.image, f"Grid: {count} images"))
+    return items
 
 
 def token_counter_html(count: TokenCount) -> str:
@@ -124,10 +144,9 @@ def _run_generation(
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
         return gr.update(), "", warnings_html([user_message(exc)]), []
     log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
-    gallery = [
-        (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
-    ]
-    panels = infotext_panels(result)
+    grid = engine.save_grid(result)
+    panels = infotext_panels(result, grid)
+    gallery = gallery_items(result, grid)
     return gallery, panels[0] if panels else "", warnings_html(result.warnings), panels
 
 
