@@ -4,6 +4,7 @@ Requests are serialized: one generation or model load runs at a time."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import random
@@ -30,6 +31,7 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     place_pipeline,
 )
+from webui.engine.image_grid import image_grid
 from webui.engine.infotext import Infotext, model_schedule_fields, save_png
 from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
@@ -40,6 +42,7 @@ from webui.engine.recipes import recipe_for
 from webui.engine.request import MAX_SEED as MAX_SEED
 from webui.engine.request import GenerationRequest as GenerationRequest
 from webui.engine.request import RequestError as RequestError
+from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.networks.catalog import NetworkCatalog
 from webui.networks.embedding_library import Embedding, EmbeddingLibrary
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 APP_VERSION = "lora-webui 0.1.0"
 DEMO_MODEL_NAME = "demo-tiny-sd1 (random weights)"
 OUTPUTS_SUBFOLDER = "txt2img-images"  # A1111's folder for txt2img outputs
+GRIDS_SUBFOLDER = "txt2img-grids"  # and for the grids of batches
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
@@ -161,6 +165,7 @@ class Engine:
         self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
         self.embeddings = EmbeddingLibrary(settings.embeddings_dir)
         self._embeddings_now: list[Embedding] = []  # what this generation's prompts may name
+        self._counter: tuple[object, Any] | None = None  # (pipeline, its tokenizer's copy)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class Engine:
     def _unload(self) -> None:
         """Drop the model and its LoRA state and give their memory back before the next load:
         a pipeline holds reference cycles, which only the cyclic collector frees."""
-        self._model, self._networks = None, None
+        self._model, self._networks, self._counter = None, None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -261,6 +266,17 @@ class Engine:
         return LoadedModel(
             pipe, ModelKind(Arch.SD1, Prediction.EPSILON), DEMO_MODEL_NAME, None, device, dtype
         )
+
+    def count_tokens(self, text: str) -> TokenCount:
+        """The prompt's CLIP tokens as the encoder chunks them (tags removed), with the loaded
+        model's tokenizer, or the reference one before a model loads."""
+        model = self._model
+        if model is None:
+            return count_tokens(reference_tokenizer(), text)
+        if self._counter is None or self._counter[0] is not model.pipe:
+            # a copy: a Rust tokenizer used from two threads at once can fail ("Already borrowed")
+            self._counter = (model.pipe, copy.deepcopy(model.pipe.tokenizer))
+        return count_tokens(self._counter[1], text)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -513,10 +529,22 @@ class Engine:
         params.update(recipe.module_fields(model.parts))  # Forge writes them after the version
         return Infotext(request.prompt, request.negative_prompt, params)
 
-    def _save(self, image: Image.Image, infotext: Infotext, seed: int) -> Path | None:
+    def save_grid(self, result: GenerationResult) -> GeneratedImage | None:
+        """The grid of a run of several images (A1111's layout), with the first image's seed
+        and infotext; saved to `txt2img-grids/DATE/` when saving is on. None for one image."""
+        if len(result.images) < 2:
+            return None
+        first = result.images[0]
+        grid = image_grid([generated.image for generated in result.images])
+        path = self._save(grid, first.infotext, first.seed, GRIDS_SUBFOLDER)
+        return GeneratedImage(grid, first.seed, first.infotext, path)
+
+    def _save(
+        self, image: Image.Image, infotext: Infotext, seed: int, subfolder: str = OUTPUTS_SUBFOLDER
+    ) -> Path | None:
         if not self.settings.save_outputs:
             return None
-        folder = self.settings.outputs_dir / OUTPUTS_SUBFOLDER / time.strftime("%Y-%m-%d")
+        folder = self.settings.outputs_dir / subfolder / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{next_image_number(folder):05d}-{seed}.png"
         save_png(image, path, infotext)

@@ -19,7 +19,7 @@ from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
 from webui.ui.png_info import build_png_info_tab
 from webui.ui.settings_tab import build_settings_tab, current_values
 from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
-from webui.ui.txt2img import build_txt2img_tab, trigger_words_update
+from webui.ui.txt2img import BUTTON_TITLES_JS, build_txt2img_tab, trigger_words_update
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ CSS = (
 .lw-warnings { border-left: 4px solid #e0a000; padding: 4px 10px; background: rgba(224,160,0,0.08); }
 .lw-warnings ul { margin: 0; padding-left: 1.2em; }
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
+.lw-token-counter { text-align: right; font-size: 0.8em; opacity: 0.75; margin-top: -6px; }
+.lw-tokens-chunked { color: #c07000; }
 #txt2img-gallery img { object-fit: contain !important; }
 """
     + NETWORKS_CSS
@@ -137,4 +139,5 @@ def build_ui(engine: Engine) -> gr.Blocks:
         page_outputs = [model, status, *tool_checkpoints, txt2img.trigger_words, *settings.all]
         ui.load(on_page_load, outputs=page_outputs, queue=False)
         ui.load(None, js=KEYBOARD_JS)
+        ui.load(None, js=BUTTON_TITLES_JS)
     return ui

@@ -11,6 +11,7 @@ import gradio as gr
 
 from webui.engine.generate import Engine
 from webui.networks.catalog_index import NetworkEntry
+from webui.ui.folder_watch import FolderWatch
 from webui.ui.networks_cards import render_grid
 from webui.ui.networks_tab import CLICK_JS, Filters, NetworksView, PreviewCache, select_entries
 from webui.ui.prompt_edit import DEFAULT_STRENGTH, add_word, toggle_network, weight_in_prompt
@@ -56,17 +57,20 @@ def build_networks_panel(engine: Engine, prompt: gr.Textbox) -> None:
     """An accordion, closed at first, inside the current Blocks context; clicks write into
     `prompt`."""
     view = NetworksView(engine, engine.catalog.index, PreviewCache())
+    watch = FolderWatch(engine.settings.loras_dir)
     with gr.Accordion("Networks", open=False, elem_id="txt2img-networks") as panel:
         with gr.Row(equal_height=True):
             search = gr.Textbox(
                 placeholder="Search name, folder, trigger words…",
                 show_label=False,
+                info="filters the cards by name, folder, alias or trigger words",
                 scale=4,
                 elem_id="txt2img-networks-search",
             )
             show_all = gr.Checkbox(
                 label="Show incompatible",
                 value=False,
+                info="also list LoRAs made for another base (they would be skipped)",
                 scale=0,
                 min_width=170,
                 elem_id="txt2img-networks-all",
@@ -105,8 +109,16 @@ def build_networks_panel(engine: Engine, prompt: gr.Textbox) -> None:
         outputs=[prompt, typed, grid],
         queue=False,
     )
-    # drawn when opened (the model, and so compatibility, may have changed since)
-    panel.expand(redraw, inputs=inputs, outputs=grid, queue=False)
+
+    def on_open(*values: Any) -> str:
+        """Drawn when opened (the model, and so compatibility, may have changed since); files
+        added or removed in `loras/` since the last look are read first, without Refresh."""
+        if watch.changed():
+            view.engine.catalog.refresh()
+            view.previews.forget()
+        return redraw(*values)
+
+    panel.expand(on_open, inputs=inputs, outputs=grid, queue=False)
     search.change(redraw, inputs=inputs, outputs=grid, queue=False)
     show_all.change(redraw, inputs=inputs, outputs=grid, queue=False)
 

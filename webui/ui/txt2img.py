@@ -6,15 +6,25 @@ included); server-wide options live in the Settings tab."""
 from __future__ import annotations
 
 import html
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress
+from webui.engine.generate import (
+    Engine,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+)
 from webui.engine.jobs import JobQueue
+from webui.engine.lora_backends import LoraRoute
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
+from webui.engine.token_count import TokenCount
 from webui.engine.trigger_words import (
     trigger_mode_choices,
     trigger_mode_label,
@@ -25,6 +35,21 @@ from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
 
 log = logging.getLogger(__name__)
+
+# Buttons take no `info=`: their tooltips are `title`s set by `BUTTON_TITLES_JS`, by elem_id.
+BUTTON_TITLES: dict[str, str] = {
+    "txt2img-generate": "Generate images (Ctrl+Enter in a prompt box)",
+    "txt2img-interrupt": "Stop after the current step; finished images are kept (Esc)",
+    "txt2img-random-seed": "Set the seed to -1: a new random seed each time",
+    "txt2img-networks-refresh": "Read loras/ again (new, changed and removed files)",
+}
+BUTTON_TITLES_JS = (
+    "() => { const titles = "
+    + json.dumps(BUTTON_TITLES)
+    + "; const put = () => { for (const [id, t] of Object.entries(titles)) {"
+    " const el = document.getElementById(id); if (el && el.title !== t) el.title = t; } };"
+    " put(); new MutationObserver(put).observe(document.body, {childList: true, subtree: true}); }"
+)
 
 
 @dataclass(frozen=True)
@@ -43,13 +68,14 @@ def trigger_words_update(engine: Engine) -> Any:
     return gr.update(choices=trigger_mode_choices(limit), value=trigger_mode_label(limit))
 
 
-def infotext_panels(result: GenerationResult) -> list[str]:
-    """One infotext panel per image (shown for the image selected in the gallery): its
-    parameters, the run's time, where the image was saved, and the LoRA backends."""
+def infotext_panels(result: GenerationResult, grid: GeneratedImage | None = None) -> list[str]:
+    """One infotext panel per gallery item (shown for the item selected): the grid's first when
+    there is one, then each image's parameters, the run's time, where it was saved, and the
+    LoRA backends."""
     note = " <b>(interrupted)</b>" if result.interrupted else ""
     timing = f"{len(result.images)} image(s) in {result.seconds:.1f} s{note}"
     panels = []
-    for image in result.images:
+    for image in [grid, *result.images] if grid else result.images:
         text = html.escape(image.infotext.format())
         saved = f" · saved to <code>{html.escape(str(image.path))}</code>" if image.path else ""
         panels.append(
@@ -59,11 +85,46 @@ def infotext_panels(result: GenerationResult) -> list[str]:
     return panels
 
 
+def gallery_items(
+    result: GenerationResult, grid: GeneratedImage | None = None
+) -> list[tuple[Any, str]]:
+    """(image or saved path, caption) for the gallery: `Grid: ...` first, as in A1111."""
+    items = [
+        (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
+    ]
+    if grid is not None:
+        count = len(result.images)
+        items.insert(0, (str(grid.path) if grid.path else grid.image, f"Grid: {count} images"))
+    return items
+
+
+def token_counter_html(count: TokenCount) -> str:
+    """A1111's counter: tokens used / the chunks' capacity; past 75 the prompt takes a second
+    chunk of 75 (encoded apart, then concatenated)."""
+    note = "CLIP tokens of this prompt (tags not counted) / room in its chunks of 75"
+    extra = " lw-tokens-chunked" if count.chunks > 1 else ""
+    return f"<span class='lw-tokens{extra}' title='{note}'>{count.format()}</span>"
+
+
+def route_line(route: LoraRoute, warnings: Sequence[str] = ()) -> str:
+    """One LoRA's line in the backends panel. The route's reason explains the backend choice,
+    which is only true of a LoRA that was written; one that was not says so, with the first
+    warning naming it (wrong base, refused family, failed apply) as the reason."""
+    if route.applied:
+        return f"{route.name}: applied by the {route.backend.value} backend ({route.reason})"
+    names = (route.name, route.name.rsplit("/", 1)[-1])  # the tag's name, the file's stem
+    why = next((w for w in warnings if w.startswith(tuple(f"{n}:" for n in names))), None)
+    return f"{route.name}: not applied" + (f" ({why})" if why else "; see the warnings")
+
+
 def _backends_html(result: GenerationResult) -> str:
-    """Which backend took each LoRA, and why."""
+    """Which backend took each LoRA, and why; a LoRA left out says why instead."""
     if not result.lora_routes:
         return ""
-    items = "".join(f"<li>{html.escape(route.describe())}</li>" for route in result.lora_routes)
+    items = "".join(
+        f"<li>{html.escape(route_line(route, result.warnings))}</li>"
+        for route in result.lora_routes
+    )
     return f"<div class='lw-lora-backends'>LoRA backends:<ul>{items}</ul></div>"
 
 
@@ -83,10 +144,9 @@ def _run_generation(
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
         return gr.update(), "", warnings_html([user_message(exc)]), []
     log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
-    gallery = [
-        (str(img.path) if img.path else img.image, f"seed {img.seed}") for img in result.images
-    ]
-    panels = infotext_panels(result)
+    grid = engine.save_grid(result)
+    panels = infotext_panels(result, grid)
+    gallery = gallery_items(result, grid)
     return gallery, panels[0] if panels else "", warnings_html(result.warnings), panels
 
 
@@ -98,10 +158,27 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 label="Prompt",
                 lines=3,
                 placeholder="a watercolor fox, <lora:name:0.8>",
+                info="(word:1.2) emphasis, BREAK starts a new 75-token chunk, <lora:NAME:WEIGHT> "
+                "applies a LoRA; Ctrl+Enter generates, Ctrl+Up/Down changes a weight",
                 elem_id="txt2img-prompt",
             )
+            prompt_tokens = gr.HTML(
+                token_counter_html(engine.count_tokens("")),
+                elem_id="txt2img-token-counter",
+                elem_classes="lw-token-counter",
+            )
             build_networks_panel(engine, prompt)
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
+            negative = gr.Textbox(
+                label="Negative prompt",
+                lines=2,
+                info="what the image should not show (LoRA tags here are ignored)",
+                elem_id="txt2img-negative",
+            )
+            negative_tokens = gr.HTML(
+                token_counter_html(engine.count_tokens("")),
+                elem_id="txt2img-negative-token-counter",
+                elem_classes="lw-token-counter",
+            )
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button(
                 "Generate", variant="primary", size="lg", elem_id="txt2img-generate"
@@ -110,30 +187,88 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             sampler = gr.Dropdown(
-                sampler_names(), value=DEFAULT_SAMPLER, label="Sampler", elem_id="txt2img-sampler"
+                sampler_names(),
+                value=DEFAULT_SAMPLER,
+                label="Sampler",
+                info="A1111's sampler names; Karras/exponential variants change the noise schedule",
+                elem_id="txt2img-sampler",
             )
-            steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="txt2img-steps")
+            steps = gr.Slider(
+                1,
+                150,
+                value=20,
+                step=1,
+                label="Steps",
+                info="denoising steps: more is slower, rarely better past 30-40",
+                elem_id="txt2img-steps",
+            )
             with gr.Row():
                 width = gr.Slider(
-                    64, 2048, value=512, step=8, label="Width", elem_id="txt2img-width"
+                    64,
+                    2048,
+                    value=512,
+                    step=8,
+                    label="Width",
+                    info="pixels, a multiple of 8; best near the model's size (SD1 512, SDXL 1024)",
+                    elem_id="txt2img-width",
                 )
                 height = gr.Slider(
-                    64, 2048, value=512, step=8, label="Height", elem_id="txt2img-height"
+                    64,
+                    2048,
+                    value=512,
+                    step=8,
+                    label="Height",
+                    info="pixels, a multiple of 8",
+                    elem_id="txt2img-height",
                 )
-            cfg = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale", elem_id="txt2img-cfg")
+            cfg = gr.Slider(
+                0,
+                30,
+                value=7,
+                step=0.5,
+                label="CFG scale",
+                info="how closely the image follows the prompt; 1 or less turns guidance off",
+                elem_id="txt2img-cfg",
+            )
             with gr.Row():
                 seed = gr.Number(
-                    value=-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img-seed"
+                    value=-1,
+                    precision=0,
+                    label="Seed (-1 = random)",
+                    info="same seed and settings, same image; image n of a batch uses seed + n",
+                    elem_id="txt2img-seed",
                 )
                 random_seed = gr.Button(
                     "Random", scale=0, min_width=80, size="sm", elem_id="txt2img-random-seed"
                 )
             with gr.Row():
-                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
-                batch_size = gr.Slider(
-                    1, 8, value=1, step=1, label="Batch size", elem_id="txt2img-batch-size"
+                batch_count = gr.Slider(
+                    1,
+                    100,
+                    value=1,
+                    step=1,
+                    label="Batch count",
+                    info="batches run one after another",
+                    elem_id="txt2img-batch-count",
                 )
-            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+                batch_size = gr.Slider(
+                    1,
+                    8,
+                    value=1,
+                    step=1,
+                    label="Batch size",
+                    info="images denoised together in one batch (more memory)",
+                    elem_id="txt2img-batch-size",
+                )
+            clip_skip = gr.Slider(
+                1,
+                12,
+                value=1,
+                step=1,
+                label="Clip skip",
+                info="2 uses CLIP's second-to-last layer, as anime-style models expect",
+                elem_id="txt2img-clip-skip",
+            )
             with gr.Row():
                 lora_backend = gr.Dropdown(
                     [c.value for c in LoraBackend],
@@ -209,6 +344,20 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     def on_select(texts: list[str], evt: gr.SelectData) -> str:
         index = evt.index if isinstance(evt.index, int) else 0
         return texts[index] if 0 <= index < len(texts) else gr.update()
+
+    def on_text(text: str | None) -> str:
+        return token_counter_html(engine.count_tokens(text or ""))
+
+    for box, counter in ((prompt, prompt_tokens), (negative, negative_tokens)):
+        # `.change` also sees the Networks panel's edits; always_last: one count per pause
+        box.change(
+            on_text,
+            inputs=box,
+            outputs=counter,
+            queue=False,
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
 
     gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
     return Txt2ImgControls(prompt, negative, gallery, trigger_words)
