@@ -3,6 +3,7 @@ the cluster tests (skipped when Ray is not installed), on loopback only, ended b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -105,7 +106,5 @@ def _end_group(process: subprocess.Popen) -> None:
             process.wait(wait)
         except subprocess.TimeoutExpired:
             continue
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # Ray's agents outlive the driver
-    except ProcessLookupError:
-        pass

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
@@ -134,7 +134,7 @@ class ClusterOptions:
     """Where the cluster is and what to start on it."""
 
     address: str | None = None  # None: a local Ray on 127.0.0.1
-    plan: ReplicaPlan = ReplicaPlan()
+    plan: ReplicaPlan = field(default_factory=ReplicaPlan)
     attach: bool = False  # the replicas were deployed with `serve deploy`: only serve the front
     temp_dir: str | None = None  # a local Ray's session folder (default: Ray's own)
 
