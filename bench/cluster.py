@@ -25,7 +25,7 @@ import ray  # noqa: E402
 from lora_files import write_kohya_layers  # noqa: E402
 from ray import serve  # noqa: E402
 
-from webui.arch import Arch  # noqa: E402
+from webui.arch import Arch, Prediction  # noqa: E402
 from webui.cluster.board import board  # noqa: E402
 from webui.cluster.deployment import APP_NAME, ReplicaPlan, RouterChoice  # noqa: E402
 from webui.cluster.front import ClusterOptions, cluster_front, connect, start_replicas  # noqa: E402
@@ -49,7 +49,7 @@ def prepare(root: Path) -> Settings:
     for name in ("models", "loras"):
         (root / name).mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(ModelSpec(Arch.SD1))
-    save_single_file(pipe, ModelKind(Arch.SD1), root / "models" / "tiny.safetensors")
+    save_single_file(pipe, ModelKind(Arch.SD1, Prediction.EPSILON), root / "models" / "tiny.safetensors", embed_configs=True)
     for i, projection in enumerate(PROJECTIONS):
         write_kohya_layers(
             root / "loras" / f"set{i}.safetensors",
