@@ -21,18 +21,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import ray  # noqa: E402
-from lora_files import write_kohya_layers  # noqa: E402
-from ray import serve  # noqa: E402
+import ray
+from lora_files import write_kohya_layers
+from ray import serve
 
-from webui.arch import Arch, Prediction  # noqa: E402
-from webui.cluster.board import board  # noqa: E402
-from webui.cluster.deployment import APP_NAME, ReplicaPlan, RouterChoice  # noqa: E402
-from webui.cluster.front import ClusterOptions, cluster_front, connect, start_replicas  # noqa: E402
-from webui.engine.checkpoints import ModelKind, save_single_file  # noqa: E402
-from webui.engine.generate import Engine, GenerationRequest  # noqa: E402
-from webui.engine.model_factory import ModelSpec, build_pipeline  # noqa: E402
-from webui.settings import DeviceChoice, Settings  # noqa: E402
+from webui.arch import Arch, Prediction
+from webui.cluster.board import board
+from webui.cluster.deployment import APP_NAME, ReplicaPlan, RouterChoice
+from webui.cluster.front import ClusterOptions, cluster_front, connect, start_replicas
+from webui.engine.checkpoints import ModelKind, save_single_file
+from webui.engine.generate import Engine, GenerationRequest
+from webui.engine.model_factory import ModelSpec, build_pipeline
+from webui.settings import DeviceChoice, Settings
 
 SETS = 8
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -49,7 +49,12 @@ def prepare(root: Path) -> Settings:
     for name in ("models", "loras"):
         (root / name).mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(ModelSpec(Arch.SD1))
-    save_single_file(pipe, ModelKind(Arch.SD1, Prediction.EPSILON), root / "models" / "tiny.safetensors", embed_configs=True)
+    save_single_file(
+        pipe,
+        ModelKind(Arch.SD1, Prediction.EPSILON),
+        root / "models" / "tiny.safetensors",
+        embed_configs=True,
+    )
     for i, projection in enumerate(PROJECTIONS):
         write_kohya_layers(
             root / "loras" / f"set{i}.safetensors",

@@ -53,6 +53,7 @@ def test_a_replica_without_a_named_file_is_never_chosen() -> None:
     assert rank_replicas(views, held(A), MODULES) == [["has-all"]]
 
 
-def test_replicas_not_yet_reported_come_after_known_ones() -> None:
-    views = [ReplicaView("new", held()), ReplicaView("known", held(B), ALL_FILES)]
-    assert rank_replicas(views, held(A), MODULES) == [["known"], ["new"]]
+def test_a_replica_not_yet_reported_ranks_by_its_switch_cost() -> None:
+    # a fresh replica holds nothing: 3 modules to apply a, against 4 from b
+    views = [ReplicaView("known", held(B), ALL_FILES), ReplicaView("new", held())]
+    assert rank_replicas(views, held(A, checkpoint=None), MODULES) == [["new"], ["known"]]

@@ -47,7 +47,7 @@ def rank_replicas(
     views: Sequence[ReplicaView], wanted: LoraSet, modules: Mapping[str, frozenset[str]]
 ) -> list[list[str]]:
     """Replica ids best first, one list per rank: replicas lacking a file the request names are
-    left out (unless every replica lacks one: then the job runs where it can and reports the
+    left out (one that has not reported its files yet is taken as having them) (unless every replica lacks one: then the job runs where it can and reports the
     missing file, as on one process); the loaded checkpoint first, then fewest modules to
     rewrite; ties share a rank, where Ray Serve picks the least loaded."""
     needed = wanted.files
@@ -55,10 +55,10 @@ def rank_replicas(
     if not eligible:
         eligible = list(views)
     known = {**_merged(v.modules for v in views), **modules}
-    scored: dict[tuple[bool, bool, int], list[str]] = {}
+    scored: dict[tuple[bool, int], list[str]] = {}
     for view in eligible:
         other_model = wanted.checkpoint is not None and view.held.checkpoint != wanted.checkpoint
-        key = (other_model, view.files is None, switch_cost(view.held, wanted, known))
+        key = (other_model, switch_cost(view.held, wanted, known))
         scored.setdefault(key, []).append(view.replica)
     return [scored[key] for key in sorted(scored)]
 
