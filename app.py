@@ -181,7 +181,41 @@ def build_parser() -> argparse.ArgumentParser:
         help=".safetensors for a single-file input, a new folder for a diffusers one",
     )
     _extract_parser(sub)
+    _serve_cluster_parser(sub)
     return parser
+
+
+def _serve_cluster_parser(sub: argparse._SubParsersAction) -> None:
+    cluster = sub.add_parser(
+        "serve-cluster",
+        help="serve the UI and API over generation replicas on a Ray cluster (needs "
+        "requirements-serve.txt)",
+        description="see docs/scale-out.md",
+    )
+    _common_options(cluster, in_subcommand=True)
+    cluster.add_argument("--port", type=int, default=argparse.SUPPRESS)
+    cluster.add_argument("--listen", action="store_true", default=argparse.SUPPRESS)
+    cluster.add_argument(
+        "--ray-address",
+        default=None,
+        help="existing cluster (ray start --head, KubeRay); default: a local Ray on 127.0.0.1",
+    )
+    cluster.add_argument("--ray-temp-dir", default=None, help="a local Ray's session folder")
+    cluster.add_argument("--replicas", type=int, default=2, help="generation replicas")
+    cluster.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPU share per replica (default: 1 when the device is a GPU, else 0)",
+    )
+    cluster.add_argument(
+        "--router", choices=["lora", "default"], default="lora", help="LoRA-aware or Ray's own"
+    )
+    cluster.add_argument(
+        "--attach",
+        action="store_true",
+        help="the replicas were deployed with `serve deploy`: serve only the front",
+    )
 
 
 def _extract_parser(sub: argparse._SubParsersAction) -> None:
@@ -473,6 +507,29 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve_cluster(args: argparse.Namespace) -> int:
+    try:
+        from webui.cluster.deployment import ReplicaPlan, RouterChoice
+        from webui.cluster.front import ClusterOptions, serve_cluster
+    except ImportError as exc:
+        print(f"error: {exc}; install Ray with: pip install -r requirements-serve.txt",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from webui.server import Access
+
+    quiet_progress_bars(args.verbose)
+    settings = settings_from(args)
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if settings.torch_device().type == "cuda" else 0.0
+    plan = ReplicaPlan(replicas=args.replicas, gpus=gpus, router=RouterChoice(args.router))
+    options = ClusterOptions(
+        address=args.ray_address, plan=plan, attach=args.attach, temp_dir=args.ray_temp_dir
+    )
+    serve_cluster(settings, options, Access(ui=args.auth, api=args.api_auth), args.verbose)
+    return 0
+
+
 def _load_quietly(engine: object) -> None:
     try:
         engine.load_default()  # type: ignore[attr-defined]
@@ -524,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_merge(args)
     if args.command == "extract":
         return run_extract(args)
+    if args.command == "serve-cluster":
+        return run_serve_cluster(args)
     return run_server(args)
 
 

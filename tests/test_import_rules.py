@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "webui.api": 4,
     "webui.ui": 4,
     "webui.server": 5,
+    "webui.cluster": 6,  # the front serves webui.server's app over Ray replicas
 }
 # what a part may import beyond the standard library and `webui` (None: anything)
 THIRD_PARTY: dict[str, frozenset[str] | None] = {
@@ -33,8 +34,22 @@ THIRD_PARTY: dict[str, frozenset[str] | None] = {
     "webui.layouts": frozenset({"torch"}),
 }
 NEVER: dict[str, frozenset[str]] = {
-    "webui.networks": frozenset({"gradio", "fastapi", "uvicorn"}),
-    "webui.engine": frozenset({"gradio", "fastapi", "uvicorn"}),
+    "webui.networks": frozenset({"gradio", "fastapi", "uvicorn", "ray"}),
+    "webui.engine": frozenset({"gradio", "fastapi", "uvicorn", "ray"}),
+    # Ray is an optional install: only webui.cluster may import it
+    **{
+        part: frozenset({"ray"})
+        for part in (
+            "webui.arch",
+            "webui.prompt",
+            "webui.layouts",
+            "webui.families",
+            "webui.settings",
+            "webui.api",
+            "webui.ui",
+            "webui.server",
+        )
+    },
 }
 
 

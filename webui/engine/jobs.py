@@ -77,6 +77,12 @@ class JobQueue:
                 queue = _QUEUES[engine] = cls(engine)
             return queue
 
+    @classmethod
+    def install(cls, engine: Engine, queue: JobQueue) -> None:
+        """Make `queue` the engine's one queue (a cluster front forwards jobs to replicas)."""
+        with _QUEUES_LOCK:
+            _QUEUES[engine] = queue
+
     def run(self, name: str, work: Callable[[ProgressCallback], T]) -> T:
         """Wait for this job's turn, then run `work(report)`; `report` records its progress."""
         with self._turns:
