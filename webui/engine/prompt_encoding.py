@@ -74,39 +74,60 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     Two deliberate differences from A1111: a malformed weight such as `(x:1.2.3)` is read as text
     and the bracket closes as a plain `)` (A1111 raises), and `BREAK` inside brackets still
     breaks (A1111 scales its marker and ends up encoding the word "BREAK")."""
-    texts: list[str] = []
+    # a fragment joins the pieces of text between two bracket boundaries: text after a boundary
+    # starts a new one, so scaling works per fragment (not per token: linear time)
+    texts: list[list[str]] = []
     weights: list[float] = []
     breaks: set[int] = set()
     round_open: list[int] = []
     square_open: list[int] = []
+    joinable = False  # no boundary since the last fragment was started
+
+    def boundary() -> None:
+        nonlocal joinable
+        joinable = False
 
     def scale_from(start: int, factor: float) -> None:
+        boundary()
         for index in range(start, len(weights)):
             if index not in breaks:
                 weights[index] *= factor
 
+    def add_piece(piece: str) -> None:
+        nonlocal joinable
+        if joinable:
+            texts[-1].append(piece)
+        else:
+            texts.append([piece])
+            weights.append(1.0)
+            joinable = True
+
     def add_text(plain: str) -> None:
+        if "BREAK" not in plain:  # the common case, without the regex
+            add_piece(plain)
+            return
         parts = _BREAK_KEYWORD.split(plain)
         for number, part in enumerate(parts):
             if number:
                 breaks.add(len(texts))
-                texts.append(BREAK[0])
+                texts.append([BREAK[0]])
                 weights.append(BREAK[1])
+                boundary()
                 part = part.lstrip()
             if number < len(parts) - 1:
                 part = part.rstrip()
-            texts.append(part)
-            weights.append(1.0)
+            add_piece(part)
 
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(0), match.group("weight")
         if token.startswith("\\"):
-            texts.append(token[1:])
-            weights.append(1.0)
+            add_piece(token[1:])
         elif token == "(" and len(round_open) < MAX_EMPHASIS_DEPTH:
             round_open.append(len(texts))
+            boundary()
         elif token == "[" and len(square_open) < MAX_EMPHASIS_DEPTH:
             square_open.append(len(texts))
+            boundary()
         elif weight is not None and round_open:
             try:
                 factor = float(weight)
@@ -128,13 +149,13 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
     # runs of equal weight merged; pieces joined once per run (repeated `+` is quadratic)
     runs: list[tuple[list[str], float] | None] = []  # None: a BREAK
-    for index, (piece, weight_of_piece) in enumerate(zip(texts, weights, strict=True)):
+    for index, (pieces, weight_of_piece) in enumerate(zip(texts, weights, strict=True)):
         if index in breaks:
             runs.append(None)
         elif runs and runs[-1] is not None and runs[-1][1] == weight_of_piece:
-            runs[-1][0].append(piece)
+            runs[-1][0].extend(pieces)
         else:
-            runs.append(([piece], weight_of_piece))
+            runs.append((list(pieces), weight_of_piece))
     fragments = [BREAK if run is None else ("".join(run[0]), run[1]) for run in runs]
     return fragments or [("", 1.0)]
 
