@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from webui.arch import Arch
-from webui.networks import catalog_index
-from webui.networks.catalog import NetworkCatalog
-from webui.networks.catalog_index import (
+from webui.networks.format.files import compute_hashes, read_header
+from webui.networks.library import catalog_index
+from webui.networks.library.catalog import NetworkCatalog
+from webui.networks.library.catalog_index import (
     CatalogIndex,
     HeaderFacts,
     NetworkEntry,
@@ -27,9 +28,8 @@ from webui.networks.catalog_index import (
     trigger_words,
     variants_and_rank,
 )
-from webui.networks.files import compute_hashes, read_header
-from webui.networks.previews import preview_bytes, set_preview
-from webui.networks.sidecars import CivitaiInfo, UserMetadata
+from webui.networks.library.previews import preview_bytes, set_preview
+from webui.networks.library.sidecars import CivitaiInfo, UserMetadata
 
 ATTN2_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 ATTN2_V = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
@@ -298,7 +298,7 @@ def test_trigger_word_order(user, civitai, tags, spec, expected) -> None:  # typ
          (("loha", "dora"), 2)),
         ({"a.lokr_w1": (2, 2), "a.lokr_w2_a": (5, 3), "a.lokr_w2_b": (3, 5)}, (("lokr",), 3)),
         ({"a.weight": (10,), "a.on_input": ()}, (("ia3",), None)),
-        ({"a.weight": (10,)}, (("ia3",), None)),
+        ({"a.weight": (10,)}, ((), None)),  # no on_input: the loader builds no IA3 from it
         ({"a.a1.weight": (2, 10), "a.a2.weight": (10, 2), "a.b1.weight": (2, 10),
           "a.b2.weight": (10, 2)}, (("glora",), None)),
         ({"a.oft_blocks": (4, 8, 8)}, (("oft",), None)),

@@ -41,7 +41,7 @@ from webui.layouts import flux as flux_layout
 from webui.layouts.single_file import to_single_file
 from webui.layouts.text_encoders import with_text_model_prefix
 from webui.layouts.vae import vae_module_name, vae_to_ldm
-from webui.networks.files import write_safetensors
+from webui.networks.format import write_safetensors
 
 log = logging.getLogger(__name__)
 

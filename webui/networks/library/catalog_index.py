@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+import webui.networks.library.previews as previews
+import webui.networks.library.sidecars as sidecars
 from webui.arch import Arch
-from webui.networks import previews, sidecars
-from webui.networks.base_detection import detect_base
-from webui.networks.files import (
+from webui.networks.format.base_detection import detect_base
+from webui.networks.format.files import (
     FileHashes,
     NetworkFileError,
     SafetensorsHeader,
@@ -33,8 +34,19 @@ from webui.networks.files import (
     load_tensors,
     read_header,
 )
-from webui.networks.modules.registry import canonical_suffix, split_module_key
-from webui.networks.tag_counts import Pair, TagCounts
+from webui.networks.format.modules.registry import (
+    canonical_suffix,
+    file_variants,
+    split_module_key,
+)
+from webui.networks.format.training_metadata import (
+    TrainingFacts,
+    finite_float,
+    finite_int,
+    tag_frequency,
+    training_facts,
+)
+from webui.networks.library.tag_counts import Pair, TagCounts
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +60,10 @@ ENTRIES_REBUILD_SECONDS = 0.25
 # Caption tags kept per entry: the browser shows and searches the frequent ones, and every tag
 # kept costs start-up time when the cache is read back.
 TAG_FREQUENCY_LIMIT = 50
-# A caption tag's count above this is garbage, not a training run; the bound also keeps summed
-# counts far below Python's limit on digits for int/str conversion.
-MAX_TAG_COUNT = 2**53
 # The reason an entry carries when reading its file failed in a way nothing here anticipated.
 UNEXPECTED_ERROR = "unexpected error while reading the file"
 
 _DTYPE_FORMATS = {"F32": "<f", "F16": "<e", "F64": "<d"}
-
-
-@dataclass(frozen=True)
-class TrainingFacts:
-    """What the trainer recorded (kohya `ss_*` metadata); None where it did not."""
-
-    base_checkpoint: str | None = None  # ss_sd_model_name
-    resolution: str | None = None  # ss_resolution, e.g. "(512, 512)"
-    epochs: int | None = None  # ss_num_epochs, else ss_epoch
-    images: int | None = None  # ss_num_train_images
-    steps: int | None = None  # ss_max_train_steps, else ss_steps
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ class NetworkEntry:
     alpha: float | None = None  # the most common alpha
     size: int = 0
     mtime: float = 0.0
-    training: TrainingFacts = TrainingFacts()
+    training: TrainingFacts = field(default_factory=TrainingFacts)
     tag_frequency: Sequence[Pair] = TagCounts()  # caption tags, most frequent first
     trigger_words: tuple[str, ...] = ()
     preferred_weight: float | None = None
@@ -115,94 +113,15 @@ class HeaderFacts:
     variants: tuple[str, ...] = ()
     rank: int | None = None
     alpha: float | None = None
-    training: TrainingFacts = TrainingFacts()
+    training: TrainingFacts = field(default_factory=TrainingFacts)
     tag_frequency: Sequence[Pair] = TagCounts()
     spec_trigger_words: tuple[str, ...] = ()  # modelspec.trigger_phrase, modelspec.tags
     embedded_preview: bool = False
     error: str | None = None
 
 
-# Canonical suffix -> variant; DoRA is reported beside the variant it decomposes.
-_SUFFIX_VARIANTS = {
-    "lora_up.weight": "lora",
-    "lora_down.weight": "lora",
-    "hada_w1_a": "loha",
-    "hada_w1_b": "loha",
-    "lokr_w1": "lokr",
-    "lokr_w1_a": "lokr",
-    "lokr_w2": "lokr",
-    "lokr_w2_a": "lokr",
-    "on_input": "ia3",
-    "a1.weight": "glora",
-    "b1.weight": "glora",
-    "diff": "full",
-    "w_norm": "norm",
-    "dora_scale": "dora",
-    "lora_magnitude_vector": "dora",
-}
-_VARIANT_ORDER = ("lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm", "dora")
 # Suffixes whose first dimension is the rank.
 _RANK_SUFFIXES = frozenset({"lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"})
-
-
-def _float(value: str | None) -> float | None:
-    """A finite number, or None for missing, unreadable, infinite and NaN values."""
-    try:
-        number = float(value) if value not in (None, "", "None") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if number is not None and math.isfinite(number) else None
-
-
-def _int(value: str | None) -> int | None:
-    number = _float(value)
-    return int(number) if number is not None else None
-
-
-def _first(metadata: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = metadata.get(name)
-        if value not in (None, "", "None"):
-            return value
-    return None
-
-
-def training_facts(metadata: Mapping[str, str]) -> TrainingFacts:
-    """The kohya training facts in a header's metadata."""
-    return TrainingFacts(
-        base_checkpoint=_first(metadata, "ss_sd_model_name"),
-        resolution=_first(metadata, "ss_resolution"),
-        epochs=_int(_first(metadata, "ss_num_epochs", "ss_epoch")),
-        images=_int(_first(metadata, "ss_num_train_images")),
-        steps=_int(_first(metadata, "ss_max_train_steps", "ss_steps")),
-    )
-
-
-def tag_frequency(raw: str | None, limit: int | None = None) -> tuple[tuple[str, int], ...]:
-    """kohya's `ss_tag_frequency` ({dataset folder: {caption tag: count}}) as caption tags summed
-    over all dataset folders, most frequent first (ties in first-seen order), at most `limit`."""
-    if not raw:
-        return ()
-    try:
-        datasets = json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON, integers past the digit limit, deep nesting
-        log.warning("ignoring unreadable ss_tag_frequency metadata")
-        return ()
-    totals: Counter[str] = Counter()
-    if isinstance(datasets, dict):
-        for tags in datasets.values():
-            if not isinstance(tags, dict):
-                continue
-            for tag, count in tags.items():
-                # the hot loop of a cold scan: exact type checks, no conversions for the usual int;
-                # the range check also drops NaN and infinities (a count of 1e999 parses as inf)
-                if type(count) is int:
-                    if 0 < count <= MAX_TAG_COUNT:
-                        totals[" ".join(tag.split())] += count
-                elif type(count) is float and 1.0 <= count <= MAX_TAG_COUNT:
-                    totals[" ".join(tag.split())] += int(count)
-    totals.pop("", None)
-    return tuple(totals.most_common(limit))
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
@@ -211,26 +130,13 @@ def _split_key(key: str) -> tuple[str, str | None]:
 
 
 def variants_and_rank(shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[str, ...], int | None]:
-    """The variants a file's keys spell, and its most common rank."""
-    found: set[str] = set()
+    """The variants a file's keys spell (the loader's own table: `file_variants`), and its most
+    common rank."""
     ranks: Counter[int] = Counter()
-    suffixes_by_module: dict[str, set[str]] = {}
     for key, shape in shapes.items():
-        prefix, suffix = _split_key(key)
-        if suffix is None:
-            continue
-        suffixes_by_module.setdefault(prefix, set()).add(suffix)
-        if suffix in _SUFFIX_VARIANTS:
-            found.add(_SUFFIX_VARIANTS[suffix])
-        elif suffix == "oft_blocks":
-            found.add("boft" if len(shape) == 4 else "oft")
-        if suffix in _RANK_SUFFIXES and shape:
+        if _split_key(key)[1] in _RANK_SUFFIXES and shape:
             ranks[shape[0]] += 1
-    # IA3 without `on_input`: a module holding a bare `weight` and nothing else it would need.
-    if any(s == {"weight"} for s in suffixes_by_module.values()):
-        found.add("ia3")
-    variants = tuple(v for v in _VARIANT_ORDER if v in found)
-    return variants, (ranks.most_common(1)[0][0] if ranks else None)
+    return file_variants(shapes), (ranks.most_common(1)[0][0] if ranks else None)
 
 
 def _read_alphas(path: Path, header: SafetensorsHeader) -> float | None:
@@ -318,11 +224,11 @@ def header_facts(path: Path) -> HeaderFacts:
     detection = detect_base(metadata, shapes)
     variants, rank = variants_and_rank(shapes)
     # kohya writes ss_network_alpha for every file; reading tensors is the fallback.
-    alpha = _float(metadata.get("ss_network_alpha"))
+    alpha = finite_float(metadata.get("ss_network_alpha"))
     if alpha is None:
         alpha = _read_alphas(path, header)
     if rank is None:
-        rank = _int(metadata.get("ss_network_dim"))
+        rank = finite_int(metadata.get("ss_network_dim"))
     spec_words = sidecars.split_words(
         ", ".join(metadata.get(k, "") for k in ("modelspec.trigger_phrase", "modelspec.tags"))
     )
