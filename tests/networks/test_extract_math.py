@@ -30,7 +30,7 @@ from webui.networks.apply.extract import (
 )
 from webui.networks.apply.keys import Component
 from webui.networks.format.base_detection import detect_base, modelspec_architecture
-from webui.networks.library.catalog_index import header_facts
+from webui.networks.library.header_facts import header_facts
 
 
 def _with_spectrum(values: list[float], rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from test_module_math import FORMATS, LAYERS, Format
 
 from webui.networks.format import read_network
-from webui.networks.library.catalog_index import header_facts
+from webui.networks.library.header_facts import header_facts
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], prefix: str) -> Path:
