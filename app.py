@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from webui.api.auth import Credential
-    from webui.networks.inspection import ModelCheck
-    from webui.networks.network import Network
+    from webui.networks.format import ModelCheck, Network
 
 log = logging.getLogger("app")
 
@@ -341,14 +340,14 @@ def _cpu_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def run_inspect_lora(args: argparse.Namespace) -> int:
-    from webui.networks.files import NetworkFileError
-    from webui.networks.inspection import (
+    from webui.networks.format import (
+        NetworkFileError,
         NotALoraError,
         format_text,
         inspect_network,
+        load_network,
         refuse_checkpoint,
     )
-    from webui.networks.network import load_network
 
     errors: tuple[type[Exception], ...] = (NetworkFileError, NotALoraError, FileNotFoundError)
     if args.model is not None:  # the engine (and diffusers) only when a model is given
@@ -376,12 +375,10 @@ def _model_check(network: Network, model_path: Path, dtype: torch.dtype) -> Mode
     import torch
 
     from webui.engine.checkpoints import checkpoint_from_path, load_checkpoint
-    from webui.networks.inspection import model_check
-    from webui.networks.patcher import NetworkPatcher
+    from webui.networks.apply import NetworkPatcher, model_check
 
     model = load_checkpoint(checkpoint_from_path(model_path), torch.device("cpu"), dtype)
-    # strength 0 plans the match without writing a weight
-    report = NetworkPatcher(model.pipe, model.kind.arch).apply([(network, 0.0)])
+    report = NetworkPatcher(model.pipe, model.kind.arch).plan([network])  # writes nothing
     return model_check(report.networks[0], model.name, model.kind.arch)
 
 
@@ -399,7 +396,7 @@ def parse_lora_arg(value: str) -> tuple[Path, float]:
 def run_merge(args: argparse.Namespace) -> int:
     from webui.engine.checkpoints import CheckpointError
     from webui.engine.merge import MergeError, merge_checkpoint
-    from webui.networks.files import NetworkFileError
+    from webui.networks.format import NetworkFileError
 
     loras = [parse_lora_arg(value) for value in args.loras]
     try:
@@ -429,7 +426,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from webui.networks.extract import RankRule
+    from webui.networks.apply import RankRule
 
     try:  # bad arguments are told before the (slow) engine import
         rule = RankRule(rank=args.rank, energy=args.energy, max_rank=args.max_rank)
@@ -445,7 +442,7 @@ def run_extract(args: argparse.Namespace) -> int:
         extract_difference,
         load_combination,
     )
-    from webui.networks.files import NetworkFileError
+    from webui.networks.format import NetworkFileError
 
     def report(done: int, total: int, what: str) -> None:
         print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from webui.networks.catalog_index import CatalogIndex
+from webui.networks.library import CatalogIndex
 
 FOLDERS = 50
 _MODULES = (
@@ -128,7 +128,7 @@ def _timed(action: Callable[[], Any]) -> tuple[float, Any]:
 _WARM_IN_NEW_PROCESS = """
 import sys, time
 from pathlib import Path
-from webui.networks.catalog_index import CatalogIndex
+from webui.networks.library import CatalogIndex
 index = CatalogIndex(Path(sys.argv[1]), Path(sys.argv[2]), hash_in_background=False)
 started = time.perf_counter()
 index.entries()

@@ -28,7 +28,7 @@ from webui.arch import Arch, Prediction
 from webui.engine.checkpoints import ModelKind, save_single_file
 from webui.engine.extract import extract_combination, load_combination
 from webui.engine.model_factory import ModelSize, ModelSpec, build_pipeline
-from webui.networks.extract import RankRule
+from webui.networks.apply import RankRule
 
 log = logging.getLogger("bench.extract")
 STRENGTHS = (0.8, 0.6)

@@ -45,9 +45,8 @@ from webui.arch import Arch
 from webui.engine.model_factory import ModelSize, ModelSpec
 from webui.engine.model_factory import build_pipeline as build_random_pipeline
 from webui.layouts.unet import unet_module_names
-from webui.networks.keys import Component, KeyMap
-from webui.networks.network import Network, read_network
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply import Component, KeyMap, NetworkPatcher
+from webui.networks.format import Network, read_network
 
 log = logging.getLogger("bench.lora_apply")
 

@@ -26,9 +26,8 @@ from bench.lora_apply import (
     write_result,
 )
 from webui.engine.model_factory import ModelSize
-from webui.networks.network import read_network
-from webui.networks.patcher import NetworkPatcher
-from webui.networks.strengths import Strengths
+from webui.networks.apply import NetworkPatcher, Strengths
+from webui.networks.format import read_network
 from webui.prompt import parse_prompt
 
 

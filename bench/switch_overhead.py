@@ -31,8 +31,8 @@ from bench.lora_apply import (
     write_result,
 )
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
-from webui.networks.network import read_network
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply import NetworkPatcher
+from webui.networks.format import read_network
 
 # channels per block and attention heads; the block and layer counts stay those of the model
 _NARROW = {

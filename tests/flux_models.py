@@ -11,7 +11,7 @@ from webui.arch import Arch, FluxVariant
 from webui.engine.checkpoints import ModelKind, flux_part_state, save_single_file
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.families.flux1 import model as flux1
-from webui.networks.files import write_safetensors
+from webui.networks.format import write_safetensors
 
 PART_NAMES = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl_fp16", "vae": "ae"}
 

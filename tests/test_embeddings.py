@@ -28,7 +28,7 @@ from webui.engine.prompt_encoding import (
     chunk_prompt,
     encode_for_pipeline,
 )
-from webui.networks.embedding_library import (
+from webui.networks.library.embedding_library import (
     EmbeddingLibrary,
     list_embeddings,
     read_bundled_embeddings,

@@ -30,11 +30,11 @@ from webui.engine.extract import (
 )
 from webui.engine.merge import merge_checkpoint
 from webui.layouts.unet import unet_module_names
-from webui.networks.extract import EXTRACTION_METADATA_KEY, RankRule, kohya_name
-from webui.networks.keys import KeyMap
-from webui.networks.network import load_network
-from webui.networks.patcher import NetworkPatcher
-from webui.networks.strengths import Strengths
+from webui.networks.apply.extract import EXTRACTION_METADATA_KEY, RankRule, kohya_name
+from webui.networks.apply.keys import KeyMap
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.network import load_network
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

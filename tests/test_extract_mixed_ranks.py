@@ -15,7 +15,7 @@ from test_extract import SOURCE_RANK, diffusers_fused, load, patched, weights
 
 from webui.arch import Arch
 from webui.engine.extract import extract_combination, load_combination
-from webui.networks.extract import ExtractedModule, RankRule, lora_state_dict, low_rank
+from webui.networks.apply.extract import ExtractedModule, RankRule, lora_state_dict, low_rank
 
 # keeps every rank of a sum of rank-4 LoRAs and drops only float noise: modules touched by one
 # source get rank 4, modules touched by both rank 8

@@ -28,7 +28,7 @@ from webui.engine.checkpoints import (
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.families.flux1 import model as flux1
 from webui.layouts.flux import diffusers_to_bfl
-from webui.networks.files import write_safetensors
+from webui.networks.format.files import write_safetensors
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
-from webui.networks.apply_errors import NetworkApplyError
+from webui.networks.apply.apply_errors import NetworkApplyError
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 9}
 

@@ -51,6 +51,8 @@ NEVER: dict[str, frozenset[str]] = {
         )
     },
 }
+# sub-packages entered only through their `__init__` from outside `webui.networks`
+DOORS = ("webui.networks.format", "webui.networks.library", "webui.networks.apply")
 
 
 def module_name(path: Path) -> str:
@@ -96,6 +98,9 @@ def violations(source: str, name: str, is_package: bool = False) -> list[str]:
     for target, line in imports(source, name, is_package):
         top = target.split(".")[0]
         where = f"{name}:{line} imports {target}"
+        door = next((d for d in DOORS if target.startswith(d + ".")), None)
+        if door is not None and not name.startswith("webui.networks."):
+            problems.append(f"{where}: import from {door} (its __init__ is its only door)")
         if top == "webui":
             other = part_of(target)
             if other is not None and LAYERS[other] > LAYERS[own]:
@@ -141,6 +146,16 @@ def test_the_checker_catches_a_broken_rule() -> None:
     prompt = violations("import re\nimport torch\nfrom .arch import Arch\n", "webui.prompt")
     assert len(prompt) == 2, prompt
     assert violations("import re\nfrom collections import abc\n", "webui.prompt") == []
+
+
+def test_the_checker_catches_an_inner_module_import() -> None:
+    """Outside webui.networks, format/library/apply are entered only by their `__init__`;
+    inside webui.networks the inner modules may import each other."""
+    inner = "from webui.networks.apply.patcher import NetworkPatcher\n"
+    assert any("only door" in p for p in violations(inner, "webui.engine.probe"))
+    door = "from webui.networks.apply import NetworkPatcher\n"
+    assert violations(door, "webui.engine.probe") == []
+    assert violations(inner, "webui.networks.library.probe") == []
 
 
 def import_graph() -> dict[str, set[str]]:

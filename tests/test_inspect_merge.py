@@ -33,9 +33,10 @@ from webui.engine.checkpoints import (
 )
 from webui.engine.merge import MERGE_METADATA_KEY, MergeError, merge_checkpoint
 from webui.engine.model_factory import ModelSpec, build_pipeline, config_folder
-from webui.networks.inspection import format_text, inspect_network, model_check
-from webui.networks.network import load_network
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply import model_check
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.format.inspection import format_text, inspect_network
+from webui.networks.format.network import load_network
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

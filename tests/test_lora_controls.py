@@ -13,7 +13,7 @@ from lora_files import write_kohya_lora
 
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply.patcher import NetworkPatcher
 
 STEPS = 6
 

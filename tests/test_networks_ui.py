@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from webui.arch import Arch
-from webui.networks.catalog_index import NetworkEntry
+from webui.networks.library import NetworkEntry
 from webui.ui.networks_cards import Card, Details, initials, render_details, render_grid
 from webui.ui.networks_tab import (
     ALL_FOLDERS,

@@ -13,9 +13,9 @@ import torch
 
 from webui.engine.checkpoints import CheckpointError
 from webui.engine.checkpoints import read_header as read_checkpoint_header
-from webui.networks.catalog_index import CatalogIndex
-from webui.networks.embedding_library import read_embedding_file
-from webui.networks.files import NetworkFileError, load_tensors
+from webui.networks.format import NetworkFileError, load_tensors
+from webui.networks.library import CatalogIndex
+from webui.networks.library.embedding_library import read_embedding_file
 
 
 class WritesAFile:

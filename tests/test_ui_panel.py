@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webui.networks.catalog_index import NetworkEntry
+from webui.networks.library import NetworkEntry
 from webui.ui.networks_cards import Card, render_card
 from webui.ui.networks_panel import card_strength, parse_strength
 from webui.ui.prompt_edit import remove_piece, toggle_network

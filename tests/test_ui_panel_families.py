@@ -13,7 +13,7 @@ import torch
 
 from tests.lora_files import write_kohya_lora
 from webui.arch import Arch
-from webui.networks.catalog_index import CatalogIndex
+from webui.networks.library import CatalogIndex
 from webui.ui.networks_cards import render_card
 from webui.ui.networks_tab import Filters, NetworksView, PreviewCache, select_entries
 

@@ -13,8 +13,8 @@ import torch
 from tests.lora_files import write_kohya_lora
 from tests.test_server import ROOT
 from webui.arch import Arch
-from webui.networks.inspection import format_text, inspect_network, verdict
-from webui.networks.network import read_network
+from webui.networks.format.inspection import format_text, inspect_network, verdict
+from webui.networks.format.network import read_network
 
 
 def onetrainer_sdxl_dora(path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.lora_files import write_kohya_lora
 from webui.arch import Arch
 from webui.engine.network_set import choose_networks, did_you_mean
-from webui.networks.catalog import NetworkCatalog
+from webui.networks.library.catalog import NetworkCatalog
 from webui.prompt import parse_prompt
 
 

@@ -27,9 +27,9 @@ from webui.engine.infotext import Infotext, parse_infotext
 from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import choose_backend, native_problem
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.diffusers_backend import has_peft_layers
-from webui.networks.keys import KeyMap
-from webui.networks.network import load_network
+from webui.networks.apply.diffusers_backend import has_peft_layers
+from webui.networks.apply.keys import KeyMap
+from webui.networks.format.network import load_network
 from webui.settings import LoraBackend
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "seed": 5}

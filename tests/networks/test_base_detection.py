@@ -15,7 +15,7 @@ from lora_files import ldm_names, register_preset, write_lycoris
 
 from webui.arch import UNET_ARCHES, Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.base_detection import (
+from webui.networks.format.base_detection import (
     SOURCE_BASE_VERSION,
     SOURCE_KEYS,
     SOURCE_MODELSPEC,
@@ -24,7 +24,7 @@ from webui.networks.base_detection import (
     detect_base,
     is_compatible,
 )
-from webui.networks.files import read_header
+from webui.networks.format.files import read_header
 
 SD1_KEYS = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (

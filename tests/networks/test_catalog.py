@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from webui.networks.catalog import NetworkCatalog, UnknownNetworkError
+from webui.networks.library.catalog import NetworkCatalog, UnknownNetworkError
 
 
 def write(path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -16,20 +16,16 @@ import torch
 from PIL import Image
 
 from webui.arch import Arch
-from webui.networks import catalog_index
-from webui.networks.catalog import NetworkCatalog
-from webui.networks.catalog_index import (
-    CatalogIndex,
-    HeaderFacts,
-    NetworkEntry,
-    SidecarFacts,
-    TrainingFacts,
-    trigger_words,
-    variants_and_rank,
-)
-from webui.networks.files import compute_hashes, read_header
-from webui.networks.previews import preview_bytes, set_preview
-from webui.networks.sidecars import CivitaiInfo, UserMetadata
+from webui.networks.format import TrainingFacts
+from webui.networks.format.files import compute_hashes, read_header
+from webui.networks.library import header_facts as header_facts_module
+from webui.networks.library import index_cache
+from webui.networks.library.catalog import NetworkCatalog
+from webui.networks.library.catalog_index import CatalogIndex
+from webui.networks.library.entries import HeaderFacts, NetworkEntry, SidecarFacts
+from webui.networks.library.header_facts import trigger_words, variants_and_rank
+from webui.networks.library.previews import preview_bytes, set_preview
+from webui.networks.library.sidecars import CivitaiInfo, UserMetadata
 
 ATTN2_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 ATTN2_V = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
@@ -172,7 +168,7 @@ class CountingReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.paths: list[str] = []
-        monkeypatch.setattr(catalog_index, "read_header", self._read)
+        monkeypatch.setattr(header_facts_module, "read_header", self._read)
 
     def _read(self, path: Path):  # type: ignore[no-untyped-def]
         self.paths.append(Path(path).name)
@@ -298,7 +294,7 @@ def test_trigger_word_order(user, civitai, tags, spec, expected) -> None:  # typ
          (("loha", "dora"), 2)),
         ({"a.lokr_w1": (2, 2), "a.lokr_w2_a": (5, 3), "a.lokr_w2_b": (3, 5)}, (("lokr",), 3)),
         ({"a.weight": (10,), "a.on_input": ()}, (("ia3",), None)),
-        ({"a.weight": (10,)}, (("ia3",), None)),
+        ({"a.weight": (10,)}, ((), None)),  # no on_input: the loader builds no IA3 from it
         ({"a.a1.weight": (2, 10), "a.a2.weight": (10, 2), "a.b1.weight": (2, 10),
           "a.b2.weight": (10, 2)}, (("glora",), None)),
         ({"a.oft_blocks": (4, 8, 8)}, (("oft",), None)),
@@ -381,7 +377,7 @@ def test_unreadable_cache_means_a_cold_scan(loras: Path, tmp_path: Path) -> None
     cache.write_text("{broken", encoding="utf-8")
     entries = CatalogIndex(loras, cache, hash_in_background=False).entries()
     assert len(entries) == 7
-    assert json.loads(cache.read_text())["version"] == catalog_index.CACHE_VERSION
+    assert json.loads(cache.read_text())["version"] == index_cache.CACHE_VERSION
 
 
 def test_hashes_in_background_and_cached(loras: Path, tmp_path: Path) -> None:
@@ -429,7 +425,7 @@ def test_network_catalog_resolves_aliases_from_the_index(
     def no_reads(path: Path) -> None:
         raise AssertionError(f"header of {path} read again")
 
-    monkeypatch.setattr(catalog_index, "read_header", no_reads)
+    monkeypatch.setattr(header_facts_module, "read_header", no_reads)
     assert catalog.resolve("INKWASH_V2").name == "styles/inkwash"
     assert catalog.alias(catalog.resolve("chars/hero")) is None
     entry = catalog.entry(catalog.resolve("inkwash"))

@@ -18,9 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webui.networks import sidecars
-from webui.networks.catalog_index import UNEXPECTED_ERROR, CatalogIndex, NetworkEntry
-from webui.networks.files import NetworkFileError, load_tensors, read_header
+from webui.networks.format.files import NetworkFileError, load_tensors, read_header
+from webui.networks.library import sidecars
+from webui.networks.library.catalog_index import CatalogIndex
+from webui.networks.library.entries import UNEXPECTED_ERROR, NetworkEntry
 
 ATTN2_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 DEEP = 100_000
@@ -142,7 +143,7 @@ def test_a_warm_start_keeps_every_record_of_a_hostile_folder(
     cold = _scan(hostile, cache)
 
     read: list[Path] = []
-    monkeypatch.setattr("webui.networks.catalog_index.header_facts", read.append)
+    monkeypatch.setattr("webui.networks.library.header_facts.header_facts", read.append)
     assert _scan(hostile, cache) == cold
     assert read == []  # no cached record was dropped, so no file was read again
 

@@ -20,11 +20,11 @@ from webui.arch import Arch
 from webui.engine.lora_backends import LoraBackends
 from webui.engine.merge import MergeError, check_bases
 from webui.engine.network_set import ChosenNetwork
-from webui.networks.base_detection import detect_base, fits
-from webui.networks.keys import KeyMap
-from webui.networks.modules import group_by_module, parse_module
-from webui.networks.network import Network, read_network
-from webui.networks.strengths import Strengths
+from webui.networks.apply.keys import KeyMap
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.base_detection import detect_base, fits
+from webui.networks.format.modules import group_by_module, parse_module
+from webui.networks.format.network import Network, read_network
 from webui.settings import LoraBackend
 
 SD = [x for x in corpus() if x.runs]

@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.diffusers_backend import (
+from webui.networks.apply.diffusers_backend import (
     ADAPTER_PREFIX,
     DiffusersBackend,
     adapter_name,
@@ -37,9 +37,9 @@ from webui.networks.diffusers_backend import (
     refusal_reason,
     tuner_layers,
 )
-from webui.networks.network import Network, load_network
-from webui.networks.patcher import NetworkPatcher
-from webui.networks.strengths import Strengths
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.network import Network, load_network
 
 ARCH = Arch.SD1
 # Same seed, fp32: the backends differ only by where the low-rank product is added (weight vs
@@ -297,7 +297,7 @@ def test_a_failed_load_leaves_no_half_loaded_adapter(
     """diffusers wraps the UNet before it fails on the text encoder; the backend undoes it."""
     pipe, backend = fallback
     network = load_network(files["kohya-te-qv"])
-    monkeypatch.setattr("webui.networks.diffusers_backend.refusal_reason", lambda n, a: None)
+    monkeypatch.setattr("webui.networks.apply.diffusers_backend.refusal_reason", lambda n, a: None)
     report = backend.apply([(network, 1.0)])
     (message,) = report.warnings
     assert message.startswith("kohya-te-qv.safetensors: diffusers could not load it")

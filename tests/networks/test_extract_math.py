@@ -16,9 +16,7 @@ from safetensors.torch import save_file
 from webui.arch import Arch
 from webui.engine.model_factory import config_folder
 from webui.layouts.unet import unet_module_names
-from webui.networks.base_detection import detect_base, modelspec_architecture
-from webui.networks.catalog_index import header_facts
-from webui.networks.extract import (
+from webui.networks.apply.extract import (
     EXTRACTION_METADATA_KEY,
     ExtractedModule,
     ExtractionRecord,
@@ -30,7 +28,9 @@ from webui.networks.extract import (
     low_rank,
     merged_tag_frequency,
 )
-from webui.networks.keys import Component
+from webui.networks.apply.keys import Component
+from webui.networks.format.base_detection import detect_base, modelspec_architecture
+from webui.networks.library.header_facts import header_facts
 
 
 def _with_spectrum(values: list[float], rows: int, cols: int, seed: int = 0) -> torch.Tensor:

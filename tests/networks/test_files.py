@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from webui.networks.files import (
+from webui.networks.format.files import (
     NetworkFileError,
     SafetensorsHeader,
     TensorInfo,

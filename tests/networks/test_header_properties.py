@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from webui.networks.files import NetworkFileError, read_header
-from webui.networks.modules import BoftModule, Ia3Module, NetworkModule, OftModule
-from webui.networks.network import Network, read_network
+from webui.networks.format.files import NetworkFileError, read_header
+from webui.networks.format.modules import BoftModule, Ia3Module, NetworkModule, OftModule
+from webui.networks.format.network import Network, read_network
 
 NAMES = st.sampled_from(
     [

@@ -29,7 +29,7 @@ from torch import nn
 from webui.arch import UNET_ARCHES, Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.layouts.unet import unet_module_names
-from webui.networks.keys import Component, KeyMap
+from webui.networks.apply.keys import Component, KeyMap
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from webui.networks.files import NetworkFileError, load_tensors, read_header
-from webui.networks.network import load_network
+from webui.networks.format.files import NetworkFileError, load_tensors, read_header
+from webui.networks.format.network import load_network
 
 UP = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"
 DOWN = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
@@ -55,7 +55,7 @@ def test_file_truncated_while_the_loader_holds_it_does_not_kill_the_process(
     result = run_isolated(
         f"""
         import os, safetensors, safetensors.torch as st
-        from webui.networks import files
+        from webui.networks.format import files
         path = {str(path)!r}
         real_open = st.safe_open
         class CuttingOpen:
@@ -92,7 +92,7 @@ def test_file_overwritten_in_place_while_loading_gives_only_file_errors(tmp_path
     result = run_isolated(
         f"""
         import threading
-        from webui.networks.files import NetworkFileError, load_tensors
+        from webui.networks.format.files import NetworkFileError, load_tensors
         path = {str(path)!r}
         small, large = {small!r}, open(path, "rb").read()
         stop = threading.Event()

@@ -23,7 +23,7 @@ from lycoris.modules.lokr import LokrModule as LycorisLokr
 from lycoris.modules.norms import NormModule as LycorisNorm
 from torch import Tensor, nn
 
-from webui.networks.modules import (
+from webui.networks.format.modules import (
     LoraModule,
     ShapeMismatchError,
     UnsupportedModuleError,

@@ -22,14 +22,15 @@ import torch
 from lora_files import BASE_MODEL_VERSION, one_torch_thread, write_kohya_layers
 from torch import Tensor
 
-import webui.networks.patcher as patcher_module
+import webui.networks.apply.patcher as patcher_module
+import webui.networks.apply.writing as writing_module
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.apply_errors import NetworkApplyError
-from webui.networks.modules import LoraModule
-from webui.networks.network import Network, load_network
-from webui.networks.patcher import NetworkPatcher
-from webui.networks.strengths import Strengths
+from webui.networks.apply.apply_errors import NetworkApplyError
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.modules import LoraModule
+from webui.networks.format.network import Network, load_network
 
 ARCH = Arch.SD1
 COMPONENTS = ("text_encoder", "unet")
@@ -187,8 +188,11 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
         LoraModule, "low_rank_factors", through("delta", LoraModule.low_rank_factors)
     )
     monkeypatch.setattr(LoraModule, "weight_delta", through("delta", LoraModule.weight_delta))
-    monkeypatch.setattr(patcher_module, "_install", through("install", patcher_module._install))
-    monkeypatch.setattr(patcher_module, "_put_back", through("put_back", patcher_module._put_back))
+    monkeypatch.setattr(writing_module, "_install", through("install", writing_module._install))
+    # the put-back seam has two callers: the patcher's restore and `patch` (a bias)
+    put_back = through("put_back", writing_module.put_back_tensor)
+    monkeypatch.setattr(writing_module, "put_back_tensor", put_back)
+    monkeypatch.setattr(patcher_module, "put_back_tensor", put_back)
     return injector
 
 

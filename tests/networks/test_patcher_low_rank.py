@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.modules import LoraModule
-from webui.networks.network import load_network
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.format.modules import LoraModule
+from webui.networks.format.network import load_network
 
 # Target layers of the tiny SD1 UNet, by kind.
 TARGETS = {

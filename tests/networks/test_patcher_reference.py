@@ -37,8 +37,8 @@ from torch import Tensor
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.network import load_network
-from webui.networks.patcher import NetworkPatcher
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.format.network import load_network
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 STRENGTHS = (1.0, 0.7)

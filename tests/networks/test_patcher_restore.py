@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
-from webui.networks.apply_errors import NetworkApplyError
-from webui.networks.keys import Component, KeyMap
-from webui.networks.modules import LoraModule
-from webui.networks.network import Network, load_network
-from webui.networks.patcher import NetworkPatcher
-from webui.networks.strengths import Strengths
+from webui.networks.apply.apply_errors import NetworkApplyError
+from webui.networks.apply.keys import Component, KeyMap
+from webui.networks.apply.patcher import NetworkPatcher
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.modules import LoraModule
+from webui.networks.format.network import Network, load_network
 
 ARCHS = [pytest.param(Arch.SD1, id="sd1"), pytest.param(Arch.SDXL, id="sdxl")]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

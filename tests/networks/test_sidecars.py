@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from webui.networks.sidecars import (
+from webui.networks.library.sidecars import (
     CivitaiInfo,
     UserMetadata,
     read_civitai_info,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webui.networks.tag_counts import TagCounts
+from webui.networks.library.tag_counts import TagCounts
 
 PAIRS = (("1girl", 15), ("ink wash", 30), ("scenery", 8))
 

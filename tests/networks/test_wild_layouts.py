@@ -26,11 +26,11 @@ from webui.engine.lora_backends import LoraBackends
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
 from webui.engine.network_set import ChosenNetwork
 from webui.layouts.unet import unet_module_names
-from webui.networks.base_detection import detect_base, fits
-from webui.networks.keys import KeyMap
-from webui.networks.modules import group_by_module, parse_module
-from webui.networks.network import read_network
-from webui.networks.strengths import Strengths
+from webui.networks.apply.keys import KeyMap
+from webui.networks.apply.strengths import Strengths
+from webui.networks.format.base_detection import detect_base, fits
+from webui.networks.format.modules import group_by_module, parse_module
+from webui.networks.format.network import read_network
 from webui.settings import LoraBackend
 
 RANK = 2

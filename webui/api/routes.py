@@ -48,7 +48,7 @@ from webui.engine.infotext import (
 )
 from webui.engine.jobs import JobQueue
 from webui.engine.samplers import SAMPLERS
-from webui.networks.files import NetworkFileError, read_metadata
+from webui.networks.format import NetworkFileError, read_metadata
 from webui.settings import LIMITS
 
 # Infotext keys that A1111 keeps in fields of its own rather than in `extra_generation_params`.

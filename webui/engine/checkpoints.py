@@ -41,7 +41,8 @@ from webui.layouts import flux as flux_layout
 from webui.layouts.single_file import to_single_file
 from webui.layouts.text_encoders import with_text_model_prefix
 from webui.layouts.vae import vae_module_name, vae_to_ldm
-from webui.networks.files import write_safetensors
+from webui.networks.format import NetworkFileError, write_safetensors
+from webui.networks.format import read_header as read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,9 @@ def read_header(path: Path) -> CheckpointHeader:
     """Shapes and metadata of a `.safetensors` (header only) or `.ckpt` (weights_only load)."""
     try:
         if path.suffix.lower() == ".safetensors":
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-                return CheckpointHeader(shapes, dict(f.metadata() or {}))
+            header = read_safetensors_header(path)  # the one header reader (offsets checked)
+            shapes = {key: info.shape for key, info in header.tensors.items()}
+            return CheckpointHeader(shapes, dict(header.metadata))
         state = _load_ckpt(path)
         return CheckpointHeader({k: tuple(v.shape) for k, v in state.items()}, {})
     except CheckpointError:
@@ -330,7 +331,13 @@ def _declared_in_file(path: Path, fmt: CheckpointFormat) -> tuple[Prediction | N
         stat = path.stat()
         prediction, zero_snr = _declared_in_header(path, stat.st_size, stat.st_mtime_ns)
         return sidecar or prediction, zero_snr
-    except (OSError, ValueError, CheckpointError, safetensors.SafetensorError) as exc:
+    except (
+        OSError,
+        ValueError,
+        CheckpointError,
+        NetworkFileError,
+        safetensors.SafetensorError,
+    ) as exc:
         log.debug("%s: prediction not readable for the list (%s)", path.name, exc)
         return None, False
 
@@ -338,9 +345,8 @@ def _declared_in_file(path: Path, fmt: CheckpointFormat) -> tuple[Prediction | N
 @functools.lru_cache(maxsize=256)
 def _declared_in_header(path: Path, size: int, mtime_ns: int) -> tuple[Prediction | None, bool]:
     # keyed by size and mtime too: a file replaced in place is read again
-    with safetensors.safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        return declared_prediction(keys, handle.metadata() or {}, path.name)
+    header = read_safetensors_header(path)
+    return declared_prediction(set(header.tensors), header.metadata, path.name)
 
 
 @torch.no_grad()

@@ -29,24 +29,25 @@ from webui.engine.merge import (
 )
 from webui.engine.trigger_words import TriggerWordSource
 from webui.layouts.unet import unet_module_names
-from webui.networks.catalog_index import tag_frequency
-from webui.networks.extract import (
+from webui.networks.apply import (
+    Component,
     ExtractedModule,
     ExtractionRecord,
+    KeyMap,
+    ModuleDelta,
+    ModuleRef,
+    NetworkPatcher,
     RankRule,
     SourceLora,
+    Strengths,
     kohya_name,
     lora_metadata,
     lora_state_dict,
     low_rank,
     overall_error,
 )
-from webui.networks.files import write_safetensors
-from webui.networks.keys import Component, KeyMap, ModuleRef
-from webui.networks.network import Network
-from webui.networks.patcher import ModuleDelta, NetworkPatcher
-from webui.networks.sidecars import read_civitai_info, read_user_metadata, split_words
-from webui.networks.strengths import Strengths
+from webui.networks.format import Network, tag_frequency, write_safetensors
+from webui.networks.library import read_civitai_info, read_user_metadata, split_words
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def extract_combination(
 
     # chunk by chunk, each patched once: spares would only grow to the whole model
     patcher = NetworkPatcher(model.pipe, model.kind.arch, keep_spares=False)
-    plan = patcher.apply([(n, 0.0) for n in networks])  # strength 0: matches, writes nothing
+    plan = patcher.plan(networks)  # the dry run: what matches, nothing written
     idle = [r.name for r in plan.networks if not r.matched]
     if idle:
         raise ExtractionError(f"{', '.join(idle)}: no module matches {checkpoint.path.name}")

@@ -17,7 +17,7 @@ from webui.engine.flux_encoding import encode_flux_prompts
 from webui.engine.recipe import GenerationDefaults
 from webui.engine.request import GenerationRequest, RequestError
 from webui.engine.samplers import FLOW_MATCH_EULER
-from webui.networks.embedding_library import Embedding
+from webui.networks.library import Embedding
 
 # VAE downscale 8, then 2x2 latent patches per transformer token
 SIZE_MULTIPLE: Final = 16

@@ -44,10 +44,8 @@ from webui.engine.request import GenerationRequest as GenerationRequest
 from webui.engine.request import RequestError as RequestError
 from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
-from webui.networks.catalog import NetworkCatalog
-from webui.networks.embedding_library import Embedding, EmbeddingLibrary
-from webui.networks.keys import Component
-from webui.networks.patcher import ModuleProgress
+from webui.networks.apply import Component, ModuleProgress
+from webui.networks.library import Embedding, EmbeddingLibrary, NetworkCatalog
 from webui.prompt import NetworkTag, ParsedPrompt, parse_prompt
 from webui.settings import SAVED_OPTIONS, Settings, SettingsFile
 
@@ -160,12 +158,20 @@ class Engine:
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
         self.catalog = NetworkCatalog(settings.loras_dir, settings.cache_dir / "catalog.json")
         self._networks: LoraBackends | None = None
-        # a LoRA file's trigger words; the Networks tab installs the catalog's lookup
+        # a LoRA file's trigger words; the Networks tab turns on the library's lookup
         self.trigger_words: TriggerWordSource = no_trigger_words
         self.last_networks: list[ChosenNetwork] = []  # the set the last generation applied
         self.embeddings = EmbeddingLibrary(settings.embeddings_dir)
         self._embeddings_now: list[Embedding] = []  # what this generation's prompts may name
         self._counter: tuple[object, Any] | None = None  # (pipeline, its tokenizer's copy)
+
+    def use_catalog_trigger_words(self) -> None:
+        """Auto trigger words come from the LoRA library's catalog from now on."""
+        self.trigger_words = self.catalog.trigger_words
+
+    def trigger_words_of(self, path: Path) -> tuple[str, ...]:
+        """The trigger words auto-applied for one LoRA file (none until the library is used)."""
+        return tuple(self.trigger_words(path))
 
     # -- models -------------------------------------------------------------------------------
 

@@ -18,12 +18,18 @@ from typing import Any
 
 from webui.arch import Arch
 from webui.engine.network_set import ChosenNetwork
-from webui.networks.apply_errors import NetworkApplyError
-from webui.networks.diffusers_backend import DiffusersBackend, FallbackReport, refusal_reason
-from webui.networks.keys import KeyMap
-from webui.networks.network import Network
-from webui.networks.patcher import ModuleProgress, NetworkPatcher, PatchReport
-from webui.networks.strengths import Strengths
+from webui.networks.apply import (
+    DiffusersBackend,
+    FallbackReport,
+    KeyMap,
+    ModuleProgress,
+    NetworkApplyError,
+    NetworkPatcher,
+    PatchReport,
+    Strengths,
+    refusal_reason,
+)
+from webui.networks.format import Network
 from webui.settings import LoraBackend
 
 

@@ -29,10 +29,15 @@ from webui.engine.checkpoints import (
     save_folder,
     save_single_file,
 )
-from webui.networks.base_detection import fits, modelspec_architecture
-from webui.networks.inspection import NotALoraError, refuse_checkpoint
-from webui.networks.network import Network, load_network
-from webui.networks.patcher import NetworkPatcher, NetworkReport
+from webui.networks.apply import NetworkPatcher, NetworkReport
+from webui.networks.format import (
+    Network,
+    NotALoraError,
+    fits,
+    load_network,
+    modelspec_architecture,
+    refuse_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 

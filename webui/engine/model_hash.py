@@ -8,7 +8,7 @@ import logging
 import threading
 from pathlib import Path
 
-from webui.networks.files import compute_hashes
+from webui.networks.format import compute_hashes
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 
-from webui.networks.catalog import NetworkCatalog, UnknownNetworkError
-from webui.networks.files import NetworkFileError
-from webui.networks.network import Network, load_network
-from webui.networks.strengths import Strengths
+from webui.networks.apply import Strengths
+from webui.networks.format import Network, NetworkFileError, load_network
+from webui.networks.library import NetworkCatalog, UnknownNetworkError
 from webui.prompt import NetworkTag, is_constant
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from webui.engine.request import GenerationRequest
-from webui.networks.embedding_library import Embedding
+from webui.networks.library import Embedding
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from webui.engine.prompt_encoding import encode_for_pipeline
 from webui.engine.recipe import GenerationDefaults
 from webui.engine.request import GenerationRequest
 from webui.engine.samplers import DEFAULT_SAMPLER, get_sampler
-from webui.networks.embedding_library import Embedding
+from webui.networks.library import Embedding
 
 SD_DEFAULTS = GenerationDefaults(steps=20, cfg_scale=7.0, sampler=DEFAULT_SAMPLER)
 

@@ -1,6 +1,6 @@
-"""Everything about LoRA files: reading them, mapping their keys, patching a pipeline.
-
-The public API:
+"""Everything about LoRA files, in three sub-packages, each entered only by its `__init__`:
+`format` (what a file is), `library` (the `loras/` and `embeddings/` folders) and `apply`
+(patching a pipeline).
 
     from webui.networks import load_network, NetworkPatcher, Strengths
     net = load_network("loras/style.safetensors")
@@ -9,8 +9,7 @@ The public API:
     patcher.restore()
 """
 
-from webui.networks.network import Network, load_network
-from webui.networks.patcher import NetworkPatcher, NetworkReport, PatchReport
-from webui.networks.strengths import Strengths
+from webui.networks.apply import NetworkPatcher, NetworkReport, PatchReport, Strengths
+from webui.networks.format import Network, load_network
 
 __all__ = ["Network", "NetworkPatcher", "NetworkReport", "PatchReport", "Strengths", "load_network"]

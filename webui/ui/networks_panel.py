@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.generate import Engine
-from webui.networks.catalog_index import NetworkEntry
+from webui.networks.library import NetworkEntry
 from webui.ui.folder_watch import FolderWatch
 from webui.ui.networks_cards import render_grid
 from webui.ui.networks_tab import CLICK_JS, Filters, NetworksView, PreviewCache, select_entries

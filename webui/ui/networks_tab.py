@@ -20,11 +20,14 @@ from PIL import Image
 from webui import families
 from webui.arch import Arch
 from webui.engine.generate import Engine
-from webui.networks.base_detection import BaseDetection, fits
-from webui.networks.catalog_index import CatalogIndex, NetworkEntry
-from webui.networks.formats import UNKNOWN
-from webui.networks.previews import preview_bytes, set_preview
-from webui.networks.sidecars import save_user_metadata
+from webui.networks.format import UNKNOWN, BaseDetection, fits
+from webui.networks.library import (
+    CatalogIndex,
+    NetworkEntry,
+    preview_bytes,
+    save_user_metadata,
+    set_preview,
+)
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_cards import Card, Details, render_details, render_grid, summary_rows
 from webui.ui.prompt_edit import add_word, prompt_has_network, toggle_network
@@ -167,14 +170,6 @@ class NetworksView:
         model = self.engine.model
         return model.kind.arch if model is not None else None
 
-    def trigger_words(self, path: Path) -> Sequence[str]:
-        """The engine's lookup: a file's trigger words from the catalog."""
-        resolved = path.resolve()
-        for entry in self.entries():
-            if entry.path.resolve() == resolved:
-                return entry.trigger_words
-        return ()
-
     def card(
         self, entry: NetworkEntry, prompt: str, selected: str | None, strength: float | None = None
     ) -> Card:
@@ -262,7 +257,7 @@ def build_networks_tab(
     index = engine.catalog.index  # one scan and one cache, shared with generation's lookups
     index.start_hashing()
     view = NetworksView(engine, index, PreviewCache())
-    engine.trigger_words = view.trigger_words
+    engine.use_catalog_trigger_words()
     entries = view.entries()
 
     with gr.Row(equal_height=True, elem_id="networks-toolbar"):

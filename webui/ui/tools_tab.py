@@ -33,8 +33,8 @@ from webui.engine.extract import (
 from webui.engine.generate import Engine
 from webui.engine.merge import MergeError, MergeResult, merge_checkpoint
 from webui.engine.network_set import ChosenNetwork, choose_networks
-from webui.networks.extract import RankRule
-from webui.networks.files import NetworkFileError
+from webui.networks.apply import RankRule
+from webui.networks.format import NetworkFileError
 from webui.prompt import parse_prompt
 from webui.ui.messages import user_message, warnings_html
 
@@ -254,7 +254,7 @@ def run_combination(
         parts = [CombinationPart(c.network, c.strengths, c.name) for c in chosen]
         checkpoint = checkpoint_named(engine, model_name, "Checkpoint")
         return partial(
-            extract_combination, checkpoint.path, parts, trigger_words=engine.trigger_words
+            extract_combination, checkpoint.path, parts, trigger_words=engine.trigger_words_of
         )
 
     return _extraction_html(engine, prepare, rank, precision, out_name, progress)

@@ -19,14 +19,18 @@ from .lokr import LokrModule
 from .lora import LoraModule
 from .oft import BoftModule, OftConstraint, OftModule, cayley_rotations
 from .registry import (
+    VARIANT_MARKERS,
     UnsupportedModuleError,
     canonical_suffix,
+    file_variants,
     group_by_module,
+    module_variant,
     parse_module,
     split_module_key,
 )
 
 __all__ = [
+    "VARIANT_MARKERS",
     "BoftModule",
     "FullModule",
     "GloraModule",
@@ -48,8 +52,10 @@ __all__ = [
     "WeightDelta",
     "canonical_suffix",
     "cayley_rotations",
+    "file_variants",
     "group_by_module",
     "low_rank_scale",
+    "module_variant",
     "parse_module",
     "split_module_key",
 ]

@@ -1,7 +1,7 @@
 """LyCORIS' own wrapper (`LycorisNetwork`, used by SimpleTuner's LyCORIS exports): the wrapped
 model's module paths flattened under `lycoris_`. For an SD model that model is the UNet."""
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _PREFIX = "lycoris_"
 

@@ -1,7 +1,7 @@
 """Original-layout dotted names (ComfyUI, BFL and SAI trainers): `model.diffusion_model.…`,
 `diffusion_model.…`."""
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from webui.networks.catalog_index import NETWORK_SUFFIXES, CatalogIndex, NetworkEntry
+from webui.networks.library.catalog_index import NETWORK_SUFFIXES, CatalogIndex, NetworkEntry
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ class NetworkCatalog:
     def entry(self, file: NetworkFile) -> NetworkEntry | None:
         """The index's entry for a file, with trigger words, preview and base."""
         return next((e for e in self.index.entries() if e.path == file.path), None)
+
+    def trigger_words(self, path: Path) -> tuple[str, ...]:
+        """A file's trigger words, as its catalog entry lists them (none for a file not listed)."""
+        resolved = path.resolve()
+        for entry in self.index.entries():
+            if entry.path.resolve() == resolved:
+                return tuple(entry.trigger_words)
+        return ()
 
     def resolve(self, name: str) -> NetworkFile:
         """The file a tag's NAME means: the exact path below `loras/` or file name, else a

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from webui.arch import Arch
-from webui.networks.catalog_index import tag_frequency
-from webui.networks.files import FileHashes, compute_hashes, is_safetensors, read_header
-from webui.networks.formats import UNKNOWN, embedding_name, is_embedding_key
-from webui.networks.modules import LowRankModule, canonical_suffix, split_module_key
-from webui.networks.network import Network
-from webui.networks.patcher import NetworkReport
+from webui.networks.format.files import FileHashes, compute_hashes, is_safetensors, read_header
+from webui.networks.format.key_formats import UNKNOWN, embedding_name, is_embedding_key
+from webui.networks.format.modules import LowRankModule, canonical_suffix, split_module_key
+from webui.networks.format.network import Network
+from webui.networks.format.training_metadata import tag_frequency
 
 log = logging.getLogger(__name__)
 
@@ -205,23 +204,6 @@ def summarize_metadata(metadata: Mapping[str, str]) -> MetadataSummary:
         modelspec_architecture=first("modelspec.architecture"),
         top_tags=tag_frequency(metadata.get("ss_tag_frequency"), TOP_TAGS),
         keys=len(metadata),
-    )
-
-
-def model_check(report: NetworkReport, model: str, model_arch: Arch) -> ModelCheck:
-    """Summarize the patcher's report of this network on one model."""
-    return ModelCheck(
-        model=model,
-        model_arch=model_arch.value,
-        base_fits=report.compatible,
-        matched=len(report.matched),
-        unmatched=len(report.unmatched),
-        shape_mismatch=len(report.shape_mismatch),
-        unsupported=len(report.unsupported),
-        matched_examples=report.matched[:EXAMPLES],
-        unmatched_examples=report.unmatched[:EXAMPLES],
-        shape_mismatch_examples=report.shape_mismatch[:EXAMPLES],
-        warnings=tuple(report.warnings),
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from webui.networks.files import NetworkFileError, read_header
+from webui.networks.format.files import NetworkFileError, read_header
 
 if TYPE_CHECKING:
     from PIL import Image

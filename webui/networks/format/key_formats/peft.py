@@ -2,7 +2,7 @@
 `text_encoder_2.…`, `transformer.…`, optionally behind PEFT's `base_model.model.`; the adapter
 name between `lora_A` and `weight` is part of the tensor suffix, not of the module."""
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "base_model.model.")
 

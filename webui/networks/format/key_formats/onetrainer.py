@@ -2,7 +2,7 @@
 `unet.` + original LDM paths, `clip_l.` (first text encoder), `clip_g.` (second, with
 `text_projection`), and `bundle_emb.NAME.clip_l|clip_g` embeddings, which are set aside."""
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _COMPONENTS = (("clip_l.", "text_encoder."), ("clip_g.", "text_encoder_2."))
 

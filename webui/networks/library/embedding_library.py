@@ -14,7 +14,7 @@ from typing import Any, Final
 import torch
 from safetensors import SafetensorError, safe_open
 
-from webui.networks.files import (
+from webui.networks.format.files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     NetworkFileError,
@@ -24,7 +24,7 @@ from webui.networks.files import (
     load_tensors,
     read_header,
 )
-from webui.networks.formats.embeddings import (
+from webui.networks.format.key_formats.embeddings import (
     EmbeddingDataError,
     bundled_embedding_data,
     embedding_vectors,

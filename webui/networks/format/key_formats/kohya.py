@@ -5,7 +5,7 @@ so every dot of the prefix is flattened: both spellings of one module become one
 
 import re
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _PREFIX = re.compile(r"^(lora|oft)_(unet|te[1-4]?|transformer)[._]")
 

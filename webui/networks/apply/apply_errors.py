@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
-    from webui.networks.network import Network
+    from webui.networks.format.network import Network
 
 
 class NetworkApplyError(ValueError):
@@ -24,3 +26,7 @@ class NetworkApplyError(ValueError):
     @property
     def network_name(self) -> str:
         return self.network.name
+
+
+# Errors that are nobody's file's fault: they propagate as they are, never as NetworkApplyError.
+NOT_A_NETWORK_FAULT = (MemoryError, torch.OutOfMemoryError, NetworkApplyError)

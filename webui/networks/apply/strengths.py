@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
-from webui.networks.blocks import BlockKind, UnetBlock
-from webui.networks.keys import Component
+from webui.networks.apply.blocks import BlockKind, UnetBlock
+from webui.networks.apply.keys import Component
 
 
 @runtime_checkable

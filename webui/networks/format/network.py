@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from webui.networks.base_detection import BaseDetection, detect_base
-from webui.networks.files import NetworkFileError, load_file_contents
-from webui.networks.modules import (
+from webui.networks.format.base_detection import BaseDetection, detect_base
+from webui.networks.format.files import NetworkFileError, load_file_contents
+from webui.networks.format.modules import (
     InvalidModuleError,
     NetworkModule,
     UnsupportedModuleError,
@@ -23,7 +23,7 @@ from webui.networks.modules import (
     group_by_module,
     parse_module,
 )
-from webui.networks.peft_metadata import read_peft_alphas
+from webui.networks.format.peft_metadata import read_peft_alphas
 
 log = logging.getLogger(__name__)
 

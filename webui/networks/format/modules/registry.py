@@ -10,9 +10,9 @@ from functools import cache
 
 from torch import Tensor
 
-from webui.networks.formats import canonical_prefix, embedding_name, is_embedding_key
+from webui.networks.format.key_formats import canonical_prefix, embedding_name, is_embedding_key
 
-from .base import InvalidModuleError, NetworkModule, WeightDecompose
+from .base import InvalidModuleError, NetworkModule, Variant, WeightDecompose
 from .full import FullModule, NormModule
 from .glora import GloraModule
 from .ia3 import Ia3Module
@@ -275,19 +275,58 @@ def _norm(prefix: str, t: _Tensors, dyn: int | None) -> NetworkModule:
 
 ModuleParser = Callable[[str, _Tensors, int | None], NetworkModule]
 
-# The tensor that identifies each variant; checked in order, first present wins.
-VARIANT_MARKERS: tuple[tuple[str, ModuleParser], ...] = (
-    ("lora_down.weight", _lora),
-    ("lora_up.weight", _lora),
-    ("hada_w1_a", _loha),
-    ("lokr_w1", _lokr),
-    ("lokr_w1_a", _lokr),
-    ("on_input", _ia3),
-    ("a1.weight", _glora),
-    ("oft_blocks", _oft),
-    ("diff", _full),
-    ("w_norm", _norm),
+# The one variant table: the tensor that identifies each variant, checked in order, first
+# present wins. The loader builds modules from it and the catalog's badges are read from it.
+VARIANT_MARKERS: tuple[tuple[str, Variant, ModuleParser], ...] = (
+    ("lora_down.weight", Variant.LORA, _lora),
+    ("lora_up.weight", Variant.LORA, _lora),
+    ("hada_w1_a", Variant.LOHA, _loha),
+    ("lokr_w1", Variant.LOKR, _lokr),
+    ("lokr_w1_a", Variant.LOKR, _lokr),
+    ("on_input", Variant.IA3, _ia3),
+    ("a1.weight", Variant.GLORA, _glora),
+    ("oft_blocks", Variant.OFT, _oft),  # BOFT when its blocks are 4-D (see `_oft`)
+    ("diff", Variant.FULL, _full),
+    ("w_norm", Variant.NORM, _norm),
 )
+# Suffixes of a weight decompose (DoRA), reported beside the variant they decompose.
+DECOMPOSE_SUFFIXES = frozenset({"dora_scale", "lora_magnitude_vector"})
+DORA = "dora"
+# The order badges are listed in.
+VARIANT_ORDER: tuple[str, ...] = (*(v.value for v in Variant), DORA)
+
+
+def module_variant(shapes: Mapping[str, tuple[int, ...]]) -> Variant | None:
+    """The variant `parse_module` builds from one module's tensors (canonical suffix -> shape),
+    told from names and shapes alone; None where it builds none."""
+    for marker, variant, _ in VARIANT_MARKERS:
+        if marker in shapes:
+            if variant is Variant.OFT:
+                dims = len(shapes[marker])
+                return {3: Variant.OFT, 4: Variant.BOFT}.get(dims)
+            return variant
+    return None
+
+
+def file_variants(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The variants of a whole file (key -> shape, e.g. from its header), grouped into modules as
+    `group_by_module` groups them, plus `dora` when a module carries a weight decompose."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if is_embedding_key(key):
+            continue
+        prefix, suffix = split_module_key(key)
+        name = canonical_suffix(suffix)
+        if name is not None:
+            modules.setdefault(canonical_prefix(prefix), {}).setdefault(name, shape)
+    found: set[str] = set()
+    for module in modules.values():
+        variant = module_variant(module)
+        if variant is not None:
+            found.add(variant.value)
+        if DECOMPOSE_SUFFIXES & module.keys():
+            found.add(DORA)
+    return tuple(v for v in VARIANT_ORDER if v in found)
 
 
 def parse_module(
@@ -303,7 +342,7 @@ def parse_module(
     about keys a matched variant does not use.
     """
     t = _Tensors(prefix, tensors)
-    for marker, parser in VARIANT_MARKERS:
+    for marker, _, parser in VARIANT_MARKERS:
         if marker in t:
             module = parser(prefix, t, dyn)
             t.warn_unused()

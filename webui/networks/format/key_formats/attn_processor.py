@@ -4,7 +4,7 @@ projection itself (`….attn1.to_q`, `….attn1.to_out.0`)."""
 
 import re
 
-from webui.networks.formats.format import KeyFormat
+from webui.networks.format.key_formats.format import KeyFormat
 
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 

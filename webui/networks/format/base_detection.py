@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from webui import families
 from webui.arch import Arch
 from webui.families import Family
-from webui.networks.formats import (
+from webui.networks.format.key_formats import (
     UNKNOWN,
     canonical_prefix,
     identify_format,
     is_embedding_key,
 )
-from webui.networks.modules.registry import split_module_key
+from webui.networks.format.modules.registry import split_module_key
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from webui.arch import Arch
-from webui.networks.base_detection import modelspec_architecture
-from webui.networks.keys import Component
+from webui.networks.apply.keys import Component
+from webui.networks.format.base_detection import modelspec_architecture
 
 # Random projections wider than the rank by this much make `svd_lowrank` as good as the full SVD
 # on the leading singular vectors (Halko et al.); the full SVD is used when it is not much bigger.
