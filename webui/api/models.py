@@ -7,6 +7,8 @@ face restoration, scripts, ...) are accepted and ignored."""
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 from pydantic import (
@@ -244,7 +246,9 @@ class ProgressResponse(BaseModel):
     progress: float = Field(description="0..1 of the running job")
     eta_relative: float = Field(description="seconds left, estimated")
     state: ProgressState
-    current_image: str | None = Field(None, description="no live previews: always null")
+    current_image: str | None = Field(
+        None, description="the latest live preview, base64 PNG (null before the first)"
+    )
     textinfo: str | None = None
 
     @classmethod
@@ -259,7 +263,18 @@ class ProgressResponse(BaseModel):
             sampling_steps=job.total,
         )
         text = f"{job.job}: step {job.step}/{job.total}" if job.job else None
-        return cls(progress=job.progress, eta_relative=job.eta, state=state, textinfo=text)
+        image = None
+        if job.current_image is not None:
+            buffer = io.BytesIO()
+            job.current_image.save(buffer, format="PNG")
+            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return cls(
+            progress=job.progress,
+            eta_relative=job.eta,
+            state=state,
+            current_image=image,
+            textinfo=text,
+        )
 
 
 class PNGInfoRequest(BaseModel):

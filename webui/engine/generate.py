@@ -40,6 +40,7 @@ from webui.engine.hires import (
 )
 from webui.engine.image_grid import image_grid
 from webui.engine.infotext import Infotext, model_schedule_fields, save_png
+from webui.engine.live_preview import approximate
 from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
@@ -105,6 +106,7 @@ class Progress:
     total: int
     image_index: int = 0  # first image of the batch being denoised
     stage: Stage = Stage.DENOISE
+    preview: Image.Image | None = None  # the first image's live preview, every N steps
 
     @property
     def fraction(self) -> float:
@@ -535,7 +537,8 @@ class Engine:
             loop_len = max(getattr(pipe, "num_timesteps", span.steps), 1)
             done = min(span.steps, round((step + 1) * span.steps / loop_len))
             if on_progress is not None:
-                on_progress(Progress(span.offset + done, span.total, first_image))
+                preview = self._preview(model, request, tensors.get("latents"), done)
+                on_progress(Progress(span.offset + done, span.total, first_image, preview=preview))
             if scheduled and done < span.steps:
                 tensors.update(self._next_step(model, request, done + 1))
             if self._interrupt.is_set():
@@ -543,6 +546,18 @@ class Engine:
             return tensors
 
         return callback
+
+    def _preview(
+        self, model: LoadedModel, request: GenerationRequest, latents: Any, done: int
+    ) -> Image.Image | None:
+        """The first image's cheap preview every `live_preview_every` steps (0: never)."""
+        every = self.settings.live_preview_every
+        if latents is None or every <= 0 or done % every:
+            return None
+        if latents.ndim == 3:  # FLUX.1 packs 2x2 patches into tokens
+            factor = model.pipe.vae_scale_factor
+            latents = model.pipe._unpack_latents(latents, request.height, request.width, factor)
+        return approximate(latents[0], model.kind.arch)
 
     def _initial_noise(
         self,
