@@ -85,6 +85,7 @@ class Settings:
     lora_backend: LoraBackend = LoraBackend.AUTO
     # fuse diffusers adapters into the weights (faster steps) when no native LoRA is applied
     lora_fuse: bool = False
+    live_preview_every: int = 10  # a cheap preview every N sampling steps (0: off); A1111's 10
 
     @property
     def host(self) -> str:

@@ -51,12 +51,12 @@ def test_txt2img_with_a_lora_names_it_and_its_hash(
         cfg_scale=6.5,
         sampler_name="DPM++ 2M",
         scheduler="Karras",
-        enable_hr=True,  # webuiapi sends hires-fix fields; they are accepted and ignored
+        enable_hr=True,  # with webuiapi's hires defaults: x2, Latent, denoising 0.7
         restore_faces=True,
         styles=["none"],
         **SMALL,
     )
-    assert len(result.images) == 1 and result.image.size == (64, 64)
+    assert len(result.images) == 1 and result.image.size == (128, 128)
     model_file = server.engine.settings.models_dir / "alpha.safetensors"
     lora_hash = autov3(server.engine.settings.loras_dir / "ink.safetensors")
     expected = {
@@ -71,6 +71,9 @@ def test_txt2img_with_a_lora_names_it_and_its_hash(
         "Model hash": sha256(model_file)[:10],
         "Model": "alpha",
         "Lora hashes": f"ink: {lora_hash}",
+        "Denoising strength": "0.7",
+        "Hires upscale": "2",
+        "Hires upscaler": "Latent",
     }
     fields = a1111_fields(result.image.info["parameters"])
     assert {key: fields.get(key) for key in expected} == expected
@@ -79,7 +82,7 @@ def test_txt2img_with_a_lora_names_it_and_its_hash(
     assert result.info["all_seeds"] == [1234]
     assert result.info["infotexts"] == [result.image.info["parameters"]]
     assert result.info["sd_model_hash"] == expected["Model hash"]
-    assert "hires fix is not supported" in " ".join(result.info["warnings"])
+    assert result.info["denoising_strength"] == 0.7
     assert result.parameters["prompt"] == "a cat <lora:ink:0.8>"
     assert result.parameters["enable_hr"] is True
 

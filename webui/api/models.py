@@ -7,11 +7,21 @@ face restoration, scripts, ...) are accepted and ignored."""
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from webui.engine.generate import GenerationRequest, RequestError
+from webui.engine.hires import UPSCALER_NAMES, HiresFix
 from webui.engine.jobs import JobStatus
 from webui.engine.samplers import DEFAULT_SAMPLER, UnknownSamplerError, get_sampler
 
@@ -54,8 +64,8 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: str = ""
     styles: list[str] | None = Field(None, description="accepted, ignored")
     seed: int = -1
-    subseed: int = Field(-1, description="accepted, ignored")
-    subseed_strength: float = Field(0.0, description="accepted, ignored")
+    subseed: int = Field(-1, description="variation seed (-1: random)")
+    subseed_strength: float = Field(0.0, description="variation strength, 0..1 (0: off)")
     scheduler: str | None = Field(None, description="schedule type: Automatic or Karras")
     sampler_name: str | None = Field(
         None, description=f"default: the model's ({DEFAULT_SAMPLER}; FLUX.1 Euler)"
@@ -70,7 +80,17 @@ class Txt2ImgRequest(BaseModel):
     distilled_cfg_scale: float = Field(3.5, description="FLUX.1 dev's guidance (Forge's field)")
     width: int = 512
     height: int = 512
-    enable_hr: bool = Field(False, description="hires fix is not supported; ignored")
+    enable_hr: bool = Field(False, description="hires fix: a second, img2img pass (SD models)")
+    hr_scale: float = Field(2.0, description="hires upscale factor (unless hr_resize_x/y)")
+    hr_upscaler: str = Field("Latent", description=f"one of: {', '.join(UPSCALER_NAMES)}")
+    hr_second_pass_steps: int = Field(0, description="hires steps (0: the same as steps)")
+    hr_resize_x: int = Field(0, description="hires width (0: from hr_scale or hr_resize_y)")
+    hr_resize_y: int = Field(0, description="hires height (0: from hr_scale or hr_resize_x)")
+    denoising_strength: float | None = Field(None, description="hires denoising (default 0.7)")
+    hr_prompt: str = Field("", description="hires prompt (empty: the prompt)")
+    hr_negative_prompt: str = Field("", description="hires negative prompt")
+    hr_sampler_name: str | None = Field(None, description="hires sampler (default: sampler)")
+    hr_cfg: float | None = Field(None, description="hires CFG scale, Forge's (default: cfg_scale)")
     restore_faces: bool | None = Field(None, description="accepted, ignored")
     tiling: bool | None = Field(None, description="accepted, ignored")
     override_settings: Options | None = None
@@ -89,6 +109,8 @@ class Txt2ImgRequest(BaseModel):
         "height",
         "seed",
         "batch_size",
+        "subseed",
+        "subseed_strength",
     )
     @classmethod
     def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
@@ -114,6 +136,43 @@ class Txt2ImgRequest(BaseModel):
                 raise ValueError(str(exc)) from exc
         return value
 
+    @field_validator("hr_sampler_name")
+    @classmethod
+    def _known_hr_sampler(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                get_sampler(value)
+            except UnknownSamplerError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _hires_in_range(self) -> Txt2ImgRequest:
+        hires = self.hires_fix()
+        if hires is not None:
+            try:
+                hires.validate(self.width, self.height)
+            except RequestError as exc:
+                raise ValueError(str(exc)) from exc
+        return self
+
+    def hires_fix(self) -> HiresFix | None:
+        """The engine's hires settings, when `enable_hr` is on."""
+        if not self.enable_hr:
+            return None
+        return HiresFix(
+            scale=self.hr_scale,
+            resize_x=self.hr_resize_x,
+            resize_y=self.hr_resize_y,
+            upscaler=self.hr_upscaler,
+            steps=self.hr_second_pass_steps,
+            denoising_strength=0.7 if self.denoising_strength is None else self.denoising_strength,
+            prompt=self.hr_prompt,
+            negative_prompt=self.hr_negative_prompt,
+            sampler=self.hr_sampler_name or "",
+            cfg_scale=self.hr_cfg,
+        )
+
     @property
     def sampler(self) -> str:
         """The engine's sampler name: A1111's name plus the schedule type, when it has one;
@@ -137,6 +196,9 @@ class Txt2ImgRequest(BaseModel):
             batch_count=self.n_iter,
             sampler=self.sampler,
             clip_skip=overrides.CLIP_stop_at_last_layers or clip_skip,
+            subseed=self.subseed,
+            subseed_strength=self.subseed_strength,
+            hires=self.hires_fix(),
         )
 
 
@@ -184,7 +246,9 @@ class ProgressResponse(BaseModel):
     progress: float = Field(description="0..1 of the running job")
     eta_relative: float = Field(description="seconds left, estimated")
     state: ProgressState
-    current_image: str | None = Field(None, description="no live previews: always null")
+    current_image: str | None = Field(
+        None, description="the latest live preview, base64 PNG (null before the first)"
+    )
     textinfo: str | None = None
 
     @classmethod
@@ -199,7 +263,18 @@ class ProgressResponse(BaseModel):
             sampling_steps=job.total,
         )
         text = f"{job.job}: step {job.step}/{job.total}" if job.job else None
-        return cls(progress=job.progress, eta_relative=job.eta, state=state, textinfo=text)
+        image = None
+        if job.current_image is not None:
+            buffer = io.BytesIO()
+            job.current_image.save(buffer, format="PNG")
+            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return cls(
+            progress=job.progress,
+            eta_relative=job.eta,
+            state=state,
+            current_image=image,
+            textinfo=text,
+        )
 
 
 class PNGInfoRequest(BaseModel):

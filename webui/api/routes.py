@@ -54,7 +54,6 @@ from webui.settings import LIMITS
 # Infotext keys that A1111 keeps in fields of its own rather than in `extra_generation_params`.
 _CORE_PARAMS = {"Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model", "Version"}
 _IGNORED = {
-    "enable_hr": "hires fix is not supported; the image is rendered at width x height",
     "restore_faces": "face restoration is not supported",
     "tiling": "tiling is not supported",
 }
@@ -110,6 +109,8 @@ def generation_info(
     """The `info` object A1111 returns with generated images; `model` names the model only
     when no image (whose infotext names it) was made."""
     seeds = [image.seed for image in result.images]
+    # the subseeds the images used (A1111 lists them even when the strength is 0)
+    subseeds = [int(i.infotext.params.get("Variation seed", body.subseed)) for i in result.images]
     infotexts = [image.infotext for image in result.images]
     params = dict(infotexts[0].params) if infotexts else {}
     count = len(result.images)
@@ -122,8 +123,8 @@ def generation_info(
         "all_negative_prompts": [request.negative_prompt] * count,
         "seed": seeds[0] if seeds else request.seed,
         "all_seeds": seeds,
-        "subseed": body.subseed,
-        "all_subseeds": [body.subseed] * count,
+        "subseed": subseeds[0] if subseeds else body.subseed,
+        "all_subseeds": subseeds,
         "subseed_strength": body.subseed_strength,
         "width": request.width,
         "height": request.height,
@@ -139,7 +140,7 @@ def generation_info(
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": request.hires.denoising_strength if request.hires else None,
         "extra_generation_params": {k: v for k, v in params.items() if k not in _CORE_PARAMS},
         "index_of_first_image": 0,
         "infotexts": [text.format() for text in infotexts],

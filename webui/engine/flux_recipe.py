@@ -48,6 +48,20 @@ class FluxRecipe:
         return False
 
     @property
+    def runs_hires(self) -> bool:
+        return False  # not yet: the img2img pass is written for SD's latents
+
+    def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:
+        # FluxPipeline.prepare_latents: 16 channels at 1/8 size, rounded to the 2x2 patches
+        factor = pipe.vae_scale_factor * 2
+        channels = pipe.transformer.config.in_channels // 4
+        return (channels, 2 * (request.height // factor), 2 * (request.width // factor))
+
+    def pack_noise(self, pipe: Any, noise: Any) -> Any:
+        batch, channels, height, width = noise.shape
+        return pipe._pack_latents(noise, batch, channels, height, width)
+
+    @property
     def guided(self) -> bool:
         """[dev] takes a guidance input; [schnell] does not."""
         return self.variant is FluxVariant.DEV

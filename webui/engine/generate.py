@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from webui.arch import Arch, Prediction
+from webui.engine import hires as hires_upscale
 from webui.engine.checkpoints import (
     CheckpointError,
     CheckpointFile,
@@ -31,8 +32,15 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     place_pipeline,
 )
+from webui.engine.hires import (
+    SecondPassSchedule,
+    get_upscaler,
+    hires_fields,
+    second_pass_schedule,
+)
 from webui.engine.image_grid import image_grid
 from webui.engine.infotext import Infotext, model_schedule_fields, save_png
+from webui.engine.live_preview import approximate
 from webui.engine.lora_backends import LoraBackends, LoraRoute
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.model_hash import HashCache
@@ -42,8 +50,10 @@ from webui.engine.recipes import recipe_for
 from webui.engine.request import MAX_SEED as MAX_SEED
 from webui.engine.request import GenerationRequest as GenerationRequest
 from webui.engine.request import RequestError as RequestError
+from webui.engine.samplers import get_sampler
 from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
+from webui.engine.variation_noise import variation_noise
 from webui.networks.apply import Component, ModuleProgress
 from webui.networks.library import Embedding, EmbeddingLibrary, NetworkCatalog
 from webui.prompt import NetworkTag, ParsedPrompt, parse_prompt
@@ -94,6 +104,7 @@ class Progress:
     total: int
     image_index: int = 0  # first image of the batch being denoised
     stage: Stage = Stage.DENOISE
+    preview: Image.Image | None = None  # the first image's live preview, every N steps
 
     @property
     def fraction(self) -> float:
@@ -141,6 +152,44 @@ def _first_set(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+@dataclass(frozen=True)
+class _Span:
+    """One pass's place in the request's progress: `steps` steps after `offset` of `total`."""
+
+    offset: int
+    steps: int
+    total: int
+
+
+@dataclass(frozen=True)
+class _SecondPass:
+    """The hires pass of a request: its pipeline, schedule, prompts, and the networks to apply
+    for it (None: the first pass's stay)."""
+
+    pipe: Any
+    schedule: SecondPassSchedule
+    prompt: ParsedPrompt
+    negative: ParsedPrompt | None
+    networks: tuple[NetworkTag, ...] | None
+    settings: GenerationRequest  # sampler, CFG and step count of the hires pass
+
+
+def _batch_seeds(request: GenerationRequest, first: int) -> list[int]:
+    """A1111's seeds for a batch: one more per image, or all the same seed when a variation
+    seed varies them (their subseeds count up instead)."""
+    if request.varies:
+        return [request.seed] * request.batch_size
+    return [request.seed + first + i for i in range(request.batch_size)]
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """SD latents decoded by the pipeline's VAE into images."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return list(pipe.image_processor.postprocess(pixels, output_type="pil"))
+
+
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
 
@@ -164,6 +213,7 @@ class Engine:
         self.embeddings = EmbeddingLibrary(settings.embeddings_dir)
         self._embeddings_now: list[Embedding] = []  # what this generation's prompts may name
         self._counter: tuple[object, Any] | None = None  # (pipeline, its tokenizer's copy)
+        self._img2img: tuple[object, Any] | None = None  # (pipeline, its img2img twin)
 
     def use_catalog_trigger_words(self) -> None:
         """Auto trigger words come from the LoRA library's catalog from now on."""
@@ -226,7 +276,7 @@ class Engine:
     def _unload(self) -> None:
         """Drop the model and its LoRA state and give their memory back before the next load:
         a pipeline holds reference cycles, which only the cyclic collector frees."""
-        self._model, self._networks, self._counter = None, None, None
+        self._model, self._networks, self._counter, self._img2img = None, None, None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -315,6 +365,14 @@ class Engine:
         warnings = [*prompt.errors, *negative.errors]
         recipe = recipe_for(model.kind)
         request = recipe.resolve(replace(request, seed=resolve_seed(request.seed)), warnings)
+        if request.varies:
+            request = replace(request, subseed=resolve_seed(request.subseed))
+        if request.hires is not None and not recipe.runs_hires:
+            warnings.append(
+                f"hires fix is not available for {model.kind.label} models yet; the image is "
+                f"rendered at {request.width}x{request.height}"
+            )
+            request = replace(request, hires=None)
         warnings += [f"{tag.text} in the negative prompt is ignored" for tag in negative.tags]
         routes = self._apply_networks(model, request, prompt.tags, warnings, on_progress)
         applied = [routed for routed in routes if routed.route.applied]
@@ -329,28 +387,61 @@ class Engine:
         ti_hashes = self._ti_hashes(model, texts)
         pipe = model.pipe
         pipe.scheduler = recipe.scheduler(pipe.scheduler.config, request)
+        second = self._second_pass(model, request, prompt, warnings)
         images: list[GeneratedImage] = []
         interrupted = False
-        total_steps = request.steps * request.batch_count
+        pass_steps = request.steps + (second.schedule.steps if second else 0)
+        total_steps = pass_steps * request.batch_count
         for batch in range(request.batch_count):
             first = batch * request.batch_size
-            seeds = [request.seed + first + i for i in range(request.batch_size)]
+            seeds = _batch_seeds(request, first)
+            subseeds = [request.subseed + first + i for i in range(request.batch_size)]
+            if second is not None and batch and second.networks is not None:
+                self._apply_networks(model, request, prompt.tags, [], on_progress)
             if self._networks is not None and self._networks.is_scheduled:
                 self._networks.set_step(1, request.steps)  # each batch starts from step 1
-            callback = self._step_callback(model, texts, batch, first, total_steps, on_progress)
+            done = batch * pass_steps
+            callback = self._step_callback(
+                model, texts, first, _Span(done, request.steps, total_steps), on_progress
+            )
+            # one CPU generator per image: the same seed gives the same image on any device
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            noise = self._initial_noise(model, request, seeds, subseeds, generators)
             output = pipe(
                 **self._prompt_embeddings(model, texts),
                 **recipe.guidance(request),
+                **noise,
                 num_inference_steps=request.steps,
                 width=request.width,
                 height=request.height,
-                # one CPU generator per image: the same seed gives the same image on any device
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                generator=generators,
                 callback_on_step_end=callback,
+                output_type="latent" if second else "pil",
             )
-            for image, seed in zip(output.images, seeds, strict=True):
+            batch_images = output.images
+            if second is not None and not self._interrupt.is_set():
+                span = _Span(done + request.steps, second.schedule.steps, total_steps)
+                batch_images = self._run_second_pass(
+                    model,
+                    second,
+                    texts,
+                    batch_images,
+                    seeds,
+                    first,
+                    span,
+                    on_progress,
+                    warnings if batch == 0 else [],
+                )
+            elif second is not None:
+                batch_images = decode_latents(pipe, batch_images)
+            for image, seed, subseed in zip(batch_images, seeds, subseeds, strict=True):
                 infotext = self.infotext(
-                    model, request, seed, applied, triggers.added, ti_hashes=ti_hashes
+                    model,
+                    replace(request, subseed=subseed),
+                    seed,
+                    applied,
+                    triggers.added,
+                    ti_hashes=ti_hashes,
                 )
                 images.append(
                     GeneratedImage(image, seed, infotext, self._save(image, infotext, seed))
@@ -436,26 +527,162 @@ class Engine:
         self,
         model: LoadedModel,
         request: GenerationRequest,
-        batch: int,
         first_image: int,
-        total_steps: int,
+        span: _Span,
         on_progress: ProgressCallback | None,
+        *,
+        scheduled: bool = True,
     ) -> Callable[..., dict[str, Any]]:
+        """Progress over the whole request, scheduled LoRA strengths moved each step (first pass
+        only: `scheduled`), the interrupt honoured."""
+
         def callback(
             pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
         ) -> dict[str, Any]:
             # second-order samplers call back more than once per step; report whole steps
-            loop_len = max(getattr(pipe, "num_timesteps", request.steps), 1)
-            done = min(request.steps, round((step + 1) * request.steps / loop_len))
+            loop_len = max(getattr(pipe, "num_timesteps", span.steps), 1)
+            done = min(span.steps, round((step + 1) * span.steps / loop_len))
             if on_progress is not None:
-                on_progress(Progress(batch * request.steps + done, total_steps, first_image))
-            if done < request.steps:
+                preview = self._preview(model, request, tensors.get("latents"), done)
+                on_progress(Progress(span.offset + done, span.total, first_image, preview=preview))
+            if scheduled and done < span.steps:
                 tensors.update(self._next_step(model, request, done + 1))
             if self._interrupt.is_set():
                 pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
             return tensors
 
         return callback
+
+    def _preview(
+        self, model: LoadedModel, request: GenerationRequest, latents: Any, done: int
+    ) -> Image.Image | None:
+        """The first image's cheap preview every `live_preview_every` steps (0: never)."""
+        every = self.settings.live_preview_every
+        if latents is None or every <= 0 or done % every:
+            return None
+        if latents.ndim == 3:  # FLUX.1 packs 2x2 patches into tokens
+            factor = model.pipe.vae_scale_factor
+            latents = model.pipe._unpack_latents(latents, request.height, request.width, factor)
+        return approximate(latents[0], model.kind.arch)
+
+    def _initial_noise(
+        self,
+        model: LoadedModel,
+        request: GenerationRequest,
+        seeds: Sequence[int],
+        subseeds: Sequence[int],
+        generators: Sequence[torch.Generator],
+    ) -> dict[str, Any]:
+        """The pipeline's `latents` argument when a variation seed changes the noise (A1111's
+        blend, drawn on the CPU); empty otherwise, so the pipeline draws its own as before."""
+        if not request.varies:
+            return {}
+        recipe = recipe_for(model.kind)
+        shape = recipe.noise_shape(model.pipe, request)
+        noise = variation_noise(seeds, subseeds, request.subseed_strength, shape, generators)
+        return {"latents": recipe.pack_noise(model.pipe, noise.to(model.dtype))}
+
+    def _second_pass(
+        self,
+        model: LoadedModel,
+        request: GenerationRequest,
+        prompt: ParsedPrompt,
+        warnings: list[str],
+    ) -> _SecondPass | None:
+        """What the hires pass needs, prepared once per request; None without hires fix."""
+        hires = request.hires
+        if hires is None:
+            return None
+        pipe = self._img2img_pipe(model)
+        sampler = get_sampler(hires.sampler).name if hires.sampler else request.sampler
+        steps = hires.steps or request.steps
+        schedule = second_pass_schedule(steps, hires.denoising_strength)
+        hr_prompt = parse_prompt(hires.prompt) if hires.prompt else prompt
+        hr_negative = parse_prompt(hires.negative_prompt) if hires.negative_prompt else None
+        if hr_prompt is not prompt:
+            warnings.extend(hr_prompt.errors)
+        if hr_negative is not None:
+            warnings.extend(hr_negative.errors)
+        networks = hr_prompt.tags if hr_prompt.tags != prompt.tags else None
+        cfg = request.cfg_scale if hires.cfg_scale is None else hires.cfg_scale
+        settings = replace(request, sampler=sampler, cfg_scale=cfg, steps=schedule.steps)
+        return _SecondPass(pipe, schedule, hr_prompt, hr_negative, networks, settings)
+
+    def _img2img_pipe(self, model: LoadedModel) -> Any:
+        """An img2img pipeline over the loaded model's own components (no weights loaded)."""
+        cached = self._img2img
+        if cached is not None and cached[0] is model.pipe:
+            return cached[1]
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = AutoPipelineForImage2Image.from_pipe(model.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        self._img2img = (model.pipe, pipe)
+        return pipe
+
+    def _run_second_pass(
+        self,
+        model: LoadedModel,
+        second: _SecondPass,
+        texts: GenerationRequest,
+        latents: torch.Tensor,
+        seeds: Sequence[int],
+        first_image: int,
+        span: _Span,
+        on_progress: ProgressCallback | None,
+        warnings: list[str],
+    ) -> list[Image.Image]:
+        """Upscale the first pass's latents and denoise them again (A1111's hires fix): the
+        hires prompt's networks applied at their final strengths, the same seeds' noise."""
+        hires = second.settings.hires
+        assert hires is not None
+        prompt_text = texts.prompt
+        if second.networks is not None:
+            routes = self._apply_networks(
+                model, second.settings, second.networks, warnings, on_progress
+            )
+            if self._networks is not None and self._networks.is_scheduled:
+                # schedules cover the first pass; the hires pass runs at their final strengths
+                self._networks.set_step(second.settings.steps, second.settings.steps)
+            prompt_text = add_trigger_words(
+                second.prompt.text,
+                [self.trigger_words(r.network.path) for r in routes if r.route.applied],
+                _first_set(texts.auto_trigger_words, self.settings.auto_trigger_words),
+            ).prompt
+        elif hires.prompt:
+            prompt_text = add_trigger_words(
+                second.prompt.text,
+                [self.trigger_words(n.network.path) for n in self.last_networks],
+                _first_set(texts.auto_trigger_words, self.settings.auto_trigger_words),
+            ).prompt
+        negative = second.negative.text if second.negative is not None else texts.negative_prompt
+        hr_texts = replace(second.settings, prompt=prompt_text, negative_prompt=negative)
+        recipe = recipe_for(model.kind)
+        upscaler = get_upscaler(hires.upscaler)
+        size = hires.size(texts.width, texts.height)
+        if upscaler.in_latent_space:
+            image: Any = hires_upscale.upscale_latents(latents, upscaler, size)
+        else:
+            image = [
+                hires_upscale.upscale_image(decoded, upscaler, size)
+                for decoded in decode_latents(model.pipe, latents)
+            ]
+        pipe = second.pipe
+        pipe.scheduler = recipe.scheduler(model.pipe.scheduler.config, hr_texts)
+        callback = self._step_callback(
+            model, hr_texts, first_image, span, on_progress, scheduled=False
+        )
+        output = pipe(
+            **self._prompt_embeddings(model, hr_texts),
+            **recipe.guidance(hr_texts),
+            image=image,
+            strength=second.schedule.strength,
+            num_inference_steps=second.schedule.num_inference_steps,
+            # A1111: the hires pass's noise comes from the same seeds
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            callback_on_step_end=callback,
+        )
+        return list(output.images)
 
     def _next_step(
         self, model: LoadedModel, request: GenerationRequest, step: int
@@ -512,8 +739,13 @@ class Engine:
         params.update(
             model_schedule_fields(model.kind.prediction is Prediction.V, model.kind.zero_snr)
         )
+        if request.varies:  # A1111 writes both only when the strength is not 0
+            params["Variation seed"] = str(request.subseed)
+            params["Variation seed strength"] = f"{request.subseed_strength:g}"
         if request.clip_skip > 1:
             params["Clip skip"] = str(request.clip_skip)
+        if request.hires is not None:
+            params.update(hires_fields(request.hires, request.prompt, request.negative_prompt))
         hashes = [f"{a.name}: {a.network.autov3}" for a in applied or [] if a.network.autov3]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from PIL import Image
+
 from webui.engine.checkpoints import LoadedModel
 from webui.engine.generate import (
     Engine,
@@ -34,6 +36,7 @@ class JobStatus:
     total: int = 0
     interrupted: bool = False
     elapsed: float = 0.0  # seconds since the running job started
+    current_image: Image.Image | None = None  # the latest live preview of the running job
 
     @property
     def progress(self) -> float:
@@ -54,6 +57,7 @@ class _Running:
     timestamp: str
     step: int = 0
     total: int = 0
+    preview: Image.Image | None = None
 
 
 class JobQueue:
@@ -154,6 +158,7 @@ class JobQueue:
                 total=running.total,
                 interrupted=self._interrupted,
                 elapsed=time.monotonic() - running.started,
+                current_image=running.preview,
             )
 
     def _record(self, progress: Progress) -> None:
@@ -163,6 +168,8 @@ class JobQueue:
         with self._turns:
             if self._running is not None:
                 self._running.step, self._running.total = progress.step, progress.total
+                if progress.preview is not None:
+                    self._running.preview = progress.preview
 
 
 _QUEUES: weakref.WeakKeyDictionary[Engine, JobQueue] = weakref.WeakKeyDictionary()

@@ -36,6 +36,19 @@ class GenerationRecipe(Protocol):
     @property
     def uses_embeddings(self) -> bool: ...
 
+    @property
+    def runs_hires(self) -> bool:
+        """Whether this family runs A1111's hires fix (a second, img2img pass)."""
+        ...
+
+    def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:
+        """One image's initial noise as the pipeline draws it: (channels, height, width)."""
+        ...
+
+    def pack_noise(self, pipe: Any, noise: Any) -> Any:
+        """A batch of such noise as the pipeline's `latents` argument."""
+        ...
+
     def resolve(self, request: GenerationRequest, warnings: list[str]) -> GenerationRequest:
         """The request as it will run (sampler named); raises RequestError for a field this
         family cannot take; adds a warning for each field it replaces or ignores."""

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from webui.engine.hires import HiresFix
+from webui.engine.request_error import RequestError as RequestError
 from webui.engine.samplers import UnknownSamplerError, get_sampler
 from webui.settings import LIMITS, LoraBackend, RequestLimits
 
 MAX_SEED = 2**32 - 1
 DEFAULT_DISTILLED_CFG = 3.5  # Forge's default for FLUX.1 [dev]
-
-
-class RequestError(ValueError):
-    """A request with a bad field; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,15 @@ class GenerationRequest:
     lora_backend: LoraBackend | None = None  # None: the Settings default
     # trigger words added (0 off, N the first N, -1 all); None: the server-wide setting
     auto_trigger_words: int | None = None
+    # A1111's variation seed: each image's noise blended toward this seed's by the strength
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    hires: HiresFix | None = None  # A1111's hires fix (second pass); None: off
+
+    @property
+    def varies(self) -> bool:
+        """Whether a variation seed changes the initial noise."""
+        return self.subseed_strength != 0
 
     def validate(self, limits: RequestLimits = LIMITS) -> None:
         """Raise RequestError naming the first field that is out of range."""
@@ -71,10 +78,14 @@ class GenerationRequest:
             ("batch_size", 1 <= self.batch_size <= 8, "must be between 1 and 8"),
             ("batch_count", 1 <= self.batch_count <= 100, "must be between 1 and 100"),
             ("clip_skip", 1 <= self.clip_skip <= 12, "must be between 1 and 12"),
+            ("subseed", -1 <= self.subseed <= MAX_SEED, f"must be -1 (random) or 0..{MAX_SEED}"),
+            ("subseed_strength", 0.0 <= self.subseed_strength <= 1.0, "must be between 0 and 1"),
         ]
         for name, ok, message in checks:
             if not ok:
                 raise RequestError(f"{name} {message} (got {_shown(getattr(self, name))})")
+        if self.hires is not None:
+            self.hires.validate(self.width, self.height, limits)
         if not self.sampler:
             return
         try:

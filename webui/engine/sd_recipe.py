@@ -36,6 +36,18 @@ class StableDiffusionRecipe:
     def uses_embeddings(self) -> bool:
         return True
 
+    @property
+    def runs_hires(self) -> bool:
+        return True
+
+    def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:
+        factor = pipe.vae_scale_factor
+        channels = pipe.unet.config.in_channels
+        return (channels, request.height // factor, request.width // factor)
+
+    def pack_noise(self, pipe: Any, noise: Any) -> Any:
+        return noise
+
     def resolve(self, request: GenerationRequest, warnings: list[str]) -> GenerationRequest:
         return replace(request, sampler=get_sampler(request.sampler or DEFAULT_SAMPLER).name)
 
