@@ -23,6 +23,7 @@ from webui.engine.generate import (
 )
 from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import LoraRoute
+from webui.engine.request import DEFAULT_DISTILLED_CFG
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
 from webui.engine.token_count import TokenCount
 from webui.engine.trigger_words import (
@@ -31,6 +32,17 @@ from webui.engine.trigger_words import (
     trigger_mode_limit,
 )
 from webui.settings import LoraBackend
+from webui.ui.family_controls import (
+    CFG_INFO,
+    DISTILLED_CFG_INFO,
+    NEGATIVE_INFO,
+    NEGATIVE_LABEL,
+    SAMPLER_INFO,
+    family_updates,
+    height_info,
+    negative_update,
+    width_info,
+)
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
 
@@ -60,6 +72,12 @@ class Txt2ImgControls:
     negative_prompt: gr.Textbox
     gallery: gr.Gallery
     trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
+    family: list[Any]  # the outputs of `family_updates`, the shown-controls State last
+    cfg: gr.Slider
+
+    def family_inputs(self) -> list[Any]:
+        """The page's shown controls and CFG: what `family_updates` compares against."""
+        return [self.family[-1], self.cfg]
 
 
 def trigger_words_update(engine: Engine) -> Any:
@@ -169,9 +187,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             )
             build_networks_panel(engine, prompt)
             negative = gr.Textbox(
-                label="Negative prompt",
+                label=NEGATIVE_LABEL,
                 lines=2,
-                info="what the image should not show (LoRA tags here are ignored)",
+                info=NEGATIVE_INFO,
                 elem_id="txt2img-negative",
             )
             negative_tokens = gr.HTML(
@@ -190,7 +208,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 sampler_names(),
                 value=DEFAULT_SAMPLER,
                 label="Sampler",
-                info="A1111's sampler names; Karras/exponential variants change the noise schedule",
+                info=SAMPLER_INFO,
                 elem_id="txt2img-sampler",
             )
             steps = gr.Slider(
@@ -209,7 +227,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     value=512,
                     step=8,
                     label="Width",
-                    info="pixels, a multiple of 8; best near the model's size (SD1 512, SDXL 1024)",
+                    info=width_info(8),
                     elem_id="txt2img-width",
                 )
                 height = gr.Slider(
@@ -218,7 +236,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     value=512,
                     step=8,
                     label="Height",
-                    info="pixels, a multiple of 8",
+                    info=height_info(8),
                     elem_id="txt2img-height",
                 )
             cfg = gr.Slider(
@@ -227,9 +245,20 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 value=7,
                 step=0.5,
                 label="CFG scale",
-                info="how closely the image follows the prompt; 1 or less turns guidance off",
+                info=CFG_INFO,
                 elem_id="txt2img-cfg",
             )
+            distilled_cfg = gr.Slider(
+                0,
+                30,
+                value=DEFAULT_DISTILLED_CFG,
+                step=0.1,
+                label="Distilled CFG Scale",
+                info=DISTILLED_CFG_INFO,
+                visible=False,  # shown by `family_updates` for the families that take it
+                elem_id="txt2img-distilled-cfg",
+            )
+            shown_family = gr.State(None)  # the GenerationControls this page shows
             with gr.Row():
                 seed = gr.Number(
                     value=-1,
@@ -269,7 +298,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 info="2 uses CLIP's second-to-last layer, as anime-style models expect",
                 elem_id="txt2img-clip-skip",
             )
-            with gr.Row():
+            with gr.Row() as lora_row:
                 lora_backend = gr.Dropdown(
                     [c.value for c in LoraBackend],
                     value=engine.settings.lora_backend.value,
@@ -302,7 +331,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
     ) -> tuple[Any, str, str, list[str]]:
-        p, n, smp, st, w, h, c, sd, bc, bs, cs, lb, tw = values
+        p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw = values
         request = GenerationRequest(
             prompt=p,
             negative_prompt=n,
@@ -311,6 +340,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             width=int(w),
             height=int(h),
             cfg_scale=float(c),
+            distilled_cfg_scale=float(dc),
             seed=int(sd if sd is not None else -1),
             batch_count=int(bc),
             batch_size=int(bs),
@@ -328,6 +358,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         width,
         height,
         cfg,
+        distilled_cfg,
         seed,
         batch_count,
         batch_size,
@@ -336,8 +367,28 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         trigger_words,
     ]
     outputs = [gallery, infotext, warnings, panels]
-    generate.click(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
-    prompt.submit(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
+    family = [
+        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row),
+        *(negative, shown_family),
+    ]
+
+    def follow_family(shown: Any, cfg_value: float) -> list[Any]:
+        return family_updates(engine.generation_controls(), shown, cfg_value)
+
+    for trigger in (generate.click, prompt.submit):
+        # a generation may have loaded the model, or an API call switched it: controls follow
+        trigger(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu").then(
+            follow_family, inputs=[shown_family, cfg], outputs=family, show_progress="hidden"
+        )
+    cfg.change(
+        # the engine's family, not the page's State: a model switch sets both CFG and the State
+        lambda value: negative_update(engine.generation_controls(), value),
+        inputs=cfg,
+        outputs=negative,
+        queue=False,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
     interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
 
@@ -360,4 +411,4 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         )
 
     gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
-    return Txt2ImgControls(prompt, negative, gallery, trigger_words)
+    return Txt2ImgControls(prompt, negative, gallery, trigger_words, family, cfg)
