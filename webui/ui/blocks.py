@@ -15,9 +15,10 @@ import gradio as gr
 from webui.engine.generate import DEMO_MODEL_NAME, Engine
 from webui.engine.jobs import JobQueue
 from webui.ui.family_controls import family_updates
+from webui.ui.gallery_actions import png_info_file, selected_item
 from webui.ui.messages import user_message
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
-from webui.ui.png_info import build_png_info_tab
+from webui.ui.png_info import build_png_info_tab, describe_image
 from webui.ui.settings_tab import build_settings_tab, current_values
 from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
 from webui.ui.txt2img import BUTTON_TITLES_JS, build_txt2img_tab, trigger_words_update
@@ -91,17 +92,31 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 "Refresh", scale=0, min_width=90, size="sm", elem_id="model-refresh"
             )
             status = gr.HTML(_model_status(engine), elem_id="model-status")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img = build_txt2img_tab(engine)
             with gr.Tab("Networks", id="networks") as networks:
                 build_networks_tab(engine, txt2img.prompt, txt2img.gallery, networks)
             with gr.Tab("PNG Info", id="png-info"):
-                build_png_info_tab()
+                png_info = build_png_info_tab()
             with gr.Tab("Tools", id="tools") as tools:
                 tool_checkpoints = build_tools_tab(engine, tools)
             with gr.Tab("Settings", id="settings"):
                 settings = build_settings_tab(engine)
+
+        def send_to_png_info(run: Any, index: int | None) -> tuple[Any, ...]:
+            item = selected_item(run, index)
+            if item is None:
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            path = png_info_file(item)
+            return gr.Tabs(selected="png-info"), str(path), *describe_image(path)
+
+        txt2img.send_to_png_info.click(
+            send_to_png_info,
+            inputs=txt2img.gallery_state,
+            outputs=[tabs, png_info.image, png_info.raw, png_info.table],
+            show_progress="hidden",
+        )
 
         def picker() -> Any:
             names, value = picker_values(engine)

@@ -43,6 +43,7 @@ from webui.ui.family_controls import (
     negative_update,
     width_info,
 )
+from webui.ui.gallery_actions import COPY_PARAMETERS_JS, run_items, save_selected
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
 
@@ -54,6 +55,9 @@ BUTTON_TITLES: dict[str, str] = {
     "txt2img-interrupt": "Stop after the current step; finished images are kept (Esc)",
     "txt2img-random-seed": "Set the seed to -1: a new random seed each time",
     "txt2img-networks-refresh": "Read loras/ again (new, changed and removed files)",
+    "txt2img-save": "Save the selected image to outputs/ (when auto-save is off)",
+    "txt2img-send-to-png-info": "Open the selected image in the PNG Info tab",
+    "txt2img-copy-parameters": "Copy the selected image's parameters to the clipboard",
 }
 BUTTON_TITLES_JS = (
     "() => { const titles = "
@@ -74,6 +78,8 @@ class Txt2ImgControls:
     trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
     family: list[Any]  # the outputs of `family_updates`, the shown-controls State last
     cfg: gr.Slider
+    send_to_png_info: gr.Button
+    gallery_state: list[Any]  # (the run's GalleryItems, the selected index)
 
     def family_inputs(self) -> list[Any]:
         """The page's shown controls and CFG: what `family_updates` compares against."""
@@ -148,7 +154,7 @@ def _backends_html(result: GenerationResult) -> str:
 
 def _run_generation(
     engine: Engine, request: GenerationRequest, progress: gr.Progress
-) -> tuple[Any, str, str, list[str]]:
+) -> tuple[Any, str, str, list[str], Any, Any]:
     """Generate in turn with API jobs (loading a model if needed), and shape the result for
     the gallery and panels."""
     try:
@@ -160,12 +166,13 @@ def _run_generation(
 
         result = JobQueue.for_engine(engine).generate(request, on_progress=report)
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
-        return gr.update(), "", warnings_html([user_message(exc)]), []
+        return gr.update(), "", warnings_html([user_message(exc)]), [], gr.update(), gr.update()
     log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
     grid = engine.save_grid(result)
     panels = infotext_panels(result, grid)
     gallery = gallery_items(result, grid)
-    return gallery, panels[0] if panels else "", warnings_html(result.warnings), panels
+    first = panels[0] if panels else ""
+    return gallery, first, warnings_html(result.warnings), panels, run_items(result, grid), 0
 
 
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
@@ -323,6 +330,17 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 object_fit="contain",  # whole images, never cropped to the grid's squares
                 elem_id="txt2img-gallery",
             )
+            with gr.Row():
+                save = gr.Button("Save", size="sm", elem_id="txt2img-save")
+                send_to_png_info = gr.Button(
+                    "Send to PNG Info", size="sm", elem_id="txt2img-send-to-png-info"
+                )
+                copy_parameters = gr.Button(
+                    "Copy parameters", size="sm", elem_id="txt2img-copy-parameters"
+                )
+            gallery_note = gr.HTML(elem_id="txt2img-gallery-note")
+            items = gr.State([])  # GalleryItems of the last run, in the gallery's order
+            selected = gr.State(0)  # the gallery item selected
             warnings = gr.HTML(elem_id="txt2img-warnings")
             infotext = gr.HTML(elem_id="txt2img-infotext")
             panels = gr.State([])  # the infotext of each image of the last run
@@ -330,7 +348,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     def on_generate(
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
-    ) -> tuple[Any, str, str, list[str]]:
+    ) -> tuple[Any, str, str, list[str], Any, Any]:
         p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw = values
         request = GenerationRequest(
             prompt=p,
@@ -366,7 +384,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         lora_backend,
         trigger_words,
     ]
-    outputs = [gallery, infotext, warnings, panels]
+    outputs = [gallery, infotext, warnings, panels, items, selected]
     family = [
         *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row),
         *(negative, shown_family),
@@ -377,7 +395,15 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
 
     for trigger in (generate.click, prompt.submit):
         # a generation may have loaded the model, or an API call switched it: controls follow
-        trigger(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu").then(
+        # one progress bar, on the gallery: Gradio draws one on every output by default
+        generated = trigger(
+            on_generate,
+            inputs=inputs,
+            outputs=outputs,
+            concurrency_id="gpu",
+            show_progress_on=gallery,
+        )
+        generated.then(
             follow_family, inputs=[shown_family, cfg], outputs=family, show_progress="hidden"
         )
     cfg.change(
@@ -392,9 +418,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
 
-    def on_select(texts: list[str], evt: gr.SelectData) -> str:
+    def on_select(texts: list[str], evt: gr.SelectData) -> tuple[Any, int]:
         index = evt.index if isinstance(evt.index, int) else 0
-        return texts[index] if 0 <= index < len(texts) else gr.update()
+        return (texts[index] if 0 <= index < len(texts) else gr.update()), index
 
     def on_text(text: str | None) -> str:
         return token_counter_html(engine.count_tokens(text or ""))
@@ -410,5 +436,14 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             show_progress="hidden",
         )
 
-    gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
-    return Txt2ImgControls(prompt, negative, gallery, trigger_words, family, cfg)
+    gallery.select(on_select, inputs=panels, outputs=[infotext, selected], queue=False)
+    save.click(
+        lambda run, index: save_selected(engine, run, index),
+        inputs=[items, selected],
+        outputs=[items, gallery_note],
+        show_progress="hidden",
+    )
+    copy_parameters.click(None, js=COPY_PARAMETERS_JS)
+    return Txt2ImgControls(
+        prompt, negative, gallery, trigger_words, family, cfg, send_to_png_info, [items, selected]
+    )
