@@ -32,6 +32,7 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     place_pipeline,
 )
+from webui.engine.generation_controls import GenerationControls, controls_for
 from webui.engine.hires import (
     SecondPassSchedule,
     get_upscaler,
@@ -322,6 +323,11 @@ class Engine:
         return LoadedModel(
             pipe, ModelKind(Arch.SD1, Prediction.EPSILON), DEMO_MODEL_NAME, None, device, dtype
         )
+
+    def generation_controls(self) -> GenerationControls:
+        """What txt2img offers for the loaded model's family (SD1's before a model loads)."""
+        model = self._model
+        return controls_for(model.kind if model else ModelKind(Arch.SD1, Prediction.EPSILON))
 
     def count_tokens(self, text: str) -> TokenCount:
         """The prompt's CLIP tokens as the encoder chunks them (tags removed), with the loaded
@@ -782,6 +788,13 @@ class Engine:
     ) -> Path | None:
         if not self.settings.save_outputs:
             return None
+        return self.save_image(image, infotext, seed, subfolder)
+
+    def save_image(
+        self, image: Image.Image, infotext: Infotext, seed: int, subfolder: str = OUTPUTS_SUBFOLDER
+    ) -> Path:
+        """Write one image with its infotext to `outputs/<subfolder>/DATE/NNNNN-SEED.png`,
+        whatever `save_outputs` says (the gallery's Save button)."""
         folder = self.settings.outputs_dir / subfolder / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{next_image_number(folder):05d}-{seed}.png"

@@ -14,9 +14,11 @@ import gradio as gr
 
 from webui.engine.generate import DEMO_MODEL_NAME, Engine
 from webui.engine.jobs import JobQueue
+from webui.ui.family_controls import family_updates
+from webui.ui.gallery_actions import png_info_file, selected_item
 from webui.ui.messages import user_message
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
-from webui.ui.png_info import build_png_info_tab
+from webui.ui.png_info import build_png_info_tab, describe_image
 from webui.ui.settings_tab import build_settings_tab, current_values
 from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
 from webui.ui.txt2img import BUTTON_TITLES_JS, build_txt2img_tab, trigger_words_update
@@ -33,6 +35,7 @@ CSS = (
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
 .lw-token-counter { text-align: right; font-size: 0.8em; opacity: 0.75; margin-top: -6px; }
 .lw-tokens-chunked { color: #c07000; }
+.lw-unused textarea { opacity: 0.5; }
 #txt2img-gallery img { object-fit: contain !important; }
 """
     + NETWORKS_CSS
@@ -89,23 +92,45 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 "Refresh", scale=0, min_width=90, size="sm", elem_id="model-refresh"
             )
             status = gr.HTML(_model_status(engine), elem_id="model-status")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img = build_txt2img_tab(engine)
             with gr.Tab("Networks", id="networks") as networks:
                 build_networks_tab(engine, txt2img.prompt, txt2img.gallery, networks)
             with gr.Tab("PNG Info", id="png-info"):
-                build_png_info_tab()
+                png_info = build_png_info_tab()
             with gr.Tab("Tools", id="tools") as tools:
                 tool_checkpoints = build_tools_tab(engine, tools)
             with gr.Tab("Settings", id="settings"):
                 settings = build_settings_tab(engine)
 
+        def send_to_png_info(run: Any, index: int | None) -> tuple[Any, ...]:
+            item = selected_item(run, index)
+            if item is None:
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            path = png_info_file(item)
+            return gr.Tabs(selected="png-info"), str(path), *describe_image(path)
+
+        txt2img.send_to_png_info.click(
+            send_to_png_info,
+            inputs=txt2img.gallery_state,
+            outputs=[tabs, png_info.image, png_info.raw, png_info.table],
+            show_progress="hidden",
+        )
+
         def picker() -> Any:
             names, value = picker_values(engine)
             return gr.update(choices=names, value=value)
 
-        def on_select(name: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:  # noqa: B008 - gradio injects it
+        def family(shown: Any, cfg: float) -> list[Any]:
+            return family_updates(engine.generation_controls(), shown, cfg)
+
+        def on_select(
+            name: str,
+            shown: Any,
+            cfg: float,
+            progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+        ) -> tuple[Any, ...]:
             try:
                 progress(0, desc=f"Loading {name}…")
                 JobQueue.for_engine(engine).load(name)  # in turn with generations
@@ -113,8 +138,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 Exception
             ) as exc:  # one line under the picker, which names the model still loaded
                 message = html.escape(user_message(exc))
-                return picker(), f"<span class='lw-warnings'>{message}</span>"
-            return picker(), _model_status(engine)
+                status_line = f"<span class='lw-warnings'>{message}</span>"
+                return picker(), status_line, *family(shown, cfg)
+            return picker(), _model_status(engine), *family(shown, cfg)
 
         def on_refresh(*chosen: str | None) -> tuple[Any, ...]:
             """New lists of checkpoints; loads nothing, so the picker keeps the loaded model."""
@@ -127,16 +153,30 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 *checkpoint_values(engine),
                 trigger_words_update(engine),
                 *current_values(engine),
+                *family(None, 0.0),  # a new page: the loaded family's defaults
             )
 
-        model.input(on_select, inputs=model, outputs=[model, status], concurrency_id="gpu")
+        model.input(
+            on_select,
+            inputs=[model, *txt2img.family_inputs()],
+            outputs=[model, status, *txt2img.family],
+            concurrency_id="gpu",
+            show_progress_on=[model, status],
+        )
         refresh.click(
             on_refresh,
             inputs=tool_checkpoints,
             outputs=[model, status, *tool_checkpoints],
             queue=False,
         )
-        page_outputs = [model, status, *tool_checkpoints, txt2img.trigger_words, *settings.all]
+        page_outputs = [
+            model,
+            status,
+            *tool_checkpoints,
+            txt2img.trigger_words,
+            *settings.all,
+            *txt2img.family,
+        ]
         ui.load(on_page_load, outputs=page_outputs, queue=False)
         ui.load(None, js=KEYBOARD_JS)
         ui.load(None, js=BUTTON_TITLES_JS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -39,7 +40,16 @@ def describe_image(
     return text, rows
 
 
-def build_png_info_tab() -> None:
+@dataclass(frozen=True)
+class PngInfoControls:
+    """What txt2img's Send to PNG Info fills: the image and the two views of its text."""
+
+    image: gr.Image
+    raw: gr.Textbox
+    table: gr.Dataframe
+
+
+def build_png_info_tab() -> PngInfoControls:
     """Lay out the tab inside the current Blocks context."""
     with gr.Row():
         with gr.Column():
@@ -57,3 +67,4 @@ def build_png_info_tab() -> None:
                 headers=["Field", "Value"], label="Fields", interactive=False, wrap=True
             )
     image.change(describe_image, inputs=image, outputs=[raw, table])
+    return PngInfoControls(image, raw, table)

@@ -23,6 +23,7 @@ from webui.engine.generate import (
 )
 from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import LoraRoute
+from webui.engine.request import DEFAULT_DISTILLED_CFG
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
 from webui.engine.token_count import TokenCount
 from webui.engine.trigger_words import (
@@ -31,6 +32,18 @@ from webui.engine.trigger_words import (
     trigger_mode_limit,
 )
 from webui.settings import LoraBackend
+from webui.ui.family_controls import (
+    CFG_INFO,
+    DISTILLED_CFG_INFO,
+    NEGATIVE_INFO,
+    NEGATIVE_LABEL,
+    SAMPLER_INFO,
+    family_updates,
+    height_info,
+    negative_update,
+    width_info,
+)
+from webui.ui.gallery_actions import COPY_PARAMETERS_JS, run_items, save_selected
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
 
@@ -42,6 +55,9 @@ BUTTON_TITLES: dict[str, str] = {
     "txt2img-interrupt": "Stop after the current step; finished images are kept (Esc)",
     "txt2img-random-seed": "Set the seed to -1: a new random seed each time",
     "txt2img-networks-refresh": "Read loras/ again (new, changed and removed files)",
+    "txt2img-save": "Save the selected image to outputs/ (when auto-save is off)",
+    "txt2img-send-to-png-info": "Open the selected image in the PNG Info tab",
+    "txt2img-copy-parameters": "Copy the selected image's parameters to the clipboard",
 }
 BUTTON_TITLES_JS = (
     "() => { const titles = "
@@ -60,6 +76,14 @@ class Txt2ImgControls:
     negative_prompt: gr.Textbox
     gallery: gr.Gallery
     trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
+    family: list[Any]  # the outputs of `family_updates`, the shown-controls State last
+    cfg: gr.Slider
+    send_to_png_info: gr.Button
+    gallery_state: list[Any]  # (the run's GalleryItems, the selected index)
+
+    def family_inputs(self) -> list[Any]:
+        """The page's shown controls and CFG: what `family_updates` compares against."""
+        return [self.family[-1], self.cfg]
 
 
 def trigger_words_update(engine: Engine) -> Any:
@@ -130,7 +154,7 @@ def _backends_html(result: GenerationResult) -> str:
 
 def _run_generation(
     engine: Engine, request: GenerationRequest, progress: gr.Progress
-) -> tuple[Any, str, str, list[str]]:
+) -> tuple[Any, str, str, list[str], Any, Any]:
     """Generate in turn with API jobs (loading a model if needed), and shape the result for
     the gallery and panels."""
     try:
@@ -142,12 +166,13 @@ def _run_generation(
 
         result = JobQueue.for_engine(engine).generate(request, on_progress=report)
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
-        return gr.update(), "", warnings_html([user_message(exc)]), []
+        return gr.update(), "", warnings_html([user_message(exc)]), [], gr.update(), gr.update()
     log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
     grid = engine.save_grid(result)
     panels = infotext_panels(result, grid)
     gallery = gallery_items(result, grid)
-    return gallery, panels[0] if panels else "", warnings_html(result.warnings), panels
+    first = panels[0] if panels else ""
+    return gallery, first, warnings_html(result.warnings), panels, run_items(result, grid), 0
 
 
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
@@ -169,9 +194,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             )
             build_networks_panel(engine, prompt)
             negative = gr.Textbox(
-                label="Negative prompt",
+                label=NEGATIVE_LABEL,
                 lines=2,
-                info="what the image should not show (LoRA tags here are ignored)",
+                info=NEGATIVE_INFO,
                 elem_id="txt2img-negative",
             )
             negative_tokens = gr.HTML(
@@ -190,7 +215,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 sampler_names(),
                 value=DEFAULT_SAMPLER,
                 label="Sampler",
-                info="A1111's sampler names; Karras/exponential variants change the noise schedule",
+                info=SAMPLER_INFO,
                 elem_id="txt2img-sampler",
             )
             steps = gr.Slider(
@@ -209,7 +234,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     value=512,
                     step=8,
                     label="Width",
-                    info="pixels, a multiple of 8; best near the model's size (SD1 512, SDXL 1024)",
+                    info=width_info(8),
                     elem_id="txt2img-width",
                 )
                 height = gr.Slider(
@@ -218,7 +243,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     value=512,
                     step=8,
                     label="Height",
-                    info="pixels, a multiple of 8",
+                    info=height_info(8),
                     elem_id="txt2img-height",
                 )
             cfg = gr.Slider(
@@ -227,9 +252,20 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 value=7,
                 step=0.5,
                 label="CFG scale",
-                info="how closely the image follows the prompt; 1 or less turns guidance off",
+                info=CFG_INFO,
                 elem_id="txt2img-cfg",
             )
+            distilled_cfg = gr.Slider(
+                0,
+                30,
+                value=DEFAULT_DISTILLED_CFG,
+                step=0.1,
+                label="Distilled CFG Scale",
+                info=DISTILLED_CFG_INFO,
+                visible=False,  # shown by `family_updates` for the families that take it
+                elem_id="txt2img-distilled-cfg",
+            )
+            shown_family = gr.State(None)  # the GenerationControls this page shows
             with gr.Row():
                 seed = gr.Number(
                     value=-1,
@@ -269,7 +305,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 info="2 uses CLIP's second-to-last layer, as anime-style models expect",
                 elem_id="txt2img-clip-skip",
             )
-            with gr.Row():
+            with gr.Row() as lora_row:
                 lora_backend = gr.Dropdown(
                     [c.value for c in LoraBackend],
                     value=engine.settings.lora_backend.value,
@@ -294,6 +330,17 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 object_fit="contain",  # whole images, never cropped to the grid's squares
                 elem_id="txt2img-gallery",
             )
+            with gr.Row():
+                save = gr.Button("Save", size="sm", elem_id="txt2img-save")
+                send_to_png_info = gr.Button(
+                    "Send to PNG Info", size="sm", elem_id="txt2img-send-to-png-info"
+                )
+                copy_parameters = gr.Button(
+                    "Copy parameters", size="sm", elem_id="txt2img-copy-parameters"
+                )
+            gallery_note = gr.HTML(elem_id="txt2img-gallery-note")
+            items = gr.State([])  # GalleryItems of the last run, in the gallery's order
+            selected = gr.State(0)  # the gallery item selected
             warnings = gr.HTML(elem_id="txt2img-warnings")
             infotext = gr.HTML(elem_id="txt2img-infotext")
             panels = gr.State([])  # the infotext of each image of the last run
@@ -301,8 +348,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     def on_generate(
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
-    ) -> tuple[Any, str, str, list[str]]:
-        p, n, smp, st, w, h, c, sd, bc, bs, cs, lb, tw = values
+    ) -> tuple[Any, str, str, list[str], Any, Any]:
+        p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw = values
         request = GenerationRequest(
             prompt=p,
             negative_prompt=n,
@@ -311,6 +358,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             width=int(w),
             height=int(h),
             cfg_scale=float(c),
+            distilled_cfg_scale=float(dc),
             seed=int(sd if sd is not None else -1),
             batch_count=int(bc),
             batch_size=int(bs),
@@ -328,6 +376,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         width,
         height,
         cfg,
+        distilled_cfg,
         seed,
         batch_count,
         batch_size,
@@ -335,15 +384,43 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         lora_backend,
         trigger_words,
     ]
-    outputs = [gallery, infotext, warnings, panels]
-    generate.click(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
-    prompt.submit(on_generate, inputs=inputs, outputs=outputs, concurrency_id="gpu")
+    outputs = [gallery, infotext, warnings, panels, items, selected]
+    family = [
+        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row),
+        *(negative, shown_family),
+    ]
+
+    def follow_family(shown: Any, cfg_value: float) -> list[Any]:
+        return family_updates(engine.generation_controls(), shown, cfg_value)
+
+    for trigger in (generate.click, prompt.submit):
+        # a generation may have loaded the model, or an API call switched it: controls follow
+        # one progress bar, on the gallery: Gradio draws one on every output by default
+        generated = trigger(
+            on_generate,
+            inputs=inputs,
+            outputs=outputs,
+            concurrency_id="gpu",
+            show_progress_on=gallery,
+        )
+        generated.then(
+            follow_family, inputs=[shown_family, cfg], outputs=family, show_progress="hidden"
+        )
+    cfg.change(
+        # the engine's family, not the page's State: a model switch sets both CFG and the State
+        lambda value: negative_update(engine.generation_controls(), value),
+        inputs=cfg,
+        outputs=negative,
+        queue=False,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
     interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
 
-    def on_select(texts: list[str], evt: gr.SelectData) -> str:
+    def on_select(texts: list[str], evt: gr.SelectData) -> tuple[Any, int]:
         index = evt.index if isinstance(evt.index, int) else 0
-        return texts[index] if 0 <= index < len(texts) else gr.update()
+        return (texts[index] if 0 <= index < len(texts) else gr.update()), index
 
     def on_text(text: str | None) -> str:
         return token_counter_html(engine.count_tokens(text or ""))
@@ -359,5 +436,14 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             show_progress="hidden",
         )
 
-    gallery.select(on_select, inputs=panels, outputs=infotext, queue=False)
-    return Txt2ImgControls(prompt, negative, gallery, trigger_words)
+    gallery.select(on_select, inputs=panels, outputs=[infotext, selected], queue=False)
+    save.click(
+        lambda run, index: save_selected(engine, run, index),
+        inputs=[items, selected],
+        outputs=[items, gallery_note],
+        show_progress="hidden",
+    )
+    copy_parameters.click(None, js=COPY_PARAMETERS_JS)
+    return Txt2ImgControls(
+        prompt, negative, gallery, trigger_words, family, cfg, send_to_png_info, [items, selected]
+    )

@@ -1,0 +1,77 @@
+"""txt2img's controls follow the loaded family: `family_updates` maps the engine's controls of
+SD1, FLUX.1 dev and FLUX.1 schnell to the Gradio updates the page needs (values hand-written
+from A1111/Forge: SD 20 steps, CFG 7, Euler a; FLUX CFG 1, Euler, dev 3.5 distilled, schnell 4
+steps; sizes in 8s and 16s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from webui.arch import Arch, FluxVariant, Prediction
+from webui.engine.checkpoints import ModelKind
+from webui.engine.generation_controls import controls_for
+from webui.ui.family_controls import (
+    NEGATIVE_LABEL,
+    NEGATIVE_UNUSED_LABEL,
+    TRUE_CFG_INFO,
+    family_updates,
+)
+
+SD1 = ModelKind(Arch.SD1, Prediction.EPSILON)
+SDXL = ModelKind(Arch.SDXL, Prediction.EPSILON)
+DEV = ModelKind(Arch.FLUX1, None, variant=FluxVariant.DEV)
+SCHNELL = ModelKind(Arch.FLUX1, None, variant=FluxVariant.SCHNELL)
+NAMES = (
+    *("sampler", "steps", "width", "height", "cfg", "distilled", "clip_skip", "lora_row"),
+    *("negative", "shown"),
+)
+
+
+def updates(kind: ModelKind, shown=None, cfg: float = 7.0) -> dict:
+    return dict(zip(NAMES, family_updates(controls_for(kind), shown, cfg), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kind", "sampler", "steps", "cfg", "size_step", "distilled", "negative_label"),
+    [
+        (SD1, "Euler a", 20, 7.0, 8, False, NEGATIVE_LABEL),
+        (DEV, "Euler", 20, 1.0, 16, True, NEGATIVE_UNUSED_LABEL),
+        (SCHNELL, "Euler", 4, 1.0, 16, False, NEGATIVE_UNUSED_LABEL),
+    ],
+)
+def test_a_new_page_shows_the_family_defaults(
+    kind, sampler, steps, cfg, size_step, distilled, negative_label
+) -> None:
+    u = updates(kind)
+    assert u["sampler"]["value"] == sampler
+    assert sampler in u["sampler"]["choices"]
+    assert u["steps"]["value"] == steps
+    assert u["cfg"]["value"] == cfg
+    assert u["width"]["step"] == u["height"]["step"] == size_step
+    assert u["distilled"]["visible"] is distilled
+    assert u["distilled"]["value"] == 3.5
+    assert u["negative"]["label"] == negative_label
+    # FLUX.1 has no clip skip and applies no LoRAs yet: those controls hide
+    assert u["clip_skip"]["visible"] is u["lora_row"]["visible"] is (kind is SD1)
+    assert u["shown"] == controls_for(kind)
+
+
+def test_sd_keeps_every_sampler_and_flux_offers_only_euler() -> None:
+    assert len(updates(SD1)["sampler"]["choices"]) > 10
+    assert "DPM++ 2M Karras" in updates(SD1)["sampler"]["choices"]
+    assert updates(DEV)["sampler"]["choices"] == ["Euler"]
+    assert updates(DEV)["cfg"]["info"] == TRUE_CFG_INFO
+
+
+def test_switching_between_sd_models_keeps_the_users_values() -> None:
+    u = updates(SDXL, shown=controls_for(SD1), cfg=5.5)
+    assert all("value" not in u[name] for name in ("sampler", "steps", "cfg", "distilled"))
+    assert u["negative"]["label"] == NEGATIVE_LABEL
+
+
+def test_flux_negative_prompt_counts_above_cfg_1() -> None:
+    dev = controls_for(DEV)
+    assert updates(DEV, shown=dev, cfg=1.0)["negative"]["label"] == NEGATIVE_UNUSED_LABEL
+    assert updates(DEV, shown=dev, cfg=2.0)["negative"]["label"] == NEGATIVE_LABEL
+    # back to SD from FLUX: SD's values again
+    assert updates(SD1, shown=dev, cfg=1.0)["cfg"]["value"] == 7.0

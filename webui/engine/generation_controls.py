@@ -1,0 +1,52 @@
+"""What txt2img offers for a model family: its defaults and which controls apply, read from
+the family's recipe (one row per recipe type), so the UI never branches on architectures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from webui.engine import flux_recipe
+from webui.engine.checkpoints import ModelKind
+from webui.engine.recipe import GenerationDefaults
+from webui.engine.recipes import recipe_for
+from webui.engine.samplers import FLOW_MATCH_EULER, sampler_names
+
+SD_SIZE_STEP = 8  # the VAE's downscale; GenerationRequest.validate's multiple
+
+
+@dataclass(frozen=True)
+class GenerationControls:
+    """The loaded family's defaults and capabilities; two families with equal controls (SD1 and
+    SDXL) look the same to the page, so switching between them keeps the user's values."""
+
+    defaults: GenerationDefaults
+    samplers: tuple[str, ...]
+    size_step: int
+    distilled_cfg: bool  # a distilled-guidance input (FLUX.1 [dev])
+    negative_needs_cfg: bool  # the negative prompt counts only with CFG above 1 (true CFG)
+    clip_skip: bool  # the prompt goes through CLIP's layers only (SD), so a skip means something
+    loras: bool  # LoRAs are applied (their backend and trigger words mean something)
+
+
+def controls_for(kind: ModelKind) -> GenerationControls:
+    """The controls of a model of this kind."""
+    recipe = recipe_for(kind)
+    if isinstance(recipe, flux_recipe.FluxRecipe):
+        return GenerationControls(
+            defaults=recipe.defaults,
+            samplers=(FLOW_MATCH_EULER.name,),
+            size_step=flux_recipe.SIZE_MULTIPLE,
+            distilled_cfg=recipe.guided,
+            negative_needs_cfg=True,
+            clip_skip=False,
+            loras=recipe.applies_loras,
+        )
+    return GenerationControls(
+        defaults=recipe.defaults,
+        samplers=tuple(sampler_names()),
+        size_step=SD_SIZE_STEP,
+        distilled_cfg=False,
+        negative_needs_cfg=False,
+        clip_skip=True,
+        loras=recipe.applies_loras,
+    )

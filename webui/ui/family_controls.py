@@ -1,0 +1,76 @@
+"""txt2img's generation controls follow the loaded model's family: `family_updates` is the one
+place that turns the engine's `GenerationControls` into Gradio updates (on page load, after a
+model switch, after a generation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from webui.engine.generation_controls import GenerationControls
+from webui.engine.request import DEFAULT_DISTILLED_CFG
+
+SAMPLER_INFO = "A1111's sampler names; Karras/exponential variants change the noise schedule"
+FLOW_SAMPLER_INFO = "flow matching: this model family takes Euler only"
+CFG_INFO = "how closely the image follows the prompt; 1 or less turns guidance off"
+TRUE_CFG_INFO = "above 1: real CFG with the negative prompt, twice as slow"
+DISTILLED_CFG_INFO = "FLUX.1 [dev]'s guidance input: how closely the image follows the prompt"
+NEGATIVE_LABEL = "Negative prompt"
+NEGATIVE_INFO = "what the image should not show (LoRA tags here are ignored)"
+NEGATIVE_UNUSED_LABEL = "Negative prompt (unused at CFG scale 1)"
+NEGATIVE_UNUSED_INFO = "this model uses it only with CFG scale above 1 (true CFG, twice as slow)"
+UNUSED_CLASS = "lw-unused"
+
+
+def width_info(step: int) -> str:
+    return f"pixels, a multiple of {step}; best near the model's size (SD1 512, SDXL 1024)"
+
+
+def height_info(step: int) -> str:
+    return f"pixels, a multiple of {step}"
+
+
+def negative_update(controls: GenerationControls, cfg: float) -> Any:
+    """The negative prompt box, marked unused while the family ignores it at this CFG."""
+    if controls.negative_needs_cfg and cfg <= 1:
+        return gr.update(
+            label=NEGATIVE_UNUSED_LABEL, info=NEGATIVE_UNUSED_INFO, elem_classes=[UNUSED_CLASS]
+        )
+    return gr.update(label=NEGATIVE_LABEL, info=NEGATIVE_INFO, elem_classes=[])
+
+
+def family_updates(
+    controls: GenerationControls, shown: GenerationControls | None, cfg: float
+) -> list[Any]:
+    """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
+    options' row, negative prompt, shown):
+    the controls that apply to `controls`' family shown, the others hidden. Values go back to
+    the family's defaults only when the page showed other controls (`shown`), so a switch
+    between two SD models keeps the user's settings."""
+    reset = controls != shown
+    defaults = controls.defaults
+
+    def value(default: Any) -> dict[str, Any]:
+        return {"value": default} if reset else {}
+
+    step = controls.size_step
+    return [
+        gr.update(
+            choices=list(controls.samplers),
+            info=SAMPLER_INFO if len(controls.samplers) > 1 else FLOW_SAMPLER_INFO,
+            **value(defaults.sampler),
+        ),
+        gr.update(**value(defaults.steps)),
+        gr.update(step=step, info=width_info(step)),
+        gr.update(step=step, info=height_info(step)),
+        gr.update(
+            info=TRUE_CFG_INFO if controls.negative_needs_cfg else CFG_INFO,
+            **value(defaults.cfg_scale),
+        ),
+        gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
+        gr.update(visible=controls.clip_skip),
+        gr.update(visible=controls.loras),
+        negative_update(controls, defaults.cfg_scale if reset else cfg),
+        controls,
+    ]
