@@ -184,8 +184,9 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory) -> None:
                 page.locator("#txt2img-batch-size input[type='number']").press("Enter")
                 page.locator("#txt2img-generate").click()
                 expect(info).to_contain_text("Seed: 100,")
-                expect(page.locator("#txt2img-gallery img")).to_have_count(3)
-                page.locator("#txt2img-gallery img").nth(2).click()
+                # the batch's grid comes first (as A1111), then the three images
+                expect(page.locator("#txt2img-gallery img")).to_have_count(4)
+                page.locator("#txt2img-gallery img").nth(3).click()
                 expect(info).to_contain_text("Seed: 102,")
                 SHOTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SHOTS / "txt2img.png"), full_page=True)
