@@ -1,7 +1,8 @@
 """The UI tells the truth, in a real browser (Playwright + the system Chromium): the model picker
 names the loaded model after reloads, refreshes and restarts; the trigger-word mode is each
-page's own; settings survive a restart; keyboard shortcuts; the gallery shows whole images and
-the infotext of the selected one. Several checks share one page: the browser is slow here."""
+page's own; settings survive a restart; keyboard shortcuts; a LoRA deleted after the page loaded
+is a warning and the image is still made; the gallery shows whole images and the infotext of the
+selected one. Several checks share one page: the browser is slow here."""
 
 from __future__ import annotations
 
@@ -162,6 +163,17 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory) -> None:
                 saved = list((folders / "outputs" / "txt2img-images").glob("*/00000-*.png"))
                 assert len(saved) >= 1
                 expect(page.locator("#txt2img-infotext")).to_contain_text("txt2img-images")
+
+                # LoRA files deleted after the page loaded: a warning naming each, and the
+                # image is made with the LoRA that is still there
+                (folders / "loras" / "paper_cutout.safetensors").unlink()
+                prompt.fill("a fox <lora:paper_cutout:0.8> <lora:styles/ink_wash:0.5>")
+                page.locator("#txt2img-generate").click()
+                warnings = page.locator("#txt2img-warnings")
+                expect(warnings).to_contain_text("paper_cutout")
+                expect(info).to_contain_text("a fox")
+                expect(info).to_contain_text("ink_wash")
+                expect(page.locator("#txt2img-gallery img")).to_have_count(1)
 
                 # a wide image is shown whole; image 3 of a batch shows its own infotext
                 prompt.fill("a wide fox")
