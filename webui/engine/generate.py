@@ -238,6 +238,11 @@ class Engine:
         names = [c.name for c in self.checkpoints()]
         return names or [DEMO_MODEL_NAME]
 
+    def model_picker_choices(self) -> list[tuple[str, str]]:
+        """(label, name) pairs for the model dropdown: labels say "v-pred", values stay names."""
+        pairs = [(c.picker_label, c.name) for c in self.checkpoints()]
+        return pairs or [(DEMO_MODEL_NAME, DEMO_MODEL_NAME)]
+
     def load(self, name: str) -> LoadedModel:
         """Load a checkpoint by name (or the demo model), replacing the current one."""
         with self._lock:
