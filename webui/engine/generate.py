@@ -91,10 +91,12 @@ class GenerationResult:
 
 
 class Stage(StrEnum):
-    """What a running generation is doing."""
+    """What a running job is doing."""
 
     LORAS = "loras"  # writing LoRA weights: steps count modules
     DENOISE = "denoise"  # denoising: steps count sampler steps over the whole request
+    EXTRACT = "extract"  # the Tools tab's LoRA extraction: steps count modules factorized
+    BAKE = "bake"  # baking LoRAs into a checkpoint: steps count load, apply, save
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Progress:
     image_index: int = 0  # first image of the batch being denoised
     stage: Stage = Stage.DENOISE
     preview: Image.Image | None = None  # the first image's live preview, every N steps
+    what: str = ""  # a tool's current item or phase ("loading tiny.safetensors", a module)
 
     @property
     def fraction(self) -> float:
@@ -113,14 +116,24 @@ class Progress:
 
     @property
     def unit(self) -> str:
-        return "modules" if self.stage is Stage.LORAS else "steps"
+        return _UNITS[self.stage]
 
     @property
     def description(self) -> str:
         """One line for a progress bar."""
         if self.stage is Stage.LORAS:
             return f"Applying LoRAs: {self.step}/{self.total} modules"
-        return f"Step {self.step}/{self.total}"
+        if self.stage is Stage.DENOISE:
+            return f"Step {self.step}/{self.total}"
+        return self.what or f"{self.stage.value.capitalize()}: {self.step}/{self.total}"
+
+
+_UNITS = {
+    Stage.LORAS: "modules",
+    Stage.DENOISE: "steps",
+    Stage.EXTRACT: "modules",
+    Stage.BAKE: "stages",
+}
 
 
 ProgressCallback = Callable[[Progress], None]
