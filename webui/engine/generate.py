@@ -519,15 +519,23 @@ class Engine:
             for c, route in zip(chosen, routed.routes, strict=True)
         ]
 
+    @staticmethod
+    def embedding_widths(model: LoadedModel | None) -> tuple[int, ...] | None:
+        """The token-embedding widths of the model's text encoders, which an embedding must
+        match; None when there is no model or its family takes no textual inversions."""
+        if model is None or not recipe_for(model.kind).uses_embeddings:
+            return None
+        encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
+        return tuple(token_embedding(te).embedding_dim for te in encoders if te is not None)
+
     def _usable_embeddings(
         self, model: LoadedModel, applied: Sequence[ChosenNetwork], warnings: list[str]
     ) -> list[Embedding]:
         """The folder's embeddings and those bundled in the applied LoRAs that fit the model's
         text encoders; unreadable ones become warnings."""
-        if not recipe_for(model.kind).uses_embeddings:
+        widths = self.embedding_widths(model)
+        if widths is None:
             return []
-        encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
-        widths = [token_embedding(te).embedding_dim for te in encoders if te is not None]
         loras = [(a.name, a.network.path) for a in applied]
         usable, problems = self.embeddings.active(widths, loras)
         warnings.extend(problems)
