@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from webui.api.auth import Credential
+    from webui.engine.generate import Progress
     from webui.networks.format import ModelCheck, Network
 
 log = logging.getLogger("app")
@@ -282,7 +283,6 @@ def run_generate(args: argparse.Namespace) -> int:
         DEMO_MODEL_NAME,
         Engine,
         GenerationRequest,
-        Progress,
         RequestError,
     )
     from webui.engine.infotext import save_png
@@ -408,7 +408,7 @@ def run_merge(args: argparse.Namespace) -> int:
             loras,
             args.out,
             _cpu_dtype(args),
-            progress=lambda message: print(message, file=sys.stderr, flush=True),
+            progress=lambda step: print(step.what, file=sys.stderr, flush=True),
         )
     except (MergeError, CheckpointError, NetworkFileError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -444,8 +444,8 @@ def run_extract(args: argparse.Namespace) -> int:
     )
     from webui.networks.format import NetworkFileError
 
-    def report(done: int, total: int, what: str) -> None:
-        print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+    def report(step: Progress) -> None:
+        print(f"[{step.step}/{step.total}] {step.what}", file=sys.stderr, flush=True)
 
     options = {"device": device, "dtype": _cpu_dtype(args), "progress": report}
     try:

@@ -28,6 +28,7 @@ from webui.engine.extract import (
     strengths_text,
     uniform_strength,
 )
+from webui.engine.generate import Progress, Stage
 from webui.engine.merge import merge_checkpoint
 from webui.layouts.unet import unet_module_names
 from webui.networks.apply.extract import EXTRACTION_METADATA_KEY, RankRule, kohya_name
@@ -197,17 +198,18 @@ def test_two_checkpoints_that_differ_by_a_lora_give_it_back(combination, tmp_pat
     tuned = tmp_path / "tuned.safetensors"
     merge_checkpoint(model, [(lora, 1.0)], tuned)
     out = tmp_path / "difference.safetensors"
-    steps: list[tuple[int, int, str]] = []
+    steps: list[Progress] = []
 
     result = extract_difference(
-        model, tuned, out, RankRule(rank=SOURCE_RANK), progress=lambda *s: steps.append(s)
+        model, tuned, out, RankRule(rank=SOURCE_RANK), progress=steps.append
     )
 
     assert_close(weights(load(tuned).pipe), patched(model, [(out, 1.0)])[0])
     assert_close(diffusers_fused(model, [(lora, 1.0)]), diffusers_fused(model, [(out, 1.0)]))
     assert len(result.modules) == len(load_network(lora).modules)
     assert result.overall_error < 1e-5
-    assert steps[-1][0] == steps[-1][1] and len(steps) > len(result.modules)
+    assert steps[-1].step == steps[-1].total and len(steps) > len(result.modules)
+    assert {step.stage for step in steps} == {Stage.EXTRACT}
     with safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()
     assert json.loads(metadata[EXTRACTION_METADATA_KEY])["tuned_model"] == "tuned.safetensors"

@@ -98,6 +98,11 @@ class CheckpointFile:
         """ "v-pred" for a file declared v-prediction (the model picker shows it), else ""."""
         return "v-pred" if self.prediction is Prediction.V else ""
 
+    @property
+    def picker_label(self) -> str:
+        """The model picker's label: the name, with the prediction label when there is one."""
+        return f"{self.name} ({self.prediction_label})" if self.prediction_label else self.name
+
 
 @dataclass(frozen=True)
 class ModelKind:

@@ -20,6 +20,7 @@ import torch
 
 from webui.arch import Prediction
 from webui.engine.checkpoints import LoadedModel, ModelKind, checkpoint_from_path, load_checkpoint
+from webui.engine.generate import Progress, ProgressCallback, Stage
 from webui.engine.merge import (
     MergeError,
     check_bases,
@@ -51,8 +52,8 @@ from webui.networks.library import read_civitai_info, read_user_metadata, split_
 
 log = logging.getLogger(__name__)
 
-# (done, total, what): modules done of all, and what is being worked on.
-ProgressCallback = Callable[[int, int, str], None]
+# (done, total, what): modules done of all, and what is being worked on; callers get `Progress`
+_Step = Callable[[int, int, str], None]
 # Modules patched at once when reading a combination's deltas (bounds the backups' memory).
 CHUNK_MODULES = 64
 # A checkpoint difference below this (relative to the weight) is rounding, not fine-tuning.
@@ -194,7 +195,7 @@ def extract_combination(
     strength, a LoRA of another base or one that matches nothing, or a bad output path;
     CheckpointError / NetworkFileError / FileNotFoundError for unreadable inputs."""
     started = time.perf_counter()
-    report = progress or _quiet
+    report = _steps(progress)
     if not parts:
         raise ExtractionError("no LoRA to extract from")
     for part in parts:
@@ -251,7 +252,7 @@ def extract_difference(
     weight are left out). Raises ExtractionError for checkpoints of different architectures or
     shapes, or ones that do not differ."""
     started = time.perf_counter()
-    report = progress or _quiet
+    report = _steps(progress)
     _check_output(out, [base_path, tuned_path])
     base_file, tuned_file = checkpoint_from_path(base_path), checkpoint_from_path(tuned_path)
     report(0, 1, f"loading {base_file.path.name}")
@@ -384,7 +385,7 @@ class _Extraction:
         device: torch.device,
         dtype: torch.dtype,
         total: int,
-        progress: ProgressCallback,
+        progress: _Step,
     ) -> None:
         self.kind = model.kind
         self.rule, self.device, self.dtype = rule, device, dtype
@@ -505,5 +506,11 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _quiet(done: int, total: int, what: str) -> None:
-    pass
+def _steps(progress: ProgressCallback | None) -> _Step:
+    """The extraction's (done, total, what) steps as the engine's `Progress` (stage EXTRACT)."""
+
+    def step(done: int, total: int, what: str) -> None:
+        if progress is not None:
+            progress(Progress(done, total, stage=Stage.EXTRACT, what=what))
+
+    return step

@@ -91,10 +91,12 @@ class GenerationResult:
 
 
 class Stage(StrEnum):
-    """What a running generation is doing."""
+    """What a running job is doing."""
 
     LORAS = "loras"  # writing LoRA weights: steps count modules
     DENOISE = "denoise"  # denoising: steps count sampler steps over the whole request
+    EXTRACT = "extract"  # the Tools tab's LoRA extraction: steps count modules factorized
+    BAKE = "bake"  # baking LoRAs into a checkpoint: steps count load, apply, save
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Progress:
     image_index: int = 0  # first image of the batch being denoised
     stage: Stage = Stage.DENOISE
     preview: Image.Image | None = None  # the first image's live preview, every N steps
+    what: str = ""  # a tool's current item or phase ("loading tiny.safetensors", a module)
 
     @property
     def fraction(self) -> float:
@@ -113,14 +116,24 @@ class Progress:
 
     @property
     def unit(self) -> str:
-        return "modules" if self.stage is Stage.LORAS else "steps"
+        return _UNITS[self.stage]
 
     @property
     def description(self) -> str:
         """One line for a progress bar."""
         if self.stage is Stage.LORAS:
             return f"Applying LoRAs: {self.step}/{self.total} modules"
-        return f"Step {self.step}/{self.total}"
+        if self.stage is Stage.DENOISE:
+            return f"Step {self.step}/{self.total}"
+        return self.what or f"{self.stage.value.capitalize()}: {self.step}/{self.total}"
+
+
+_UNITS = {
+    Stage.LORAS: "modules",
+    Stage.DENOISE: "steps",
+    Stage.EXTRACT: "modules",
+    Stage.BAKE: "stages",
+}
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -237,6 +250,11 @@ class Engine:
         """Names for the model dropdown; the demo model when `models/` holds none."""
         names = [c.name for c in self.checkpoints()]
         return names or [DEMO_MODEL_NAME]
+
+    def model_picker_choices(self) -> list[tuple[str, str]]:
+        """(label, name) pairs for the model dropdown: labels say "v-pred", values stay names."""
+        pairs = [(c.picker_label, c.name) for c in self.checkpoints()]
+        return pairs or [(DEMO_MODEL_NAME, DEMO_MODEL_NAME)]
 
     def load(self, name: str) -> LoadedModel:
         """Load a checkpoint by name (or the demo model), replacing the current one."""
@@ -501,15 +519,23 @@ class Engine:
             for c, route in zip(chosen, routed.routes, strict=True)
         ]
 
+    @staticmethod
+    def embedding_widths(model: LoadedModel | None) -> tuple[int, ...] | None:
+        """The token-embedding widths of the model's text encoders, which an embedding must
+        match; None when there is no model or its family takes no textual inversions."""
+        if model is None or not recipe_for(model.kind).uses_embeddings:
+            return None
+        encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
+        return tuple(token_embedding(te).embedding_dim for te in encoders if te is not None)
+
     def _usable_embeddings(
         self, model: LoadedModel, applied: Sequence[ChosenNetwork], warnings: list[str]
     ) -> list[Embedding]:
         """The folder's embeddings and those bundled in the applied LoRAs that fit the model's
         text encoders; unreadable ones become warnings."""
-        if not recipe_for(model.kind).uses_embeddings:
+        widths = self.embedding_widths(model)
+        if widths is None:
             return []
-        encoders = [model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)]
-        widths = [token_embedding(te).embedding_dim for te in encoders if te is not None]
         loras = [(a.name, a.network.path) for a in applied]
         usable, problems = self.embeddings.active(widths, loras)
         warnings.extend(problems)

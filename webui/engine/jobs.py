@@ -23,6 +23,11 @@ from webui.engine.generate import (
 )
 
 T = TypeVar("T")
+_TOOL_STAGES = frozenset({Stage.EXTRACT, Stage.BAKE})
+
+
+class JobInterrupted(Exception):
+    """A tool job (extract, bake) stopped by `interrupt()`; it wrote nothing."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +167,14 @@ class JobQueue:
             )
 
     def _record(self, progress: Progress) -> None:
-        """Keep denoising progress for `status()` (what A1111's API reports as steps)."""
-        if progress.stage is not Stage.DENOISE:
+        """Keep denoising and tool progress for `status()` (what A1111's API reports as steps);
+        an interrupted tool job stops here, at its next step, before it writes anything."""
+        if progress.stage is Stage.LORAS:
             return
         with self._turns:
+            if self._interrupted and progress.stage in _TOOL_STAGES:
+                name = self._running.name if self._running else "job"
+                raise JobInterrupted(f"{name} interrupted; nothing was written")
             if self._running is not None:
                 self._running.step, self._running.total = progress.step, progress.total
                 if progress.preview is not None:

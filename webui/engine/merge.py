@@ -29,6 +29,7 @@ from webui.engine.checkpoints import (
     save_folder,
     save_single_file,
 )
+from webui.engine.generate import Progress, ProgressCallback, Stage
 from webui.networks.apply import NetworkPatcher, NetworkReport
 from webui.networks.format import (
     Network,
@@ -156,7 +157,7 @@ def merge_checkpoint(
     out: Path,
     dtype: torch.dtype = torch.float32,
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> MergeResult:
     """Write `model_path` with `loras` (file, strength) baked in to `out`, in the input's layout.
 
@@ -166,7 +167,7 @@ def merge_checkpoint(
     writing anything) for an output equal to the input, LoRAs of another base, or LoRAs that
     change nothing; CheckpointError / NetworkFileError / FileNotFoundError for unreadable inputs.
     """
-    say = progress or (lambda _message: None)
+    say = _stages(progress)
     started = time.perf_counter()
     if not loras:
         raise MergeError("no LoRA to merge")
@@ -211,6 +212,20 @@ def merge_checkpoint(
         kept_tensors=kept,
         seconds=time.perf_counter() - started,
     )
+
+
+_STAGES = ("loading", "applying", "saving")
+
+
+def _stages(progress: ProgressCallback | None) -> Callable[[str], None]:
+    """Each phase message (starting with one of `_STAGES`) as the engine's `Progress`."""
+
+    def say(message: str) -> None:
+        if progress is not None:
+            done = next(i for i, stage in enumerate(_STAGES) if message.startswith(stage))
+            progress(Progress(done, len(_STAGES), stage=Stage.BAKE, what=message))
+
+    return say
 
 
 def _merge_metadata(

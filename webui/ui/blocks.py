@@ -68,12 +68,14 @@ def _model_status(engine: Engine) -> str:
 KEYBOARD_JS = (Path(__file__).with_name("static") / "keyboard.js").read_text(encoding="utf-8")
 
 
-def picker_values(engine: Engine) -> tuple[list[str], str]:
-    """The model picker's choices and value: the loaded model (or, before any has loaded, the
-    one that will load), listed even when `models/` no longer holds it (the demo model)."""
-    choices = engine.model_choices()
+def picker_values(engine: Engine) -> tuple[list[tuple[str, str]], str]:
+    """The model picker's (label, name) choices and value: the loaded model (or, before any has
+    loaded, the one that will load), listed even when `models/` no longer holds it (the demo
+    model)."""
+    choices = engine.model_picker_choices()
     current = engine.model.name if engine.model else engine.default_model()
-    return (choices if current in choices else [*choices, current]), current
+    listed = any(name == current for _, name in choices)
+    return (choices if listed else [*choices, (current, current)]), current
 
 
 def build_ui(engine: Engine) -> gr.Blocks:

@@ -157,6 +157,55 @@ def render_grid(cards: Sequence[Card], hidden: int = 0, folder_exists: bool = Tr
 
 
 @dataclass(frozen=True)
+class EmbeddingCard:
+    """One textual-inversion embedding of `embeddings/`: a click writes its name in the prompt."""
+
+    name: str  # what the prompt writes
+    vectors: int
+    encoders: tuple[str, ...]  # A1111's names: ("clip",) or ("clip_l", "clip_g")
+    error: str | None = None
+    compatible: bool = True  # its widths match the loaded model's text encoders
+
+
+def encoders_label(encoders: Sequence[str]) -> str:
+    """ "CLIP" for one encoder, "CLIP-L+G" for SDXL's pair."""
+    if tuple(encoders) == ("clip",):
+        return "CLIP"
+    return "CLIP-" + "+".join(e.removeprefix("clip_").upper() for e in encoders)
+
+
+def render_embedding_card(card: EmbeddingCard) -> str:
+    classes = ["lw-card", "lw-embedding"]
+    if not card.compatible:
+        classes.append("lw-incompatible")
+    if card.error:
+        classes.append("lw-error")
+        note = f"<div class='lw-card-note lw-card-note-error'>{html.escape(card.error)}</div>"
+    else:
+        vectors = f"{card.vectors} vector" + ("s" if card.vectors != 1 else "")
+        note = f"<div class='lw-card-note'>{vectors} · {encoders_label(card.encoders)}</div>"
+    return (
+        f"<div class='{' '.join(classes)}' data-embedding='{_attr(card.name)}' role='button' "
+        f"tabindex='0' title='Click: add “{_attr(card.name)}” to the prompt'>"
+        f"<div class='lw-card-thumb'><div class='lw-card-badges'>"
+        f"<span class='lw-badge lw-badge-embedding'>embedding</span></div></div>"
+        f"<div class='lw-card-body'><div class='lw-card-title'>{html.escape(card.name)}</div>"
+        f"{note}</div></div>"
+    )
+
+
+def render_embedding_grid(cards: Sequence[EmbeddingCard], hidden: int = 0) -> str:
+    """The embeddings section under the LoRA grid; nothing when there is none to show."""
+    if not cards:
+        return ""
+    summary = f"Embeddings: {len(cards)} shown" + (
+        f" · {hidden} not for this model" if hidden else ""
+    )
+    body = "".join(render_embedding_card(card) for card in cards)
+    return f"<div class='lw-grid-summary'>{summary}</div><div class='lw-grid'>{body}</div>"
+
+
+@dataclass(frozen=True)
 class Details:
     """What the details panel shows for the selected entry."""
 

@@ -29,8 +29,16 @@ from webui.networks.library import (
     set_preview,
 )
 from webui.ui.messages import user_message, warnings_html
-from webui.ui.networks_cards import Card, Details, render_details, render_grid, summary_rows
-from webui.ui.prompt_edit import add_word, prompt_has_network, toggle_network
+from webui.ui.networks_cards import (
+    Card,
+    Details,
+    EmbeddingCard,
+    render_details,
+    render_embedding_grid,
+    render_grid,
+    summary_rows,
+)
+from webui.ui.prompt_edit import add_word, insert_embedding, prompt_has_network, toggle_network
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +208,31 @@ class NetworksView:
             [self.card(e, prompt or "", selected) for e in shown],
             hidden=len(entries) - len(shown),
             folder_exists=self.index.folder.is_dir(),
-        )
+        ) + self.embedding_grid(filters)
+
+    def embedding_cards(self, filters: Filters) -> tuple[list[EmbeddingCard], int]:
+        """The cards of `embeddings/` matching the search, and how many were left out as not
+        for the loaded model (shown dimmed with "show all")."""
+        widths = Engine.embedding_widths(self.engine.model)
+        query = filters.query.strip().lower()
+        cards: list[EmbeddingCard] = []
+        hidden = 0
+        for info in self.engine.embeddings.infos():
+            if query and query not in info.name.lower():
+                continue
+            fits = widths is None or info.widths == widths  # no model yet: all are shown
+            if not fits and info.error is None and not filters.show_all:
+                hidden += 1
+                continue
+            compatible = fits or info.error is not None
+            cards.append(
+                EmbeddingCard(info.name, info.vector_count, info.encoders, info.error, compatible)
+            )
+        return cards, hidden
+
+    def embedding_grid(self, filters: Filters) -> str:
+        cards, hidden = self.embedding_cards(filters)
+        return render_embedding_grid(cards, hidden)
 
     def details(self, name: str | None) -> Details | None:
         entry = self.entry(name) if name else None
@@ -362,6 +394,9 @@ def build_networks_tab(
         entry = view.entry(name) if name else None
         if kind == "word" and data.get("word"):
             prompt_text = add_word(prompt_text or "", str(data["word"]))
+        elif kind == "embedding" and data.get("name"):
+            prompt_text = insert_embedding(prompt_text or "", str(data["name"]))
+            name, entry = sel, view.entry(sel) if sel else None
         elif kind == "card" and entry is not None:
             prompt_text = toggle_network(prompt_text or "", entry.name, entry.preferred_weight)
         if entry is not None:

@@ -78,3 +78,8 @@ def add_word(prompt: str, word: str) -> str:
     if not word or re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE):
         return prompt
     return append_piece(prompt, word)
+
+
+def insert_embedding(prompt: str, name: str) -> str:
+    """A1111's embedding-card click: the embedding's name after the prompt, unless it is there."""
+    return add_word(prompt, name)

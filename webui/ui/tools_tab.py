@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 import torch
@@ -30,7 +30,8 @@ from webui.engine.extract import (
     strengths_text,
     uniform_strength,
 )
-from webui.engine.generate import Engine
+from webui.engine.generate import Engine, Progress, ProgressCallback
+from webui.engine.jobs import JobInterrupted, JobQueue
 from webui.engine.merge import MergeError, MergeResult, merge_checkpoint
 from webui.engine.network_set import ChosenNetwork, choose_networks
 from webui.networks.apply import RankRule
@@ -50,7 +51,8 @@ TOOLS_CSS = """
 .lw-tool-result td { word-break: break-all; }
 """
 _SAFE_NAME = re.compile(r"^[\w][\w .+-]*$")
-_EXPECTED = (ExtractionError, MergeError, NetworkFileError, ValueError)
+_EXPECTED = (ExtractionError, MergeError, NetworkFileError, ValueError, JobInterrupted)
+T = TypeVar("T")
 
 
 class Source(StrEnum):
@@ -193,11 +195,20 @@ def last_generation_html(engine: Engine) -> str:
 ProgressFn = Callable[..., Any]
 
 
-def _progress_callback(progress: ProgressFn) -> Callable[[int, int, str], None]:
-    def report(done: int, total: int, what: str) -> None:
-        progress((done, total), desc=what, unit="modules")
+def _in_turn(
+    engine: Engine, name: str, progress: ProgressFn, work: Callable[[ProgressCallback], T]
+) -> T:
+    """Run `work` as job `name` in the engine's queue (after the generations before it), its
+    `Progress` shown both on the form's bar and by `/sdapi/v1/progress`."""
 
-    return report
+    def job(record: ProgressCallback) -> T:
+        def report(step: Progress) -> None:
+            record(step)
+            progress((step.step, step.total), desc=step.description, unit=step.unit)
+
+        return work(report)
+
+    return JobQueue.for_engine(engine).run(name, job)
 
 
 def _error_html(exc: BaseException) -> str:
@@ -219,12 +230,18 @@ def _extraction_html(
     the settings' device: the result table, or one error line."""
     try:
         extract = prepare()
-        result = extract(
-            output_path(engine.settings.loras_dir, out_name, ".safetensors"),
-            rank.rule(),
-            device=engine.settings.torch_device(),
-            dtype=PRECISIONS[precision],
-            progress=_progress_callback(progress),
+        out = output_path(engine.settings.loras_dir, out_name, ".safetensors")
+        result = _in_turn(
+            engine,
+            "extract",
+            progress,
+            lambda report: extract(
+                out,
+                rank.rule(),
+                device=engine.settings.torch_device(),
+                dtype=PRECISIONS[precision],
+                progress=report,
+            ),
         )
     except Exception as exc:  # one line in the form; unexpected ones are logged in full
         return _error_html(exc)
@@ -298,14 +315,13 @@ def run_bake(
         out = output_path(
             engine.settings.models_dir, out_name, "" if folder_output else ".safetensors"
         )
-        stages = ("loading", "applying", "saving")
-
-        def report(message: str) -> None:
-            done = next((i for i, s in enumerate(stages) if message.startswith(s)), 0)
-            progress((done, len(stages)), desc=message, unit="stages")
-
-        result = merge_checkpoint(
-            checkpoint.path, loras, out, PRECISIONS[precision], progress=report
+        result = _in_turn(
+            engine,
+            "bake",
+            progress,
+            lambda report: merge_checkpoint(
+                checkpoint.path, loras, out, PRECISIONS[precision], progress=report
+            ),
         )
     except Exception as exc:  # one line in the form; unexpected ones are logged in full
         return _error_html(exc)

@@ -10,6 +10,11 @@ element.addEventListener('click', (event) => {
     event.stopPropagation();
     return;
   }
+  const embedding = event.target.closest('[data-embedding]');
+  if (embedding) {
+    trigger('click', { kind: 'embedding', name: embedding.dataset.embedding });
+    return;
+  }
   const chip = event.target.closest('[data-word]');
   const holder = event.target.closest('[data-lora]');
   const name = holder ? holder.dataset.lora : '';
@@ -32,6 +37,10 @@ element.addEventListener('keydown', (event) => {
   const inBox = event.target.closest('.lw-strength');
   if (card && (event.key === 'Enter' || (event.key === ' ' && !inBox))) {
     event.preventDefault();
+    if (card.dataset.embedding) {
+      trigger('click', { kind: 'embedding', name: card.dataset.embedding });
+      return;
+    }
     trigger('click', { kind: 'card', name: card.dataset.lora, weight: strengthOf(card) });
   }
 });
