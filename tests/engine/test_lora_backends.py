@@ -25,7 +25,7 @@ from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest, GenerationResult, Progress, Stage
 from webui.engine.infotext import Infotext, parse_infotext
 from webui.engine.jobs import JobQueue
-from webui.engine.lora_backends import choose_backend, native_problem
+from webui.engine.lora_backends import NativeFit, choose_backend, native_fit, native_problem
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.apply.diffusers_backend import has_peft_layers
 from webui.networks.apply.keys import KeyMap
@@ -133,15 +133,15 @@ def test_diffusers_backend_matches_native(engine: Engine, tag: str) -> None:
 
 
 def test_auto_mixes_backends_per_lora(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A LoRA native cannot map goes to diffusers, the others stay native, in one prompt."""
-    real = native_problem
+    """A LoRA native maps nothing of goes to diffusers, the others stay native, in one prompt."""
+    real = native_fit
 
-    def problem(network, keymap):  # native pretends it cannot map the LoCon
-        return (
-            "3 module(s) native does not map" if network.name == "locon" else real(network, keymap)
-        )
+    def fit(network, keymap):  # native pretends it maps nothing of the LoCon
+        if network.name == "locon":
+            return NativeFit(0, 3, "3 module(s) native does not map")
+        return real(network, keymap)
 
-    monkeypatch.setattr("webui.engine.lora_backends.native_problem", problem)
+    monkeypatch.setattr("webui.engine.lora_backends.native_fit", fit)
     with one_torch_thread():
         base, _ = render(engine, "a cat")
         weights = model_weights(engine)
@@ -150,7 +150,7 @@ def test_auto_mixes_backends_per_lora(engine: Engine, monkeypatch: pytest.Monkey
         assert int(np.abs(native - mixed).max()) <= MAX_PIXEL_DIFF
         ink, locon = result.lora_routes
         assert (ink.backend, locon.backend) == (LoraBackend.NATIVE, LoraBackend.DIFFUSERS)
-        assert locon.reason == "auto: native cannot, 3 module(s) native does not map"
+        assert locon.reason == "auto: native maps none of it (3 module(s) native does not map)"
         assert ink.applied and locon.applied
         text = result.images[0].infotext.format()
         assert 'Lora backend: "ink=native, locon=diffusers"' in text
@@ -195,16 +195,27 @@ def test_fused_fallback_then_native_restores_exactly(folders: Path, tmp_path: Pa
 
 
 def test_choose_backend_rules() -> None:
+    """auto never drops what it can apply: native takes every file it maps, in full or in part
+    (naming what is left out); diffusers only a file native maps nothing of."""
     auto = LoraBackend.AUTO
-    assert choose_backend("a", auto, None, None).backend is LoraBackend.NATIVE
-    route = choose_backend("a", auto, "2 module(s) native does not map", None)
+    full, part = NativeFit(5, 5, None), NativeFit(3, 5, "2 module(s) native does not map")
+    nothing = NativeFit(0, 5, "5 module(s) native does not map")
+    assert choose_backend("a", auto, full, None).backend is LoraBackend.NATIVE
+    partial = choose_backend("a", auto, part, None)  # even when diffusers could load it
+    assert partial.backend is LoraBackend.NATIVE
+    assert partial.reason == (
+        "auto: native applies 3 of 5 modules; left out: 2 module(s) native does not map"
+    )
+    route = choose_backend("a", auto, nothing, None)
     assert route.backend is LoraBackend.DIFFUSERS
-    assert route.reason == "auto: native cannot, 2 module(s) native does not map"
-    both = choose_backend("a", auto, "x", "loha layers")
-    assert both.backend is LoraBackend.NATIVE and "diffusers cannot (loha layers)" in both.reason
-    forced = choose_backend("a", LoraBackend.DIFFUSERS, None, "loha layers")
+    assert route.reason == "auto: native maps none of it (5 module(s) native does not map)"
+    neither = choose_backend("a", auto, nothing, "loha layers")
+    assert (
+        neither.backend is LoraBackend.NATIVE and "diffusers cannot (loha layers)" in neither.reason
+    )
+    forced = choose_backend("a", LoraBackend.DIFFUSERS, full, "loha layers")
     assert forced.backend is LoraBackend.DIFFUSERS
-    assert choose_backend("a", LoraBackend.NATIVE, "x", None).backend is LoraBackend.NATIVE
+    assert choose_backend("a", LoraBackend.NATIVE, part, None).backend is LoraBackend.NATIVE
 
 
 def test_native_problem_names_unmatched_modules(folders: Path) -> None:

@@ -1,8 +1,9 @@
 """Which backend applies each LoRA of a prompt, and both backends driven as one.
 
-`auto` gives a LoRA to the native patcher when native understands and maps every module of it,
-and to the diffusers fallback when native cannot but diffusers can load it; a prompt may mix
-both. `native` and `diffusers` force one backend for every LoRA.
+`auto` never drops what it can apply: it gives the native patcher every file it maps (in full,
+or in part with a message naming what is left out), and the diffusers fallback only a file
+native maps nothing of and diffusers can load; a prompt may mix both. `native` and `diffusers`
+force one backend for every LoRA.
 
 Order, so that the two never corrupt each other's weights: fused fallback deltas are taken out
 (exactly) before the native patcher writes, and the fallback fuses only when native applies
@@ -48,39 +49,73 @@ class LoraRoute:
         return f"{self.name}: {self.backend.value} backend, {state} ({self.reason})"
 
 
+@dataclass(frozen=True)
+class NativeFit:
+    """How much of one file the native patcher maps onto this model."""
+
+    mapped: int  # modules native understands and places
+    total: int  # modules in the file (understood or not)
+    problem: str | None  # what is left out, in words (None: nothing)
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def native_fit(network: Network, keymap: KeyMap) -> NativeFit:
+    """What the native patcher can apply of `network` on this model."""
+    match = keymap.match(network.modules)
+    total = len(network.modules) + len(network.unsupported)
+    left_out = []
+    if network.unsupported:
+        left_out.append(f"{len(network.unsupported)} module(s) in a format native does not know")
+    if match.unmatched:
+        left_out.append(
+            f"{len(match.unmatched)} module(s) native does not map to this model, "
+            f"e.g. {match.unmatched[0]}"
+        )
+    return NativeFit(len(match.resolved), total, "; ".join(left_out) or None)
+
+
 def native_problem(network: Network, keymap: KeyMap) -> str | None:
     """Why the native patcher cannot apply all of `network` to this model (None: it can)."""
-    if network.unsupported:
-        return f"{len(network.unsupported)} module(s) in a format native does not know"
-    unmatched = keymap.match(network.modules).unmatched
-    if unmatched:
-        return f"{len(unmatched)} module(s) native does not map to this model, e.g. {unmatched[0]}"
-    return None
+    return native_fit(network, keymap).problem
 
 
 def choose_backend(
     name: str,
     choice: LoraBackend,
-    native: str | None,
+    native: NativeFit,
     diffusers: str | None,
     foreign: str | None = None,
 ) -> LoraRoute:
-    """The backend for one LoRA, given the setting and what each backend cannot do (None: it
-    can); `foreign` is the sentence refusing a file of a family this app does not run."""
+    """The backend for one LoRA, given the setting, what native maps of it and why diffusers
+    cannot load it (None: it can); `foreign` is the sentence refusing a file of a family this
+    app does not run."""
     if foreign is not None:  # a family this app does not run: no backend may write it
         return LoraRoute(name, LoraBackend.NATIVE, foreign)
     if choice is LoraBackend.NATIVE:
         return LoraRoute(name, LoraBackend.NATIVE, "LoRA backend setting: native")
     if choice is LoraBackend.DIFFUSERS:
         return LoraRoute(name, LoraBackend.DIFFUSERS, "LoRA backend setting: diffusers")
-    if native is None:
+    if native.complete:
         return LoraRoute(name, LoraBackend.NATIVE, "auto: native maps every module")
+    if native.mapped:
+        return LoraRoute(
+            name,
+            LoraBackend.NATIVE,
+            f"auto: native applies {native.mapped} of {native.total} modules; "
+            f"left out: {native.problem}",
+        )
     if diffusers is None:
-        return LoraRoute(name, LoraBackend.DIFFUSERS, f"auto: native cannot, {native}")
+        return LoraRoute(
+            name, LoraBackend.DIFFUSERS, f"auto: native maps none of it ({native.problem})"
+        )
     return LoraRoute(
         name,
         LoraBackend.NATIVE,
-        f"auto: native applies what it can; diffusers cannot ({diffusers})",
+        f"auto: neither backend can apply it: native maps none of it ({native.problem}); "
+        f"diffusers cannot ({diffusers})",
     )
 
 
@@ -160,7 +195,7 @@ class LoraBackends:
             choose_backend(
                 c.name,
                 choice,
-                native_problem(c.network, self.keymap),
+                native_fit(c.network, self.keymap),
                 refusal_reason(c.network, self.arch),
                 c.network.base.refusal(c.network.path.name),
             )

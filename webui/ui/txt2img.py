@@ -310,7 +310,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     [c.value for c in LoraBackend],
                     value=engine.settings.lora_backend.value,
                     label="LoRA backend",
-                    info="auto: native where it maps every module, diffusers for what it cannot",
+                    info="auto: native for every file it maps (in full or in part), diffusers for files native maps nothing of",
                     elem_id="txt2img-lora-backend",
                 )
                 limit = engine.settings.auto_trigger_words
