@@ -54,7 +54,9 @@ class PlotProgress:
 
     @property
     def description(self) -> str:
-        return f"Cell {self.cell}/{self.cells}: {self.inner.description}"
+        if self.inner.stage is Stage.LORAS:
+            return f"Cell {self.cell}/{self.cells}: {self.inner.description}"
+        return f"Cell {self.cell}/{self.cells}: Step {self.step}/{self.total}"
 
 
 @dataclass(frozen=True)
