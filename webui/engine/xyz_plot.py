@@ -66,8 +66,9 @@ _STRENGTH_KEYS: dict[AxisKind, str] = {
 }
 
 
-class AxisError(ValueError):
-    """An axis whose values cannot be read; the message names the axis and the value."""
+class AxisError(RequestError):
+    """An axis whose values cannot be read; the message names the axis and the value (a bad
+    request: shown to the user as it is)."""
 
 
 # A1111's four range forms: `a-b` and `a-b (+step)` (ends included), `a-b [count]` (evenly
