@@ -4,9 +4,10 @@ run order and the label layout's sizes."""
 from __future__ import annotations
 
 import pytest
+from PIL import Image, ImageChops
 
 from webui.engine.generate import GenerationRequest
-from webui.engine.xyz_grid import plot_layout
+from webui.engine.xyz_grid import BACKGROUND, draw_plot, plot_layout
 from webui.engine.xyz_plot import (
     AxisChoices,
     AxisError,
@@ -182,3 +183,29 @@ def test_label_layout_follows_a1111_sizes() -> None:
     )
     bare = plot_layout((64, 64), (["a"], [""], [""]), legend=False)
     assert bare.cell_box(0, 0, 0) == (0, 0, 64, 64)
+
+
+def test_z_grids_stand_side_by_side_under_their_labels() -> None:
+    colors = ["red", "green", "blue", "yellow"]  # x fastest, then z (one row)
+    cells = [Image.new("RGB", (64, 64), c) for c in colors]
+    layout = plot_layout((64, 64), (["x: 1", "x: 2"], [""], ["z: a", "z: b"]))
+    image = draw_plot(cells, layout)
+    assert layout.inner is not None and layout.inner.pad_left == 0  # no row labels
+    assert layout.outer is not None
+    grid_w, grid_h = layout.grid_size
+    assert grid_w == 128 and layout.outer.font_size == (grid_w + grid_h) // 25
+    assert image.size == (2 * grid_w, grid_h + layout.outer.pad_top)
+    for index, color in enumerate(colors):
+        box = layout.cell_box(index % 2, 0, index // 2)
+        assert image.crop(box).getcolors() == [
+            (64 * 64, Image.new("RGB", (1, 1), color).getpixel((0, 0)))
+        ]
+    z_strip = image.crop((0, 0, grid_w, layout.outer.pad_top))
+    assert ImageChops.difference(z_strip, Image.new("RGB", z_strip.size, BACKGROUND)).getbbox()
+
+
+def test_missing_cells_are_black_and_no_legend_means_no_strips() -> None:
+    layout = plot_layout((8, 8), (["a", "b"], ["c"], [""]), legend=False)
+    image = draw_plot([Image.new("RGB", (8, 8), "white"), None], layout)
+    assert image.size == (16, 8)
+    assert image.crop(layout.cell_box(1, 0, 0)).getcolors() == [(64, (0, 0, 0))]
