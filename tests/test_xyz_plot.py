@@ -3,7 +3,11 @@ run order and the label layout's sizes."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
 from webui.engine.generate import GenerationRequest
@@ -209,3 +213,18 @@ def test_missing_cells_are_black_and_no_legend_means_no_strips() -> None:
     image = draw_plot([Image.new("RGB", (8, 8), "white"), None], layout)
     assert image.size == (16, 8)
     assert image.crop(layout.cell_box(1, 0, 0)).getcolors() == [(64, (0, 0, 0))]
+
+
+@settings(max_examples=60)
+@given(st.integers(-50, 50), st.integers(0, 30), st.integers(1, 7), st.integers(1, 12))
+def test_integer_range_forms_agree_with_their_definition(
+    start: int, span: int, step: int, count: int
+) -> None:
+    end = start + span
+    assert expand_numbers(f"{start}-{end}", int) == list(range(start, end + 1))
+    stepped = expand_numbers(f"{start}-{end} (+{step})", int)
+    assert stepped[0] == start and stepped[-1] <= end < stepped[-1] + step
+    assert all(b - a == step for a, b in pairwise(stepped))
+    counted = expand_numbers(f"{start}-{end} [{count}]", int)
+    assert len(counted) == count and counted[0] == start
+    assert counted[-1] == (end if count > 1 else start)
