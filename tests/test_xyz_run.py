@@ -157,3 +157,26 @@ def test_interrupt_keeps_the_partial_grid(engine: Engine) -> None:
     assert result.grid is not None
     last = np.asarray(result.grid.image.crop(result.layout.cell_box(3, 0, 0)))
     assert not last.any()  # a cell never run is black
+
+
+def test_checkpoint_axis_loads_each_model_once_and_restores_the_first(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = engine.settings.models_dir
+    shutil.copy(models / "tiny.safetensors", models / "other.safetensors")
+    loads: list[str] = []
+    original = Engine.load
+
+    def load(self: Engine, name: str):
+        loads.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(Engine, "load", load)
+    specs = [AxisSpec(AxisKind.CHECKPOINT, "other, tiny"), AxisSpec(AxisKind.SEED, "1, 2")]
+    plot = prepare_plot(engine, BASE, specs)
+    result = run_plot(engine, plot)
+    # run order: both "other" cells, then both "tiny" cells; then nothing left to restore
+    assert loads == ["other", "tiny"]
+    assert engine.model is not None and engine.model.name == "tiny"
+    models_shown = [c.infotext.params["Model"] for c in result.cells if c is not None]
+    assert models_shown == ["other", "tiny", "other", "tiny"]
