@@ -46,6 +46,7 @@ from webui.ui.family_controls import (
 from webui.ui.gallery_actions import COPY_PARAMETERS_JS, run_items, save_selected
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
+from webui.ui.xyz_panel import RunShape, build_xyz_panel
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ BUTTON_TITLES: dict[str, str] = {
     "txt2img-save": "Save the selected image to outputs/ (when auto-save is off)",
     "txt2img-send-to-png-info": "Open the selected image in the PNG Info tab",
     "txt2img-copy-parameters": "Copy the selected image's parameters to the clipboard",
+    "txt2img-xyz-run": "Render every cell of the X/Y/Z plot; the grid comes first in the gallery",
 }
 BUTTON_TITLES_JS = (
     "() => { const titles = "
@@ -321,6 +323,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     info="this page only; new pages and API calls use the Settings tab's",
                     elem_id="txt2img-trigger-words",
                 )
+            xyz = build_xyz_panel(engine)
         with gr.Column(scale=3, min_width=360):
             gallery = gr.Gallery(
                 label="Images",
@@ -345,10 +348,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             infotext = gr.HTML(elem_id="txt2img-infotext")
             panels = gr.State([])  # the infotext of each image of the last run
 
-    def on_generate(
-        *values: Any,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
-    ) -> tuple[Any, str, str, list[str], Any, Any]:
+    def request_of(*values: Any) -> GenerationRequest:
         p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw = values
         request = GenerationRequest(
             prompt=p,
@@ -366,7 +366,13 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             lora_backend=LoraBackend(lb) if lb else None,
             auto_trigger_words=trigger_mode_limit(tw) if tw else None,
         )
-        return _run_generation(engine, request, progress)
+        return request
+
+    def on_generate(
+        *values: Any,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+    ) -> tuple[Any, str, str, list[str], Any, Any]:
+        return _run_generation(engine, request_of(*values), progress)
 
     inputs = [
         prompt,
@@ -385,6 +391,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         trigger_words,
     ]
     outputs = [gallery, infotext, warnings, panels, items, selected]
+    xyz.wire(engine, request_of, inputs, outputs, gallery, RunShape(infotext_panels, gallery_items))
     family = [
         *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row),
         *(negative, shown_family),
