@@ -46,3 +46,9 @@ def test_every_button_has_a_title(txt2img) -> None:
     assert buttons
     untitled = [b.value for b in buttons if b.elem_id not in BUTTON_TITLES]
     assert untitled == []
+
+
+def test_the_gallery_is_an_output(txt2img) -> None:
+    """An empty gallery shows no "Drop Media Here / Click to Upload": it only shows results."""
+    (gallery,) = [c for c in txt2img if isinstance(c, gr.Gallery)]
+    assert gallery.interactive is False

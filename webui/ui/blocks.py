@@ -86,7 +86,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             model = gr.Dropdown(
                 choices,
                 value=current,
-                label="Stable Diffusion checkpoint",
+                label="Checkpoint",
                 scale=4,
                 elem_id="model-select",
             )

@@ -331,6 +331,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 height=520,
                 format="png",
                 object_fit="contain",  # whole images, never cropped to the grid's squares
+                interactive=False,  # an output: no "Drop Media Here / Click to Upload"
                 elem_id="txt2img-gallery",
             )
             with gr.Row():
