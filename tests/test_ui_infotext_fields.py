@@ -133,3 +133,37 @@ def test_this_apps_infotext_gives_back_the_request(engine: Engine) -> None:
         lora_hashes=values.lora_hashes,
     )
     assert [name for name, _ in values.lora_hashes] == ["ink"]
+
+
+def test_checkpoint_found_by_hash_under_another_name(engine: Engine) -> None:
+    import hashlib
+
+    from webui.ui.paste_params import find_checkpoint
+
+    path = engine.checkpoints()[0].path
+    short = hashlib.sha256(path.read_bytes()).hexdigest()[:10]  # A1111's AutoV2, by hand
+    renamed = fields_from_infotext(f"a\nSteps: 2, Seed: 1, Model hash: {short}, Model: old")
+    assert find_checkpoint(engine, renamed) == ("tiny", None)
+    gone = fields_from_infotext("a\nSteps: 2, Seed: 1, Model hash: 0123456789, Model: old")
+    name, warning = find_checkpoint(engine, gone)
+    assert name is None and warning is not None and "old (hash 0123456789)" in warning
+
+
+def test_lora_found_by_hash_when_renamed(engine: Engine, tmp_path: Path) -> None:
+    import hashlib
+    import json as jsonlib
+
+    from webui.ui.paste_params import missing_loras
+
+    path = tmp_path / "loras" / "ink.safetensors"
+    raw = path.read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    autov3 = hashlib.sha256(raw[header_end:]).hexdigest()[:12]  # A1111's addnet hash, by hand
+    assert jsonlib.loads(raw[8:header_end])  # the header really ends there
+    entries = engine.catalog.index.entries()
+    folder = str(tmp_path / "loras")
+    assert missing_loras([("ink", "000000000000")], entries, folder) == []  # by name
+    (renamed,) = missing_loras([("old_ink", autov3)], entries, folder)
+    assert "as ink" in renamed
+    (gone,) = missing_loras([("other", "000000000000")], entries, folder)
+    assert gone == f"LoRA other (hash 000000000000) is not in {folder}"
