@@ -68,7 +68,14 @@ def build_seed_controls() -> SeedControls:
         )
         random_seed = _seed_button(RANDOM, "txt2img-random-seed")
         reuse_seed = _seed_button(REUSE, "txt2img-reuse-seed")
-        extra = gr.Checkbox(False, label="Extra", scale=0, min_width=80, elem_id="txt2img-extra")
+        extra = gr.Checkbox(
+            False,
+            label="Extra",
+            info="variation seed",
+            scale=0,
+            min_width=80,
+            elem_id="txt2img-extra",
+        )
     with gr.Row(visible=False) as variation_row:
         subseed = gr.Number(
             value=-1,
@@ -118,6 +125,7 @@ def build_hires_controls() -> HiresControls:
                 list(UPSCALER_NAMES),
                 value="Latent",
                 label="Upscaler",
+                info="Latent: in latent space; Lanczos/Nearest: the decoded image",
                 elem_id="txt2img-hr-upscaler",
             )
             steps = gr.Slider(
@@ -126,11 +134,18 @@ def build_hires_controls() -> HiresControls:
             )  # fmt: skip
             strength = gr.Slider(
                 0.01, 1, value=0.7, step=0.01, label="Denoising strength",
+                info="how much the second pass changes",
                 elem_id="txt2img-denoising-strength",
             )  # fmt: skip
         with gr.Row():
             scale = gr.Slider(
-                1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img-hr-scale"
+                1,
+                4,
+                value=2,
+                step=0.05,
+                label="Upscale by",
+                info="times the first pass's size",
+                elem_id="txt2img-hr-scale",
             )
             resize_x = gr.Slider(
                 0, 2048, value=0, step=8, label="Resize width to", info="0: by the scale",
@@ -142,20 +157,27 @@ def build_hires_controls() -> HiresControls:
             )  # fmt: skip
         with gr.Row():
             cfg = gr.Slider(
-                0, 30, value=7, step=0.5, label="Hires CFG Scale", elem_id="txt2img-hr-cfg"
+                0,
+                30,
+                value=7,
+                step=0.5,
+                label="Hires CFG Scale",
+                info="the second pass's CFG",
+                elem_id="txt2img-hr-cfg",
             )
             sampler = gr.Dropdown(
                 [SAME_SAMPLER, *sampler_names()],
                 value=SAME_SAMPLER,
                 label="Hires sampler",
+                info="the second pass's sampler",
                 elem_id="txt2img-hr-sampler",
             )
         prompt = gr.Textbox(
-            label="Hires prompt", lines=2, placeholder="empty: the prompt",
+            label="Hires prompt", lines=2, info="the second pass's prompt (LoRA tags too)", placeholder="empty: the prompt",
             elem_id="txt2img-hr-prompt",
         )  # fmt: skip
         negative = gr.Textbox(
-            label="Hires negative prompt", lines=2, placeholder="empty: the negative prompt",
+            label="Hires negative prompt", lines=2, info="the second pass's negative prompt", placeholder="empty: the negative prompt",
             elem_id="txt2img-hr-negative",
         )  # fmt: skip
     return HiresControls(
