@@ -1,6 +1,6 @@
 """Send to txt2img and the ↙️ button in a real browser (Playwright + the system Chromium): an
 image made here with non-default seed, size, clip skip, variation seed and hires fix is sent
-back from the gallery after every control was changed, and each control gets its value back;
+back from the gallery (then from PNG Info) after controls were changed, and each control gets its value back;
 a hand-written A1111 1.10 infotext pasted into the prompt box and read with ↙️ lands in the
 right controls, with warnings for its checkpoint and LoRA that are not here. The run shows
 the engine's live preview above the gallery (Settings: every step)."""
@@ -8,6 +8,7 @@ the engine's live preview above the gallery (Settings: every step)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -148,6 +149,18 @@ def test_send_to_txt2img_fills_every_field(tmp_path: Path, tiny_checkpoint_facto
                 assert read_controls(page) == made
                 warnings = page.locator("#txt2img-warnings")
                 assert "checkpoint" not in warnings.inner_text()  # found by its hash
+
+                # the same image through PNG Info, then its Send to txt2img
+                page.locator("#txt2img-prompt textarea").fill("something else")
+                set_number(page, "txt2img-seed", "3")
+                page.locator("#txt2img-send-to-png-info").click()
+                expect(page.locator("#png-info-text textarea")).to_have_value(
+                    re.compile("Seed: 77")
+                )
+                page.locator("#png-info-send-to-txt2img").click()
+                expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
+                page.wait_for_timeout(500)
+                assert read_controls(page) == made
 
                 # A1111 1.10's infotext, pasted into the prompt box and read with ↙️
                 page.locator("#txt2img-prompt textarea").fill(A1111_TEXT)
