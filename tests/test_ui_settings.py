@@ -38,6 +38,7 @@ def test_settings_file_round_trip_keeps_unknown_keys(tmp_path: Path) -> None:
         "auto_trigger_words": 3,
         "save_outputs": False,
         "lora_fuse": False,
+        "live_preview_every": 10,
         "sd_model_checkpoint": "beta",
     }
     settings = saved.apply(Settings())
@@ -127,3 +128,19 @@ def test_generate_prints_few_lines(tmp_path: Path) -> None:
     assert not any("it/s" in line or "Warning" in line for line in lines), lines
     assert any(line.startswith("model loaded: ") for line in lines)
     assert any(line.startswith("generated 1 image(s) in ") for line in lines)
+
+
+def test_live_preview_setting_is_applied_and_saved(tmp_path: Path) -> None:
+    from webui.ui.settings_tab import apply_settings
+
+    path = tmp_path / "config.json"
+    engine = Engine(Settings(cache_dir=tmp_path / "cache"), SettingsFile(path))
+    mode = trigger_mode_label(0)
+    assert "Applied" in apply_settings(engine, mode, False, False, 3)
+    assert engine.settings.live_preview_every == 3
+    assert SettingsFile(path).apply(Settings()).live_preview_every == 3
+    # not a whole N >= 0: refused with the field named, nothing changed
+    for bad in (-1, 2.5):
+        status = apply_settings(engine, mode, False, False, bad)
+        assert "Not saved" in status and "live preview" in status
+    assert engine.settings.live_preview_every == 3

@@ -108,7 +108,7 @@ class Settings:
 
 
 # The Settings fields a user may change while the app runs (the Settings tab); they are saved.
-SAVED_OPTIONS = ("auto_trigger_words", "save_outputs", "lora_fuse")
+SAVED_OPTIONS = ("auto_trigger_words", "save_outputs", "lora_fuse", "live_preview_every")
 LAST_MODEL_KEY = "sd_model_checkpoint"  # A1111's name for the model loaded at start-up
 
 

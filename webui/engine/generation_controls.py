@@ -26,6 +26,7 @@ class GenerationControls:
     negative_needs_cfg: bool  # the negative prompt counts only with CFG above 1 (true CFG)
     clip_skip: bool  # the prompt goes through CLIP's layers only (SD), so a skip means something
     loras: bool  # LoRAs are applied (their backend and trigger words mean something)
+    hires: bool  # A1111's hires fix runs (the recipe's `runs_hires`; FLUX refuses it)
 
 
 def controls_for(kind: ModelKind) -> GenerationControls:
@@ -40,6 +41,7 @@ def controls_for(kind: ModelKind) -> GenerationControls:
             negative_needs_cfg=True,
             clip_skip=False,
             loras=recipe.applies_loras,
+            hires=recipe.runs_hires,
         )
     return GenerationControls(
         defaults=recipe.defaults,
@@ -49,4 +51,5 @@ def controls_for(kind: ModelKind) -> GenerationControls:
         negative_needs_cfg=False,
         clip_skip=True,
         loras=recipe.applies_loras,
+        hires=recipe.runs_hires,
     )

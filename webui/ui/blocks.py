@@ -16,8 +16,9 @@ from webui.engine.generate import DEMO_MODEL_NAME, Engine
 from webui.engine.jobs import JobQueue
 from webui.ui.family_controls import family_updates
 from webui.ui.gallery_actions import png_info_file, selected_item
-from webui.ui.messages import user_message
+from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_tab import NETWORKS_CSS, build_networks_tab
+from webui.ui.paste_params import PASTE_FIELDS, paste
 from webui.ui.png_info import build_png_info_tab, describe_image
 from webui.ui.settings_tab import build_settings_tab, current_values
 from webui.ui.tools_tab import TOOLS_CSS, build_tools_tab, checkpoint_values
@@ -120,6 +121,27 @@ def build_ui(engine: Engine) -> gr.Blocks:
             show_progress="hidden",
         )
 
+        def pasted(text: str | None, nothing: str) -> tuple[Any, ...]:
+            """txt2img shown, with every field the infotext gives and the checkpoint it names."""
+            if not text or not text.strip():
+                keep = (gr.update(),) * (1 + len(PASTE_FIELDS))
+                return gr.Tabs(selected="txt2img"), warnings_html([nothing]), *keep
+            done = paste(engine, text)
+            pick = gr.update(value=done.checkpoint) if done.checkpoint else gr.update()
+            return gr.Tabs(selected="txt2img"), warnings_html(done.warnings), pick, *done.updates
+
+        def png_info_text(path: str | None) -> str | None:
+            text, rows = describe_image(path)
+            return text if rows else None
+
+        def gallery_text(run: Any, index: int | None) -> str | None:
+            item = selected_item(run, index)
+            return item.generated.infotext.format() if item else None
+
+        def prompt_text(text: str | None, run: Any, index: int | None) -> str | None:
+            # A1111: an empty prompt box reads the last generation's parameters
+            return text if text and text.strip() else gallery_text(run, index or 0)
+
         def picker() -> Any:
             names, value = picker_values(engine)
             return gr.update(choices=names, value=value)
@@ -143,6 +165,48 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 status_line = f"<span class='lw-warnings'>{message}</span>"
                 return picker(), status_line, *family(shown, cfg)
             return picker(), _model_status(engine), *family(shown, cfg)
+
+        def load_picked(
+            name: str,
+            shown: Any,
+            cfg: float,
+            progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+        ) -> tuple[Any, ...]:
+            """The checkpoint a paste picked, loaded; nothing changes when it is loaded already."""
+            if engine.model is not None and engine.model.name == name:
+                return (gr.update(),) * (2 + len(txt2img.family))
+            return on_select(name, shown, cfg, progress)
+
+        paste_outputs = [tabs, txt2img.warnings, model, *txt2img.paste_targets]
+        sources = [
+            (
+                png_info.send_to_txt2img,
+                png_info_text,
+                [png_info.image],
+                "this image carries no generation parameters",
+            ),
+            (txt2img.send_to_txt2img, gallery_text, txt2img.gallery_state, "no image selected"),
+            (
+                txt2img.paste,
+                prompt_text,
+                [txt2img.prompt, *txt2img.gallery_state],
+                "nothing to read: paste an infotext into the prompt box first",
+            ),
+        ]
+        for button, read, source_inputs, nothing in sources:
+            event = button.click(
+                lambda *v, read=read, nothing=nothing: pasted(read(*v), nothing),
+                inputs=source_inputs,
+                outputs=paste_outputs,
+                show_progress="hidden",
+            )
+            event.then(
+                load_picked,
+                inputs=[model, *txt2img.family_inputs()],
+                outputs=[model, status, *txt2img.family],
+                concurrency_id="gpu",
+                show_progress_on=[model, status],
+            )
 
         def on_refresh(*chosen: str | None) -> tuple[Any, ...]:
             """New lists of checkpoints; loads nothing, so the picker keeps the loaded model."""

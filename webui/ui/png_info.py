@@ -47,6 +47,7 @@ class PngInfoControls:
     image: gr.Image
     raw: gr.Textbox
     table: gr.Dataframe
+    send_to_txt2img: gr.Button
 
 
 def build_png_info_tab() -> PngInfoControls:
@@ -66,5 +67,6 @@ def build_png_info_tab() -> PngInfoControls:
             table = gr.Dataframe(
                 headers=["Field", "Value"], label="Fields", interactive=False, wrap=True
             )
+            send = gr.Button("Send to txt2img", elem_id="png-info-send-to-txt2img")
     image.change(describe_image, inputs=image, outputs=[raw, table])
-    return PngInfoControls(image, raw, table)
+    return PngInfoControls(image, raw, table, send)

@@ -24,18 +24,19 @@ class SettingsControls:
     trigger_words: gr.Dropdown
     save_outputs: gr.Checkbox
     lora_fuse: gr.Checkbox
+    live_preview_every: gr.Number
 
     @property
     def all(self) -> list[Any]:
-        return [self.trigger_words, self.save_outputs, self.lora_fuse]
+        return [self.trigger_words, self.save_outputs, self.lora_fuse, self.live_preview_every]
 
 
-def current_values(engine: Engine) -> tuple[Any, bool, bool]:
+def current_values(engine: Engine) -> tuple[Any, bool, bool, int]:
     """The controls' values as the engine holds them now (another page may have changed them)."""
     s = engine.settings
     limit = s.auto_trigger_words
     mode = gr.update(choices=trigger_mode_choices(limit), value=trigger_mode_label(limit))
-    return mode, s.save_outputs, s.lora_fuse
+    return mode, s.save_outputs, s.lora_fuse, s.live_preview_every
 
 
 def folders_html(engine: Engine) -> str:
@@ -51,13 +52,19 @@ def folders_html(engine: Engine) -> str:
     return f"<table class='lw-tool-result' id='settings-folders'>{body}</table>"
 
 
-def apply_settings(engine: Engine, mode: str, save_outputs: bool, lora_fuse: bool) -> str:
+def apply_settings(
+    engine: Engine, mode: str, save_outputs: bool, lora_fuse: bool, preview_every: float = 0
+) -> str:
     """Change the server-wide options and save them; one status line."""
     try:
+        every = int(preview_every or 0)
+        if every < 0 or every != (preview_every or 0):
+            raise ValueError(f"live preview every N steps: {preview_every} is not a whole N >= 0")
         engine.update_options(
             auto_trigger_words=trigger_mode_limit(mode),
             save_outputs=bool(save_outputs),
             lora_fuse=bool(lora_fuse),
+            live_preview_every=every,
         )
     except (ValueError, OSError) as exc:
         return f"<div class='lw-warnings'>Not saved: {html.escape(str(exc))}</div>"
@@ -92,10 +99,18 @@ def build_settings_tab(engine: Engine) -> SettingsControls:
         info="faster steps when no native LoRA is applied",
         elem_id="settings-lora-fuse",
     )
+    preview = gr.Number(
+        value=engine.settings.live_preview_every,
+        precision=0,
+        minimum=0,
+        label="Live preview every N steps",
+        info="a cheap preview of the image while it is sampled, shown above the gallery (0: off)",
+        elem_id="settings-live-preview-every",
+    )
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings-apply")
     status = gr.HTML(elem_id="settings-status")
     gr.HTML(folders_html(engine))
-    controls = SettingsControls(trigger_words, keep, fuse)
+    controls = SettingsControls(trigger_words, keep, fuse, preview)
     apply.click(
         lambda *values: apply_settings(engine, *values),
         inputs=controls.all,

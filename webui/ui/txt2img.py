@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,11 @@ from webui.ui.family_controls import (
     negative_update,
     width_info,
 )
-from webui.ui.gallery_actions import COPY_PARAMETERS_JS, run_items, save_selected
+from webui.ui.gallery_actions import COPY_PARAMETERS_JS, run_items, save_selected, selected_item
+from webui.ui.generation_stream import Done, stream_previews
 from webui.ui.messages import user_message, warnings_html
 from webui.ui.networks_panel import build_networks_panel
+from webui.ui.txt2img_options import build_hires_controls, build_seed_controls, hires_fix
 from webui.ui.xyz_panel import RunShape, build_xyz_panel
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,12 @@ BUTTON_TITLES: dict[str, str] = {
     "txt2img-generate": "Generate images (Ctrl+Enter in a prompt box)",
     "txt2img-interrupt": "Stop after the current step; finished images are kept (Esc)",
     "txt2img-random-seed": "Set the seed to -1: a new random seed each time",
+    "txt2img-reuse-seed": "Reuse the seed of the selected image (of the last run)",
+    "txt2img-random-subseed": "Set the variation seed to -1: a new random one each time",
+    "txt2img-reuse-subseed": "Reuse the variation seed of the selected image",
+    "txt2img-paste": "Read generation parameters from the prompt box (a pasted infotext), "
+    "or from the last image when it is empty",
+    "txt2img-send-to-txt2img": "Fill every field from the selected image's parameters",
     "txt2img-networks-refresh": "Read loras/ again (new, changed and removed files)",
     "txt2img-save": "Save the selected image to outputs/ (when auto-save is off)",
     "txt2img-send-to-png-info": "Open the selected image in the PNG Info tab",
@@ -82,6 +90,11 @@ class Txt2ImgControls:
     cfg: gr.Slider
     send_to_png_info: gr.Button
     gallery_state: list[Any]  # (the run's GalleryItems, the selected index)
+    # Send to txt2img: the buttons that paste, the controls in `paste_params.PASTE_FIELDS` order
+    paste: gr.Button  # ↙️: read the prompt box's infotext
+    send_to_txt2img: gr.Button
+    paste_targets: list[Any]
+    warnings: gr.HTML
 
     def family_inputs(self) -> list[Any]:
         """The page's shown controls and CFG: what `family_updates` compares against."""
@@ -156,25 +169,41 @@ def _backends_html(result: GenerationResult) -> str:
 
 def _run_generation(
     engine: Engine, request: GenerationRequest, progress: gr.Progress
-) -> tuple[Any, str, str, list[str], Any, Any]:
-    """Generate in turn with API jobs (loading a model if needed), and shape the result for
-    the gallery and panels."""
+) -> Iterator[tuple[Any, ...]]:
+    """Generate in turn with API jobs (loading a model if needed), showing each live preview
+    above the gallery, then shape the result for the gallery and panels."""
+    keep = (gr.update(),) * 6
+
+    def report(p: Progress) -> None:
+        progress((p.step, p.total), desc=p.description, unit=p.unit)
+
+    hidden = gr.update(value=None, visible=False)
     try:
         if engine.model is None:
             progress(0, desc="Loading model…")
-
-        def report(p: Progress) -> None:
-            progress((p.step, p.total), desc=p.description, unit=p.unit)
-
-        result = JobQueue.for_engine(engine).generate(request, on_progress=report)
+        jobs = JobQueue.for_engine(engine)
+        for event in stream_previews(lambda on: jobs.generate(request, on_progress=on), report):
+            if isinstance(event, Done):
+                result: GenerationResult = event.result
+            else:
+                yield (*keep, gr.update(value=event.image, visible=True))
     except Exception as exc:  # shown in the UI as one line; unexpected ones are logged in full
-        return gr.update(), "", warnings_html([user_message(exc)]), [], gr.update(), gr.update()
+        yield (
+            gr.update(),
+            "",
+            warnings_html([user_message(exc)]),
+            [],
+            gr.update(),
+            gr.update(),
+            hidden,
+        )
+        return
     log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
     grid = engine.save_grid(result)
     panels = infotext_panels(result, grid)
     gallery = gallery_items(result, grid)
     first = panels[0] if panels else ""
-    return gallery, first, warnings_html(result.warnings), panels, run_items(result, grid), 0
+    yield gallery, first, warnings_html(result.warnings), panels, run_items(result, grid), 0, hidden
 
 
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
@@ -211,6 +240,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 "Generate", variant="primary", size="lg", elem_id="txt2img-generate"
             )
             interrupt = gr.Button("Interrupt", variant="stop", elem_id="txt2img-interrupt")
+            paste = gr.Button("\u2199\ufe0f", size="sm", elem_id="txt2img-paste")  # ↙️
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             sampler = gr.Dropdown(
@@ -268,17 +298,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_id="txt2img-distilled-cfg",
             )
             shown_family = gr.State(None)  # the GenerationControls this page shows
-            with gr.Row():
-                seed = gr.Number(
-                    value=-1,
-                    precision=0,
-                    label="Seed (-1 = random)",
-                    info="same seed and settings, same image; image n of a batch uses seed + n",
-                    elem_id="txt2img-seed",
-                )
-                random_seed = gr.Button(
-                    "Random", scale=0, min_width=80, size="sm", elem_id="txt2img-random-seed"
-                )
+            seeds = build_seed_controls()
+            seed = seeds.seed
             with gr.Row():
                 batch_count = gr.Slider(
                     1,
@@ -323,8 +344,18 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     info="this page only; new pages and API calls use the Settings tab's",
                     elem_id="txt2img-trigger-words",
                 )
+            hires = build_hires_controls()
             xyz = build_xyz_panel(engine)
         with gr.Column(scale=3, min_width=360):
+            # the engine's live preview while sampling (Settings: every N steps), then hidden
+            preview = gr.Image(
+                label="Preview",
+                type="pil",
+                interactive=False,
+                visible=False,
+                height=320,
+                elem_id="txt2img-preview",
+            )
             gallery = gr.Gallery(
                 label="Images",
                 columns=2,
@@ -342,6 +373,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 copy_parameters = gr.Button(
                     "Copy parameters", size="sm", elem_id="txt2img-copy-parameters"
                 )
+                send_to_txt2img = gr.Button(
+                    "Send to txt2img", size="sm", elem_id="txt2img-send-to-txt2img"
+                )
             gallery_note = gr.HTML(elem_id="txt2img-gallery-note")
             items = gr.State([])  # GalleryItems of the last run, in the gallery's order
             selected = gr.State(0)  # the gallery item selected
@@ -350,7 +384,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             panels = gr.State([])  # the infotext of each image of the last run
 
     def request_of(*values: Any) -> GenerationRequest:
-        p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw = values
+        p, n, smp, st, w, h, c, dc, sd, bc, bs, cs, lb, tw, extra, sub, sub_s = values[:17]
         request = GenerationRequest(
             prompt=p,
             negative_prompt=n,
@@ -366,14 +400,17 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             clip_skip=int(cs),
             lora_backend=LoraBackend(lb) if lb else None,
             auto_trigger_words=trigger_mode_limit(tw) if tw else None,
+            subseed=int(sub if extra and sub is not None else -1),
+            subseed_strength=float(sub_s or 0) if extra else 0.0,
+            hires=hires_fix(*values[17:], first_cfg=float(c)),
         )
         return request
 
     def on_generate(
         *values: Any,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
-    ) -> tuple[Any, str, str, list[str], Any, Any]:
-        return _run_generation(engine, request_of(*values), progress)
+    ) -> Iterator[tuple[Any, ...]]:
+        yield from _run_generation(engine, request_of(*values), progress)
 
     inputs = [
         prompt,
@@ -390,11 +427,15 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         clip_skip,
         lora_backend,
         trigger_words,
+        *(seeds.extra, seeds.subseed, seeds.subseed_strength),
+        *hires.values,
     ]
-    outputs = [gallery, infotext, warnings, panels, items, selected]
-    xyz.wire(engine, request_of, inputs, outputs, gallery, RunShape(infotext_panels, gallery_items))
+    outputs = [gallery, infotext, warnings, panels, items, selected, preview]
+    xyz.wire(
+        engine, request_of, inputs, outputs[:-1], gallery, RunShape(infotext_panels, gallery_items)
+    )
     family = [
-        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row),
+        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, hires.accordion),
         *(negative, shown_family),
     ]
 
@@ -424,7 +465,19 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         show_progress="hidden",
     )
     interrupt.click(JobQueue.for_engine(engine).interrupt, queue=False)
-    random_seed.click(lambda: -1, outputs=seed, queue=False)
+
+    def reuse(run: Any, index: int | None, key: str) -> Any:
+        item = selected_item(run, index) or selected_item(run, 0)
+        value = item.generated.infotext.params.get(key) if item else None
+        return int(value) if value else gr.update()
+
+    seeds.reuse_seed.click(
+        lambda run, i: reuse(run, i, "Seed"), [items, selected], seed, queue=False
+    )
+    seeds.reuse_subseed.click(
+        lambda run, i: reuse(run, i, "Variation seed"), [items, selected], seeds.subseed,
+        queue=False,
+    )  # fmt: skip
 
     def on_select(texts: list[str], evt: gr.SelectData) -> tuple[Any, int]:
         index = evt.index if isinstance(evt.index, int) else 0
@@ -452,6 +505,21 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         show_progress="hidden",
     )
     copy_parameters.click(None, js=COPY_PARAMETERS_JS)
+    paste_targets = [
+        *(prompt, negative, steps, sampler, cfg, distilled_cfg, seed, width, height, clip_skip),
+        *(seeds.extra, seeds.subseed, seeds.subseed_strength, *hires.values),
+    ]
     return Txt2ImgControls(
-        prompt, negative, gallery, trigger_words, family, cfg, send_to_png_info, [items, selected]
+        prompt,
+        negative,
+        gallery,
+        trigger_words,
+        family,
+        cfg,
+        send_to_png_info,
+        [items, selected],
+        paste,
+        send_to_txt2img,
+        paste_targets,
+        warnings,
     )
