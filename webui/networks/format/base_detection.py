@@ -137,17 +137,33 @@ def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     return widths
 
 
+# Transformer families, in the table's order: those this app does not run and FLUX.1.
+_DIT_FAMILIES = tuple(f for f in families.FAMILIES if f.arch is None or not f.arch.has_unet)
+# A BFL control LoRA (FLUX.1 Depth/Canny) widens img_in to 128 input channels (image + control).
+_CONTROL_IMG_IN = re.compile(r"(^|[._])img_in\.(lora_A\.weight|lora_down\.weight|diff)$")
+_CONTROL_WIDTH = 128
+CONTROL_FAMILY = "FLUX.1 control (Depth/Canny)"
+
+
+def _control_lora(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    for key, shape in shapes.items():
+        if _CONTROL_IMG_IN.search(key) and len(shape) == 2 and shape[1] == _CONTROL_WIDTH:
+            return f"img_in widened to {_CONTROL_WIDTH} input channels ({key!r})"
+    return None
+
+
 def _foreign_from_keys(
     flat_keys: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[Family, str] | None:
-    """A family this app does not run, named by a key only it has or a shared key at its width."""
-    for family in families.FOREIGN:
+    """A transformer family (run or not), named by a key only it has or a shared key at its
+    width."""
+    for family in _DIT_FAMILIES:
         for pattern in family.keys:
             for key, flat_key in flat_keys.items():
                 if pattern.search(flat_key):
                     return family, f"{family.name} name {key!r}"
     widths = _input_widths(shapes)
-    for family in families.FOREIGN:
+    for family in _DIT_FAMILIES:
         for signature in family.widths:
             for key, flat_key in flat_keys.items():
                 width = widths.get(key)
@@ -166,10 +182,13 @@ def detect_from_keys(tensor_shapes: Mapping[str, tuple[int, ...]]) -> BaseDetect
     }
     key_format = identify_format(split_module_key(key)[0] for key in tensor_shapes)
     flat_keys = {key: _flat(key) for key in shapes}
+    control = _control_lora(shapes)
+    if control is not None:
+        return BaseDetection(None, SOURCE_KEYS, control, CONTROL_FAMILY, key_format)
     foreign = _foreign_from_keys(flat_keys, shapes)
     if foreign is not None:
         family, detail = foreign
-        return BaseDetection(None, SOURCE_KEYS, detail, family.name, key_format)
+        return BaseDetection(family.arch, SOURCE_KEYS, detail, family.name, key_format)
     others = sorted(k for k, f in flat_keys.items() if _OTHER_FAMILY_NAME.search(f))
     if others:
         return BaseDetection(
@@ -250,7 +269,7 @@ def detect_base(
         return _checked(
             BaseDetection(family.arch, source, detail, family.name, key_format), from_keys
         )
-    if from_keys.arch is Arch.SDXL:
+    if from_keys.arch in (Arch.SDXL, Arch.FLUX1):
         return from_keys
     # Kohya wrote only ss_v2 before SDXL existed, so the flag decides between SD1 and SD2 alone.
     v2_flag = metadata.get("ss_v2", "").strip().lower()
