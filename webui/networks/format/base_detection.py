@@ -29,6 +29,7 @@ SOURCE_V2_FLAG = "metadata ss_v2"
 SOURCE_KEYS = "keys"
 SOURCE_NONE = "none"
 SOURCE_CIVITAI = "metadata civitai baseModel"
+ANOTHER_FAMILY = "another model family"  # transformer names no row claims
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class BaseDetection:
         if not self.foreign:
             return None
         article = (
-            "an" if self.family and self.family.startswith(("A", "E", "I", "O", "U", "SD")) else "a"
+            "an"
+            if self.family and self.family.upper().startswith(("A", "E", "I", "O", "U", "SD"))
+            else "a"
         )
         return (
             f"{file_name} is {article} {self.family} LoRA ({self.key_format} format): "
@@ -192,7 +195,7 @@ def detect_from_keys(tensor_shapes: Mapping[str, tuple[int, ...]]) -> BaseDetect
     others = sorted(k for k, f in flat_keys.items() if _OTHER_FAMILY_NAME.search(f))
     if others:
         return BaseDetection(
-            None, SOURCE_KEYS, f"not an SD name {others[0]!r}", "another model family", key_format
+            None, SOURCE_KEYS, f"not an SD name {others[0]!r}", ANOTHER_FAMILY, key_format
         )
 
     def found(arch: Arch, detail: str) -> BaseDetection:
@@ -261,7 +264,10 @@ def detect_base(
     if named is not None and not named[0].runs:
         family, source, detail = named
         return BaseDetection(None, source, detail, family.name, key_format)
-    if from_keys.foreign:
+    # FLUX.1's own transformer names (`transformer.`, `lora_transformer_`) at widths no row knows
+    # (tiny or pruned files) are only a guess of "another family": metadata naming FLUX.1 wins.
+    flux_named = named is not None and named[0].arch is Arch.FLUX1
+    if from_keys.foreign and not (flux_named and from_keys.family == ANOTHER_FAMILY):
         return from_keys
     if named is not None:
         family, source, detail = named
