@@ -273,3 +273,35 @@ def test_sd_lora_on_flux_is_one_sentence_and_writes_nothing(tmp_path: Path) -> N
     )
     assert routed.warnings == ["sd1: made for SD1 (keys), not applied to this model"]
     assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_dora_on_fused_qkv_splits_the_magnitude_by_rows(tmp_path: Path, multiplier: float) -> None:
+    """LyCORIS DoRA with the magnitude per output row ([out, 1]): the fused weight's rows are
+    normed one by one, W' = merged * (m * (magnitude / |merged row| - 1) + 1), then split."""
+    pipe = _pipe()
+    transformer = pipe.transformer
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    bfl = "double_blocks.0.img_attn.qkv"
+    u, d = _low_rank(7, _bfl_shape(transformer, bfl))
+    fused = torch.cat(
+        [before[f"{p}.weight"] for p in _hand_split(bfl, torch.zeros(3 * hidden, 1), hidden)]
+    )
+    magnitude = fused.norm(dim=1, keepdim=True) * 1.5
+    key = "lora_unet_" + bfl.replace(".", "_")
+    path = tmp_path / "dora.safetensors"
+    save_file(
+        {f"{key}.lora_up.weight": u, f"{key}.lora_down.weight": d, f"{key}.dora_scale": magnitude},
+        path,
+        metadata={"ss_base_model_version": "flux1"},
+    )
+    merged = fused + u @ d
+    norm = merged.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+    patched = merged * (multiplier * (magnitude / norm - 1) + 1)
+    backends = _apply(pipe, path, multiplier)
+    after = transformer.state_dict()
+    for p, rows in _hand_split(bfl, patched, hidden).items():
+        assert (after[f"{p}.weight"] - rows).abs().max() <= 1e-5 * rows.abs().max(), p
+    backends.restore()
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
