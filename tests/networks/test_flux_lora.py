@@ -305,3 +305,28 @@ def test_dora_on_fused_qkv_splits_the_magnitude_by_rows(tmp_path: Path, multipli
         assert (after[f"{p}.weight"] - rows).abs().max() <= 1e-5 * rows.abs().max(), p
     backends.restore()
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+
+
+def test_full_diff_and_bias_on_fused_linear1_split_by_rows(tmp_path: Path) -> None:
+    """LyCORIS full layers (`diff`, `diff_b`) on BFL names: weight and bias rows both split."""
+    pipe = _pipe()
+    transformer = pipe.transformer
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    bfl = "single_blocks.1.linear1"
+    rows, cols = _bfl_shape(transformer, bfl)
+    g = torch.Generator().manual_seed(9)
+    diff, diff_b = torch.randn(rows, cols, generator=g), torch.randn(rows, generator=g)
+    path = tmp_path / "full.safetensors"
+    key = f"diffusion_model.{bfl}"
+    save_file({f"{key}.diff": diff, f"{key}.diff_b": diff_b}, path)
+    backends = _apply(pipe, path, 0.7)
+    after = transformer.state_dict()
+    for p, part in _hand_split(bfl, 0.7 * diff, hidden).items():
+        want = before[f"{p}.weight"] + part
+        assert (after[f"{p}.weight"] - want).abs().max() <= 1e-5 * want.abs().max(), p
+    for p, part in _hand_split(bfl, 0.7 * diff_b[:, None], hidden).items():
+        want = before[f"{p}.bias"] + part[:, 0]
+        assert (after[f"{p}.bias"] - want).abs().max() <= 1e-5 * want.abs().max(), p
+    backends.restore()
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())

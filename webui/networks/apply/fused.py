@@ -63,7 +63,8 @@ class RowPiece(NetworkModule):
         fused = original_weight.new_zeros((self.fused_rows, *original_weight.shape[1:]))
         dora = getattr(self.inner, "dora", None)
         if dora is None:
-            delta = self.inner.weight_delta(fused, multiplier)
+            bias = None if original_bias is None else original_bias.new_zeros(self.fused_rows)
+            delta = self.inner.weight_delta(fused, multiplier, bias)
             return WeightDelta(
                 weight=None if delta.weight is None else take_rows(delta.weight, self.rows),
                 bias=None if delta.bias is None else take_rows(delta.bias, self.rows),
