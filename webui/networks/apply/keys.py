@@ -224,7 +224,7 @@ class KeyMap:
         optional `text_encoder_2`)."""
         unet = getattr(pipeline, "unet", None)
         return cls(
-            unet=unet if unet is not None else pipeline.transformer,
+            unet=unet if unet is not None else getattr(pipeline, "transformer", None),
             text_encoder=getattr(pipeline, "text_encoder", None),
             text_encoder_2=getattr(pipeline, "text_encoder_2", None),
         )
