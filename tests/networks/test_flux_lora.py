@@ -330,3 +330,38 @@ def test_full_diff_and_bias_on_fused_linear1_split_by_rows(tmp_path: Path) -> No
         assert (after[f"{p}.bias"] - want).abs().max() <= 1e-5 * want.abs().max(), p
     backends.restore()
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+
+
+def test_text_encoder_strengths_te1_clip_te2_t5(tmp_path: Path) -> None:
+    """sd-scripts' FLUX.1 names: `lora_te1_` is CLIP-L, `lora_te3_` is T5 (OneTrainer: `lora_te2_`);
+    `te1` scales CLIP-L, `te2` scales T5."""
+    pipe = _pipe()
+    clip_path = "text_model.encoder.layers.0.self_attn.q_proj"
+    t5_paths = (
+        "encoder.block.0.layer.0.SelfAttention.q",
+        "encoder.block.1.layer.0.SelfAttention.v",
+    )
+    clip = dict(pipe.text_encoder.named_modules())
+    clip = clip.get(clip_path) or clip[clip_path.removeprefix("text_model.")]
+    t5 = dict(pipe.text_encoder_2.named_modules())
+    targets = [
+        ("lora_te1_" + clip_path.replace(".", "_"), clip, 0.5),
+        ("lora_te3_" + t5_paths[0].replace(".", "_"), t5[t5_paths[0]], 0.25),
+        ("lora_te2_" + t5_paths[1].replace(".", "_"), t5[t5_paths[1]], 0.25),
+    ]
+    tensors, expected = {}, []
+    for i, (key, module, m) in enumerate(targets):
+        u, d = _low_rank(40 + i, tuple(module.weight.shape))
+        tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"] = u, d
+        expected.append((module, module.weight.detach().clone() + m * (u @ d)))
+    path = tmp_path / "te.safetensors"
+    save_file(tensors, path, metadata={"ss_base_model_version": "flux1"})
+    network = read_network(path)
+    backends = LoraBackends(pipe, Arch.FLUX1)
+    routed = backends.apply(
+        [ChosenNetwork(network.name, network, Strengths(te1=0.5, te2=0.25))], LoraBackend.AUTO
+    )
+    assert routed.applied and not routed.warnings, routed.warnings
+    for module, want in expected:
+        assert (module.weight - want).abs().max() <= 1e-5 * want.abs().max()
+    backends.restore()
