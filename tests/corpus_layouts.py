@@ -10,11 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from webui.arch import Arch
-from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
+from webui.engine.model_factory import ModelSize, ModelSpec, component_configs, t5_encoder
 
 CORPUS = Path(__file__).parent / "corpus"
 SD_FAMILIES = tuple(a.value for a in Arch)
@@ -36,6 +36,10 @@ class Layout:
     @property
     def runs(self) -> bool:
         return self.family in SD_FAMILIES
+
+    @property
+    def is_flux(self) -> bool:
+        return self.family == Arch.FLUX1.value
 
 
 def load_layout(path: Path) -> Layout:
@@ -61,6 +65,14 @@ def corpus() -> tuple[Layout, ...]:
 def meta_model(arch: Arch) -> SimpleNamespace:
     """The full-size architecture on the meta device (no memory, real names and shapes)."""
     configs = component_configs(ModelSpec(arch, size=ModelSize.FULL))
+    if arch is Arch.FLUX1:  # FLUX.1-dev: the transformer stands where the UNet does
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(configs["transformer"])
+            clip = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+            t5 = t5_encoder(configs["text_encoder_2"])
+        return SimpleNamespace(
+            unet=None, transformer=transformer, text_encoder=clip, text_encoder_2=t5
+        )
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         te1 = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))

@@ -9,7 +9,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flux_models import write_flux_models
+from safetensors.torch import save_file
 
 from webui.arch import FluxVariant
 from webui.engine.generate import Engine, GenerationRequest, RequestError
@@ -160,6 +162,31 @@ def test_bad_size_sampler_and_lora_tags(engine) -> None:
     eng, _ = engine
     tagged = eng.generate(GenerationRequest("a fox <lora:ink:0.8> <lora:pen:1>", **SMALL))
     lora_warnings = [w for w in tagged.warnings if "LoRA" in w]
-    assert len(lora_warnings) == 1 and "<lora:ink:0.8>" in lora_warnings[0]
+    assert len(lora_warnings) == 2 and "no LoRA file named 'ink'" in lora_warnings[0]
     plain = eng.generate(GenerationRequest("a fox", **SMALL))
     assert np.array_equal(_pixels(tagged), _pixels(plain))  # the model ran untouched
+
+
+def test_flux_lora_changes_the_image_and_comes_off(engine) -> None:
+    """Issue 18: a kohya FLUX.1 LoRA (fused BFL qkv) is applied, and taken off exactly."""
+    eng, names = engine
+    config = eng.load(names[DEV]).pipe.transformer.config
+    hidden = config.attention_head_dim * config.num_attention_heads
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    g = torch.Generator().manual_seed(1)
+    eng.settings.loras_dir.mkdir(exist_ok=True)
+    save_file(
+        {
+            f"{key}.lora_up.weight": torch.randn(3 * hidden, 4, generator=g),
+            f"{key}.lora_down.weight": torch.randn(4, hidden, generator=g),
+        },
+        eng.settings.loras_dir / "qkv.safetensors",
+        metadata={"ss_base_model_version": "flux1"},
+    )
+    eng.catalog.refresh()
+    plain = eng.generate(GenerationRequest("a fox", **SMALL))
+    tagged = eng.generate(GenerationRequest("a fox <lora:qkv:1>", **SMALL))
+    assert not [w for w in tagged.warnings if "qkv" in w], tagged.warnings
+    assert not np.array_equal(_pixels(tagged), _pixels(plain))
+    again = eng.generate(GenerationRequest("a fox", **SMALL))
+    assert np.array_equal(_pixels(again), _pixels(plain))

@@ -66,12 +66,11 @@ def test_verdict_of_a_plain_sd1_kohya_file(tmp_path: Path) -> None:
     assert first_line(unknown) == f"LoRA of unknown base, kohya format, {len(modules)} modules"
 
 
-def test_verdict_of_a_flux_file_says_what_it_needs(tmp_path: Path) -> None:
+def test_verdict_of_a_flux_file(tmp_path: Path) -> None:
+    """FLUX.1 runs since issue 18: its files read like any other family's."""
     path = tmp_path / "flux.safetensors"
     flux_kohya(path)
-    assert verdict(inspect_network(read_network(path))) == (
-        "FLUX.1 LoRA, kohya format: needs a FLUX.1 model"
-    )
+    assert verdict(inspect_network(read_network(path))) == ("FLUX.1 LoRA, kohya format, 1 module")
     run = subprocess.run(
         [sys.executable, "app.py", "inspect-lora", str(path)],
         cwd=ROOT,
@@ -81,5 +80,5 @@ def test_verdict_of_a_flux_file_says_what_it_needs(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0] == "FLUX.1 LoRA, kohya format: needs a FLUX.1 model"
+    assert lines[0] == "FLUX.1 LoRA, kohya format, 1 module"
     assert lines[1].startswith("flux  (")  # then the details

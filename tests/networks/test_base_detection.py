@@ -65,7 +65,7 @@ METADATA_CASES = [
         SOURCE_MODELSPEC,
     ),
     ({"modelspec.architecture": "stable-diffusion-xl-v1-refiner/lora"}, {}, None, SOURCE_MODELSPEC),
-    ({"modelspec.architecture": "flux-1-dev/lora"}, {}, None, SOURCE_MODELSPEC),
+    ({"modelspec.architecture": "flux-1-dev/lora"}, {}, Arch.FLUX1, SOURCE_MODELSPEC),
     (
         {
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
@@ -79,7 +79,7 @@ METADATA_CASES = [
     ({"ss_v2": "False"}, {}, Arch.SD1, SOURCE_V2_FLAG),
     # Old files carry only ss_v2 (there was no SDXL then); SDXL keys overrule a stray "False".
     ({"ss_v2": "False"}, SDXL_KEYS, Arch.SDXL, SOURCE_KEYS),
-    ({"ss_base_model_version": "flux1"}, {}, None, SOURCE_BASE_VERSION),
+    ({"ss_base_model_version": "flux1"}, {}, Arch.FLUX1, SOURCE_BASE_VERSION),
     ({"ss_base_model_version": "something_new"}, SD1_KEYS, Arch.SD1, SOURCE_KEYS),
     ({}, {}, None, SOURCE_NONE),
     ({"ss_network_dim": "4"}, {"x.lora_down.weight": (4, 7)}, None, SOURCE_NONE),

@@ -21,6 +21,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from webui import families
 from webui.arch import UNET_ARCHES, Arch
 from webui.engine.lora_backends import LoraBackends
 from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
@@ -464,11 +465,18 @@ FOREIGN_LAYOUTS = [
 
 @pytest.mark.parametrize("layout", FOREIGN_LAYOUTS, ids=lambda x: x.name)
 def test_other_family_is_named_and_fits_no_model(layout: Layout) -> None:
+    """Every family is named; FLUX.1 (run since issue 18) fits FLUX.1 models only, the others
+    fit nothing and are refused in one sentence."""
     detection = detect_base(layout.metadata, layout.shapes)
+    if layout.expected == Arch.FLUX1.value:
+        assert (detection.family, detection.arch) == (layout.expected, Arch.FLUX1)
+        assert [a for a in Arch if fits(detection, a)] == [Arch.FLUX1]
+        assert detection.refusal("x.safetensors") is None
+        return
     assert (detection.family, detection.arch) == (layout.expected, None), detection.detail
     assert not any(fits(detection, arch) for arch in (*Arch, None))
     sentence = detection.refusal("x.safetensors")
-    assert sentence is not None and sentence.endswith("this app runs SD1, SD2 and SDXL models")
+    assert sentence is not None and sentence.endswith(f"this app runs {families.RUN_NAMES} models")
 
 
 @pytest.mark.parametrize("choice", list(LoraBackend), ids=lambda c: c.value)
@@ -495,7 +503,11 @@ def test_flux_and_sd3_parts_never_written_into_sdxl(
     }
     assert all(after[n] is before[n] for n in before)
     assert routed.report.modules_changed == 0 and not routed.applied
-    family = {"FLUX.1": "a FLUX.1", "SD3": "an SD3"}[layout.expected]
+    if layout.expected == Arch.FLUX1.value:  # a family this app runs, on the wrong model
+        assert routed.warnings == [
+            f"{network.name}: made for FLUX.1 (keys), not applied to this model"
+        ]
+        return
     assert routed.report.warnings == [
-        f"{path.name} is {family} LoRA (kohya format): this app runs SD1, SD2 and SDXL models"
+        f"{path.name} is an SD3 LoRA (kohya format): this app runs {families.RUN_NAMES} models"
     ]

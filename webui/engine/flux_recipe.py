@@ -1,7 +1,8 @@
 """FLUX.1's generation recipe: flow-matching Euler (the shift from the model's scheduler config;
 [dev] shifts dynamically with `mu` from the image's token count, computed by the pipeline), the
 distilled guidance input ([dev] only), true CFG with the negative prompt only when `cfg_scale` > 1
-(Forge's rule; 1 = off), sizes in multiples of 16, no LoRAs or embeddings yet."""
+(Forge's rule; 1 = off), sizes in multiples of 16; LoRAs through the native patcher (every
+FLUX.1 format, `te1` = CLIP-L, `te2` = T5), no embeddings yet."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class FluxRecipe:
 
     @property
     def applies_loras(self) -> bool:
-        return False  # FLUX.1 LoRAs are recognised but not applied yet
+        return True  # native patcher; diffusers' FLUX loader is refused (see refusal_reason)
 
     @property
     def uses_embeddings(self) -> bool:

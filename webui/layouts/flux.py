@@ -216,3 +216,46 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
         "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in shapes,
     }
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One BFL module name and the diffusers module(s) its weight becomes: each part is a
+    diffusers path and the BFL rows (ranges, concatenated) that make its rows, or None when the
+    whole weight maps as is; `rows` is the BFL weight's row count."""
+
+    bfl: str
+    parts: tuple[tuple[str, tuple[tuple[int, int], ...] | None], ...]
+    rows: int
+
+
+def lora_targets(transformer: torch.nn.Module) -> Iterator[LoraTarget]:
+    """Every weight-bearing BFL module of a loaded `FluxTransformer2DModel`, from the same table
+    the checkpoint converter uses; row sizes are read from the model (tiny models map too)."""
+    double = len(getattr(transformer, "transformer_blocks", ()))
+    single = len(getattr(transformer, "single_transformer_blocks", ()))
+    guidance = bool(transformer.config.get("guidance_embeds", False))
+    weights = dict(transformer.named_parameters())
+    suffix = ".weight"
+    for entry in _entries(double, single, guidance):
+        if not entry.bfl.endswith(suffix):
+            continue  # biases, and the RMSNorm scales LoRAs do not touch
+        bfl = entry.bfl[: -len(suffix)]
+        if isinstance(entry, _Fused):
+            sizes = [weights[name].shape[0] for name in entry.diffusers if name in weights]
+            if len(sizes) != len(entry.diffusers):
+                continue
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            parts = tuple(
+                (name[: -len(suffix)], ((start, start + size),))
+                for name, start, size in zip(entry.diffusers, starts, sizes, strict=True)
+            )
+            yield LoraTarget(bfl, parts, sum(sizes))
+        elif entry.diffusers.endswith(suffix) and entry.diffusers in weights:
+            path = entry.diffusers[: -len(suffix)]
+            rows = weights[entry.diffusers].shape[0]
+            if entry.swap_halves:
+                half = rows // 2
+                yield LoraTarget(bfl, ((path, ((half, rows), (0, half))),), rows)
+            else:
+                yield LoraTarget(bfl, ((path, None),), rows)

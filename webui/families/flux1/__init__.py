@@ -2,6 +2,7 @@
 CLIP-L + T5-XXL text encoders. Names: BFL flux/model.py, diffusers FluxTransformer2DModel, sd-scripts
 networks/lora_flux.py. The model side (configs, checkpoint keys, parts) is in `model.py`."""
 
+from webui.arch import Arch
 from webui.families.family import Family, patterns, shared
 
 FAMILY = Family(
@@ -24,7 +25,5 @@ FAMILY = Family(
         ),
     ),
     text_widths=frozenset({768, 4096}),
-    # Arch.FLUX1 models load and run; their LoRAs are not applied yet (issue 18, LoRA part),
-    # so this row still only recognises them.
-    arch=None,
+    arch=Arch.FLUX1,
 )

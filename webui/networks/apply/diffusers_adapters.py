@@ -43,6 +43,9 @@ class FallbackReport(NetworkReport):
 def refusal_reason(network: Network, arch: Arch | None) -> str | None:
     """Why diffusers cannot load `network` correctly, from its keys alone (None: it can try).
     Checked against diffusers 0.42.1's kohya converter and PEFT loader."""
+    if arch is Arch.FLUX1:
+        # its FLUX.1 converters assume the 12B widths, and the fallback drives SD's components
+        return "FLUX.1 LoRAs are applied by the native patcher only"
     others = sorted({m.variant.value for m in network.modules.values()} - {Variant.LORA.value})
     if others:
         return f"{'/'.join(others)} layers (diffusers loads only plain LoRA/LoCon)"

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from webui.layouts.flux import lora_targets
 from webui.layouts.unet import unet_module_names
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,17 @@ class Component(StrEnum):
 
     TEXT_ENCODER = "text_encoder"
     TEXT_ENCODER_2 = "text_encoder_2"
-    UNET = "unet"
+    UNET = "unet"  # the denoiser: a UNet, or FLUX.1's transformer
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one file module lands: a target module and, for a fused BFL weight, which of the
+    file's delta rows make the target's rows (ranges concatenated in order); None: all of them."""
+
+    ref: ModuleRef
+    rows: tuple[tuple[int, int], ...] | None = None
+    fused_rows: int = 0  # the fused weight's row count (0: not fused)
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,21 @@ _KOHYA_PREFIXES: tuple[tuple[str, Component], ...] = (
     # Kohya writes lora_te_ for the single encoder of SD1/SD2; on SDXL it only means te1.
     ("lora_te_", Component.TEXT_ENCODER),
 )
+# FLUX.1 adds the transformer (OneTrainer) and T5 (sd-scripts te3, OneTrainer te2) prefixes.
+_FLUX_KOHYA_PREFIXES: tuple[tuple[str, Component], ...] = (
+    ("lora_unet_", Component.UNET),
+    ("lora_transformer_", Component.UNET),
+    ("lora_te1_", Component.TEXT_ENCODER),
+    ("lora_te2_", Component.TEXT_ENCODER_2),
+    ("lora_te3_", Component.TEXT_ENCODER_2),
+    ("lora_te_", Component.TEXT_ENCODER),
+)
 _DOTTED_PREFIXES: tuple[tuple[str, Component], ...] = (
+    ("text_encoders.clip_l.transformer.", Component.TEXT_ENCODER),
+    ("text_encoders.clip_l.", Component.TEXT_ENCODER),
+    ("text_encoders.t5xxl.transformer.", Component.TEXT_ENCODER_2),
+    ("text_encoders.t5xxl.", Component.TEXT_ENCODER_2),
+    ("transformer.", Component.UNET),
     ("text_encoder_2.", Component.TEXT_ENCODER_2),
     ("text_encoder.", Component.TEXT_ENCODER),
     ("unet.", Component.UNET),
@@ -102,6 +127,11 @@ def _text_path(path: str) -> str:
 
 def _flat(path: str) -> str:
     return path.replace(".", "_")
+
+
+def _is_flux(model: nn.Module) -> bool:
+    # FluxTransformer2DModel's config is the only one with single-stream blocks
+    return "num_single_layers" in dict(getattr(model, "config", None) or {})
 
 
 def _is_tuner(module: nn.Module) -> bool:
@@ -178,15 +208,23 @@ class KeyMap:
         ):
             if model is not None:
                 self._indexes[component] = _ComponentIndex(component, model)
-        self._add_ldm_names(unet)
+        self._flux = _is_flux(unet)
+        # BFL names of fused or half-swapped FLUX.1 weights: dotted and flattened -> pieces
+        self._fused: dict[str, tuple[Piece, ...]] = {}
+        if self._flux:
+            self._add_bfl_names(unet)
+        else:
+            self._add_ldm_names(unet)
         self._cache: dict[str, ModuleRef | None] = {}
+        self._piece_cache: dict[str, tuple[Piece, ...]] = {}
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> KeyMap:
-        """A key map for a diffusers SD1/SD2/SDXL pipeline (`unet`, `text_encoder`, optional
-        `text_encoder_2`)."""
+        """A key map for a diffusers pipeline (`unet` or FLUX.1's `transformer`, `text_encoder`,
+        optional `text_encoder_2`)."""
+        unet = getattr(pipeline, "unet", None)
         return cls(
-            unet=pipeline.unet,
+            unet=unet if unet is not None else getattr(pipeline, "transformer", None),
             text_encoder=getattr(pipeline, "text_encoder", None),
             text_encoder_2=getattr(pipeline, "text_encoder_2", None),
         )
@@ -203,6 +241,46 @@ class KeyMap:
         index = self._indexes[Component.UNET]
         for diffusers_path, ldm_path in ldm_names.items():
             index.add_alias(ldm_path, diffusers_path)
+
+    def _add_bfl_names(self, transformer: nn.Module) -> None:
+        """BFL names (kohya, ai-toolkit, XLabs, ComfyUI files) of the FLUX.1 transformer's modules,
+        from the one table in `webui.layouts.flux`; fused ones map to row pieces."""
+        index = self._indexes[Component.UNET]
+        for target in lora_targets(transformer):
+            refs = [index.dotted.get(path) for path, _ in target.parts]
+            if any(ref is None for ref in refs):
+                continue
+            if len(target.parts) == 1 and target.parts[0][1] is None:
+                index.add_alias(target.bfl, target.parts[0][0])
+                continue
+            pieces = tuple(
+                Piece(ref, rows, target.rows)
+                for ref, (_, rows) in zip(refs, target.parts, strict=True)
+                if ref is not None
+            )
+            self._fused[target.bfl] = pieces
+            self._fused[_flat(target.bfl)] = pieces
+
+    def pieces(self, prefix: str) -> tuple[Piece, ...]:
+        """Every target a LoRA key prefix lands on: one module, or the row pieces of a fused
+        BFL weight (FLUX.1 `qkv`, `linear1`, the final modulation); () when none."""
+        if prefix not in self._piece_cache:
+            ref = self.resolve(prefix)
+            self._piece_cache[prefix] = (
+                (Piece(ref),) if ref is not None else self._fused_pieces(prefix)
+            )
+        return self._piece_cache[prefix]
+
+    def _fused_pieces(self, prefix: str) -> tuple[Piece, ...]:
+        if not self._fused:
+            return ()
+        name = _strip(prefix, _PEFT_WRAPPER)
+        for kohya_prefix in ("lora_unet_", "lora_transformer_"):
+            if name.startswith(kohya_prefix):
+                return self._fused.get(_flat(name[len(kohya_prefix) :]), ())
+        for dotted_prefix in ("model.diffusion_model.", "diffusion_model.", "transformer."):
+            name = _strip(name, dotted_prefix)
+        return self._fused.get(name, ())
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -227,11 +305,11 @@ class KeyMap:
         resolved: dict[str, ModuleRef] = {}
         unmatched: list[str] = []
         for prefix in dict.fromkeys(prefixes):
-            ref = self.resolve(prefix)
-            if ref is None:
+            pieces = self.pieces(prefix)
+            if not pieces:
                 unmatched.append(prefix)
             else:
-                resolved[prefix] = ref
+                resolved[prefix] = pieces[0].ref
         if unmatched:
             logger.debug("%d LoRA prefixes match no module: %s", len(unmatched), unmatched[:10])
         return KeyMatch(resolved=resolved, unmatched=tuple(sorted(unmatched)))
@@ -245,7 +323,7 @@ class KeyMap:
         return (index.flat if flat else index.dotted).get(name)
 
     def _resolve(self, prefix: str) -> ModuleRef | None:
-        for kohya_prefix, component in _KOHYA_PREFIXES:
+        for kohya_prefix, component in _FLUX_KOHYA_PREFIXES if self._flux else _KOHYA_PREFIXES:
             if prefix.startswith(kohya_prefix):
                 # Some converters leave dots in kohya names; flattening makes them equal.
                 return self._lookup(component, _flat(prefix[len(kohya_prefix) :]), flat=True)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from webui.arch import Arch
 from webui.networks.apply.apply_errors import NOT_A_NETWORK_FAULT, NetworkApplyError
 from webui.networks.apply.blocks import OUTSIDE, UnetBlock
-from webui.networks.apply.keys import Component, KeyMap, ModuleRef
+from webui.networks.apply.fused import RowPiece
+from webui.networks.apply.keys import Component, KeyMap, ModuleRef, Piece
 from webui.networks.apply.reports import NetworkReport
 from webui.networks.apply.strengths import Strengths
 from webui.networks.format.base_detection import fits
@@ -54,6 +55,12 @@ def bias_of(module: nn.Module) -> Tensor | None:
     return bias if isinstance(bias, Tensor) else None
 
 
+def _piece_module(module: NetworkModule, piece: Piece) -> NetworkModule:
+    if piece.rows is None:
+        return module
+    return RowPiece(key=module.key, inner=module, rows=piece.rows, fused_rows=piece.fused_rows)
+
+
 def plan_network(
     network: Network,
     strengths: Strengths,
@@ -71,25 +78,34 @@ def plan_network(
     mismatched: list[str] = []
     for prefix, module in network.modules.items():
         try:
-            ref = keymap.resolve(prefix)
-            if ref is None:
+            pieces = keymap.pieces(prefix)
+            if not pieces:
                 unmatched.append(prefix)
                 continue
-            weight = weight_of(ref.module)
-            if weight is None or not module.accepts(weight.shape):
+            # one file module may land on several modules (rows of a fused BFL weight)
+            targets = [(p.ref, _piece_module(module, p)) for p in pieces]
+            weights = [weight_of(ref.module) for ref, _ in targets]
+            if any(
+                w is None or not m.accepts(w.shape)
+                for w, (_, m) in zip(weights, targets, strict=True)
+            ):
                 mismatched.append(prefix)
                 continue
             matched.append(prefix)
-            unet = ref.component is Component.UNET
-            multiplier = strengths.multiplier(
-                ref.component, blocks.get(ref.path, OUTSIDE) if unet else None
-            )
+            multipliers = [
+                strengths.multiplier(
+                    ref.component,
+                    blocks.get(ref.path, OUTSIDE) if ref.component is Component.UNET else None,
+                )
+                for ref, _ in targets
+            ]
         except NOT_A_NETWORK_FAULT:
             raise
         except Exception as error:
             raise NetworkApplyError(network, prefix, error) from error
-        if plan is not None and compatible and multiplier != 0:
-            plan.add(ref, (network, module, multiplier))
+        for (ref, target_module), multiplier in zip(targets, multipliers, strict=True):
+            if plan is not None and compatible and multiplier != 0:
+                plan.add(ref, (network, target_module, multiplier))
     for prefix in mismatched:
         log.warning("%s: %s does not fit its target weight; skipped", network.name, prefix)
     return NetworkReport(

@@ -29,6 +29,7 @@ SOURCE_V2_FLAG = "metadata ss_v2"
 SOURCE_KEYS = "keys"
 SOURCE_NONE = "none"
 SOURCE_CIVITAI = "metadata civitai baseModel"
+ANOTHER_FAMILY = "another model family"  # transformer names no row claims
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class BaseDetection:
         if not self.foreign:
             return None
         article = (
-            "an" if self.family and self.family.startswith(("A", "E", "I", "O", "U", "SD")) else "a"
+            "an"
+            if self.family and self.family.upper().startswith(("A", "E", "I", "O", "U", "SD"))
+            else "a"
         )
         return (
             f"{file_name} is {article} {self.family} LoRA ({self.key_format} format): "
@@ -137,17 +140,33 @@ def _input_widths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     return widths
 
 
+# Transformer families, in the table's order: those this app does not run and FLUX.1.
+_DIT_FAMILIES = tuple(f for f in families.FAMILIES if f.arch is None or not f.arch.has_unet)
+# A BFL control LoRA (FLUX.1 Depth/Canny) widens img_in to 128 input channels (image + control).
+_CONTROL_IMG_IN = re.compile(r"(^|[._])img_in\.(lora_A\.weight|lora_down\.weight|diff)$")
+_CONTROL_WIDTH = 128
+CONTROL_FAMILY = "FLUX.1 control (Depth/Canny)"
+
+
+def _control_lora(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    for key, shape in shapes.items():
+        if _CONTROL_IMG_IN.search(key) and len(shape) == 2 and shape[1] == _CONTROL_WIDTH:
+            return f"img_in widened to {_CONTROL_WIDTH} input channels ({key!r})"
+    return None
+
+
 def _foreign_from_keys(
     flat_keys: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[Family, str] | None:
-    """A family this app does not run, named by a key only it has or a shared key at its width."""
-    for family in families.FOREIGN:
+    """A transformer family (run or not), named by a key only it has or a shared key at its
+    width."""
+    for family in _DIT_FAMILIES:
         for pattern in family.keys:
             for key, flat_key in flat_keys.items():
                 if pattern.search(flat_key):
                     return family, f"{family.name} name {key!r}"
     widths = _input_widths(shapes)
-    for family in families.FOREIGN:
+    for family in _DIT_FAMILIES:
         for signature in family.widths:
             for key, flat_key in flat_keys.items():
                 width = widths.get(key)
@@ -166,14 +185,17 @@ def detect_from_keys(tensor_shapes: Mapping[str, tuple[int, ...]]) -> BaseDetect
     }
     key_format = identify_format(split_module_key(key)[0] for key in tensor_shapes)
     flat_keys = {key: _flat(key) for key in shapes}
+    control = _control_lora(shapes)
+    if control is not None:
+        return BaseDetection(None, SOURCE_KEYS, control, CONTROL_FAMILY, key_format)
     foreign = _foreign_from_keys(flat_keys, shapes)
     if foreign is not None:
         family, detail = foreign
-        return BaseDetection(None, SOURCE_KEYS, detail, family.name, key_format)
+        return BaseDetection(family.arch, SOURCE_KEYS, detail, family.name, key_format)
     others = sorted(k for k, f in flat_keys.items() if _OTHER_FAMILY_NAME.search(f))
     if others:
         return BaseDetection(
-            None, SOURCE_KEYS, f"not an SD name {others[0]!r}", "another model family", key_format
+            None, SOURCE_KEYS, f"not an SD name {others[0]!r}", ANOTHER_FAMILY, key_format
         )
 
     def found(arch: Arch, detail: str) -> BaseDetection:
@@ -242,7 +264,10 @@ def detect_base(
     if named is not None and not named[0].runs:
         family, source, detail = named
         return BaseDetection(None, source, detail, family.name, key_format)
-    if from_keys.foreign:
+    # FLUX.1's own transformer names (`transformer.`, `lora_transformer_`) at widths no row knows
+    # (tiny or pruned files) are only a guess of "another family": metadata naming FLUX.1 wins.
+    flux_named = named is not None and named[0].arch is Arch.FLUX1
+    if from_keys.foreign and not (flux_named and from_keys.family == ANOTHER_FAMILY):
         return from_keys
     if named is not None:
         family, source, detail = named
@@ -250,7 +275,7 @@ def detect_base(
         return _checked(
             BaseDetection(family.arch, source, detail, family.name, key_format), from_keys
         )
-    if from_keys.arch is Arch.SDXL:
+    if from_keys.arch in (Arch.SDXL, Arch.FLUX1):
         return from_keys
     # Kohya wrote only ss_v2 before SDXL existed, so the flag decides between SD1 and SD2 alone.
     v2_flag = metadata.get("ss_v2", "").strip().lower()

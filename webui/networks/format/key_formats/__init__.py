@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from webui.networks.format.key_formats import attn_processor, kohya, ldm, lycoris, onetrainer, peft
+from webui.networks.format.key_formats import (
+    attn_processor,
+    kohya,
+    ldm,
+    lycoris,
+    onetrainer,
+    peft,
+    xlabs,
+)
 from webui.networks.format.key_formats.embeddings import embedding_name, is_embedding_key
 from webui.networks.format.key_formats.format import KeyFormat
 
 # Checked in order; the first that owns a prefix converts it.
 FORMATS: tuple[KeyFormat, ...] = (
+    xlabs.FORMAT,
     kohya.FORMAT,
     lycoris.FORMAT,
     onetrainer.FORMAT,
