@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from tests.ui_client import generate_via_ui
 from webui.arch import Arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,10 @@ def test_serves_the_page_and_generates(server) -> None:
     url, page = server
     assert "LoRA WebUI" in page  # the page title, set through Gradio's config
     client = Client(url, verbose=False)
-    gallery, infotext, warnings = client.predict(
-        "a cat", "", "Euler", 2, 64, 64, 7, 5, 1, 1, 1, api_name="/on_generate"
+    gallery, infotext, warnings, *_ = generate_via_ui(
+        client,
+        **{"Prompt": "a cat", "Negative prompt": "", "Sampler": "Euler", "Steps": 2},
+        **{"Width": 64, "Height": 64, "CFG scale": 7, "Seed (-1 = random)": 5},
     )
     assert len(gallery) == 1
     assert "Seed: 5" in infotext and "Model: tiny" in infotext

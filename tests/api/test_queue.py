@@ -13,6 +13,7 @@ import webuiapi
 from conftest import RunningServer, folders
 from gradio_client import Client
 
+from tests.ui_client import generate_via_ui
 from webui.api.infotext_fields import a1111_fields
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.jobs import JobQueue
@@ -114,8 +115,10 @@ def test_ten_concurrent_requests_and_a_ui_job_all_complete(
 
     def call_ui() -> str:
         client = Client(server.url + "/", verbose=False)
-        _, infotext, _ = client.predict(
-            "a dog", "", "Euler", 3, 64, 64, 7, 77, 1, 1, 1, api_name="/on_generate"
+        _, infotext, *_ = generate_via_ui(
+            client,
+            **{"Prompt": "a dog", "Negative prompt": "", "Sampler": "Euler", "Steps": 3},
+            **{"Width": 64, "Height": 64, "CFG scale": 7, "Seed (-1 = random)": 77},
         )
         return infotext
 

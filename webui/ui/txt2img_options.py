@@ -173,11 +173,11 @@ def build_hires_controls() -> HiresControls:
                 elem_id="txt2img-hr-sampler",
             )
         prompt = gr.Textbox(
-            label="Hires prompt", lines=2, info="the second pass's prompt (LoRA tags too)", placeholder="empty: the prompt",
+            "", label="Hires prompt", lines=2, info="the second pass's prompt (LoRA tags too)", placeholder="empty: the prompt",
             elem_id="txt2img-hr-prompt",
         )  # fmt: skip
         negative = gr.Textbox(
-            label="Hires negative prompt", lines=2, info="the second pass's negative prompt", placeholder="empty: the negative prompt",
+            "", label="Hires negative prompt", lines=2, info="the second pass's negative prompt", placeholder="empty: the negative prompt",
             elem_id="txt2img-hr-negative",
         )  # fmt: skip
     return HiresControls(
