@@ -15,7 +15,7 @@ from lora_files import write_kohya_lora
 from webui.arch import Arch
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.hires import HiresFix
-from webui.ui.infotext_fields import FieldValues, HiresValues, fields_from_infotext, lora_hashes
+from webui.ui.infotext_fields import FieldValues, fields_from_infotext, lora_hashes
 
 A1111_TEXT = (
     "masterpiece, <lora:ink:0.8>\n"
@@ -38,7 +38,7 @@ def test_a1111_fixture_maps_field_by_field() -> None:
         width=832,
         height=1216,
         clip_skip=2,
-        hires=HiresValues(scale=1.5, steps=10, upscaler="Latent", denoising_strength=0.4),
+        hires=HiresFix(scale=1.5, steps=10, upscaler="Latent", denoising_strength=0.4),
         model_hash="31e35c80fc",
         model_name="sd_xl_base_1.0",
         lora_hashes=(("ink", "7ab3c2e1f0aa"),),
@@ -118,7 +118,7 @@ def test_this_apps_infotext_gives_back_the_request(engine: Engine) -> None:
         clip_skip=2,
         subseed=99,
         subseed_strength=0.25,
-        hires=HiresValues(
+        hires=HiresFix(
             scale=1.5,
             steps=2,
             denoising_strength=0.55,

@@ -9,27 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from webui.engine.flux_recipe import DISTILLED_CFG_KEY
-from webui.engine.hires import UPSCALER_NAMES
+from webui.engine.hires import UPSCALER_NAMES, HiresFix
 from webui.engine.infotext import parse_infotext
 from webui.engine.samplers import UnknownSamplerError, get_sampler
 
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class HiresValues:
-    """The hires-fix controls' values; A1111's defaults for the keys an infotext leaves out."""
-
-    scale: float = 2.0
-    resize_x: int = 0
-    resize_y: int = 0
-    upscaler: str = "Latent"
-    steps: int = 0
-    denoising_strength: float = 0.7
-    prompt: str = ""
-    negative_prompt: str = ""
-    sampler: str = ""  # "": the first pass's ("Use same sampler")
-    cfg_scale: float | None = None  # None: the first pass's
 
 
 @dataclass(frozen=True)
@@ -49,7 +33,7 @@ class FieldValues:
     clip_skip: int = 1
     subseed: int = -1
     subseed_strength: float = 0.0
-    hires: HiresValues | None = None  # None: hires fix off
+    hires: HiresFix | None = None  # None: hires fix off
     model_hash: str | None = None
     model_name: str | None = None
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111's 12-digit autov3) each
@@ -116,12 +100,12 @@ def _sampler(params: Mapping[str, str], key: str, problems: list[str]) -> str | 
         return None
 
 
-def _hires(params: Mapping[str, str], number, problems: list[str]) -> HiresValues | None:  # type: ignore[no-untyped-def]
+def _hires(params: Mapping[str, str], number, problems: list[str]) -> HiresFix | None:  # type: ignore[no-untyped-def]
     """Hires fix is on when any `Hires ...` key is written (A1111 writes `Hires upscale` or
     `Hires resize` with every hires image)."""
     if not any(key.startswith("Hires ") for key in params):
         return None
-    defaults = HiresValues()
+    defaults = HiresFix()
     resize_x = resize_y = 0
     if "Hires resize" in params:
         size = _SIZE.match(params["Hires resize"])
@@ -136,7 +120,7 @@ def _hires(params: Mapping[str, str], number, problems: list[str]) -> HiresValue
     scale = number("Hires upscale", float)
     steps = number("Hires steps", int)
     strength = number("Denoising strength", float)
-    return HiresValues(
+    return HiresFix(
         scale=scale if scale is not None else defaults.scale,
         resize_x=resize_x,
         resize_y=resize_y,
