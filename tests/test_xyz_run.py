@@ -14,8 +14,9 @@ from lora_files import ATTENTION_PROJECTIONS, write_kohya_layers
 from PIL import Image, ImageChops
 
 from webui.arch import Arch
-from webui.engine.generate import Engine, GenerationRequest
+from webui.engine.generate import Engine
 from webui.engine.infotext import parse_infotext, read_image_parameters
+from webui.engine.jobs import GenerationRequest, JobQueue
 from webui.engine.lora_backends import LoraBackends
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.xyz_grid import BACKGROUND
@@ -143,17 +144,23 @@ def test_lora_work_follows_the_run_order(engine: Engine, modules_written: list[i
     assert sum(modules_written) > plot_writes
 
 
-def test_interrupt_keeps_the_partial_grid(engine: Engine) -> None:
+def test_interrupt_finishes_the_current_cell_and_keeps_the_partial_grid(engine: Engine) -> None:
+    """As A1111's script: Interrupt (the queue's, as the UI and the API send it) during cell 2
+    lets cell 2 finish whole, then stops; the cells never run stay black."""
     specs = [AxisSpec(AxisKind.SEED, "1-4")]
     plot = prepare_plot(engine, BASE, specs)
+    queue = JobQueue.for_engine(engine)
 
     def stop_in_second_cell(p) -> None:
-        if p.cell == 2:
-            engine.interrupt()
+        if p.cell == 2 and p.inner.step == 1:
+            queue.interrupt()
 
     result = run_plot(engine, plot, on_progress=stop_in_second_cell)
     assert result.interrupted
-    assert result.cells[0] is not None and result.cells[2] is None and result.cells[3] is None
+    assert result.cells[0] is not None and result.cells[1] is not None
+    assert result.cells[2] is None and result.cells[3] is None
+    alone = engine.generate(plot.cells[1].request).images[0].image
+    assert np.array_equal(np.asarray(result.cells[1].image), np.asarray(alone))
     assert result.grid is not None
     last = np.asarray(result.grid.image.crop(result.layout.cell_box(3, 0, 0)))
     assert not last.any()  # a cell never run is black

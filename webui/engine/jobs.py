@@ -60,6 +60,8 @@ class _Running:
     name: str
     started: float
     timestamp: str
+    # an interrupt lets the current unit of work finish (a plot's cell) instead of the step
+    finish_unit: bool = False
     step: int = 0
     total: int = 0
     preview: Image.Image | None = None
@@ -92,13 +94,19 @@ class JobQueue:
         with _QUEUES_LOCK:
             _QUEUES[engine] = queue
 
-    def run(self, name: str, work: Callable[[ProgressCallback], T]) -> T:
-        """Wait for this job's turn, then run `work(report)`; `report` records its progress."""
+    def run(
+        self, name: str, work: Callable[[ProgressCallback], T], *, finish_unit: bool = False
+    ) -> T:
+        """Wait for this job's turn, then run `work(report)`; `report` records its progress.
+        With `finish_unit`, an interrupt only marks the job (`status().interrupted`) and the work
+        stops at its next unit boundary (a plot after its current cell), not after the step."""
         with self._turns:
             ticket = self._next_ticket
             self._next_ticket += 1
             self._turns.wait_for(lambda: self._serving == ticket)
-            self._running = _Running(name, time.monotonic(), time.strftime("%Y%m%d%H%M%S"))
+            self._running = _Running(
+                name, time.monotonic(), time.strftime("%Y%m%d%H%M%S"), finish_unit=finish_unit
+            )
             self._interrupted = False
         try:
             return work(self._record)
@@ -147,6 +155,8 @@ class JobQueue:
             if self._running is None:
                 return
             self._interrupted = True
+            if self._running.finish_unit:
+                return
         self.engine.interrupt()
 
     def status(self) -> JobStatus:

@@ -118,7 +118,9 @@ def run_plot(
     """Render every cell in turn with other jobs (one job for the whole plot)."""
     queue = JobQueue.for_engine(engine)
     return queue.run(
-        "xyz plot", lambda report: _run(engine, queue, plot, legend, report, on_progress)
+        "xyz plot",
+        lambda report: _run(engine, queue, plot, legend, report, on_progress),
+        finish_unit=True,  # an interrupt ends the plot after the cell it is drawing
     )
 
 
