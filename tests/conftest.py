@@ -13,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _EMPTY_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_EMPTY_HOME, "hub")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+# hypothesis keeps caches (constants, unicode tables) in its storage folder: not in the repo
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_EMPTY_HOME, "hypothesis"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
