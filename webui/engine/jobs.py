@@ -3,6 +3,7 @@ served, and the queue knows which job runs and how far it got (for progress repo
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -24,6 +25,8 @@ from webui.engine.generate import (
 
 T = TypeVar("T")
 _TOOL_STAGES = frozenset({Stage.EXTRACT, Stage.BAKE})
+
+log = logging.getLogger(__name__)
 
 
 class JobInterrupted(Exception):
@@ -141,7 +144,10 @@ class JobQueue:
                 if on_progress is not None:
                     on_progress(p)
 
-            return self.engine.generate(request, on_progress=progress)
+            result = self.engine.generate(request, on_progress=progress)
+            # the one console line of a generation, for the UI and the API alike
+            log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
+            return result
 
         return self.run(name, work)
 

@@ -198,7 +198,6 @@ def _run_generation(
             hidden,
         )
         return
-    log.info("generated %d image(s) in %.1f s", len(result.images), result.seconds)
     grid = engine.save_grid(result)
     panels = infotext_panels(result, grid)
     gallery = gallery_items(result, grid)
