@@ -1,8 +1,7 @@
-"""LoRA key layouts from the wild, on full-size models built on the `meta` device.
-
-Layouts are generated from each trainer's naming rule (named per layout) over the real modules of
-the full SD1/SD2/SDXL architectures: every SD layout must resolve in full with the right base, and
-every other family must be named and never written (regressions of issue 16)."""
+"""The regressions of issue 16 on real key layouts: a diffusers-converted SD1.5 file is SD1, a
+dotted DoRA magnitude joins its module, OneTrainer SDXL loads natively in full (SD layouts from
+`tests/corpus/`, whose every layout `test_corpus_layouts.py` checks in full), and layouts of other
+families, written from their trainers' naming rules, are named and never written."""
 
 from __future__ import annotations
 
@@ -11,23 +10,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from corpus_layouts import CORPUS, load_layout, meta_model
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from webui import families
-from webui.arch import UNET_ARCHES, Arch
+from webui.arch import Arch
 from webui.engine.lora_backends import LoraBackends
-from webui.engine.model_factory import ModelSize, ModelSpec, component_configs
 from webui.engine.network_set import ChosenNetwork
-from webui.layouts.unet import unet_module_names
-from webui.networks.apply.keys import KeyMap
 from webui.networks.apply.strengths import Strengths
 from webui.networks.format.base_detection import detect_base, fits
 from webui.networks.format.modules import group_by_module, parse_module
@@ -36,15 +29,6 @@ from webui.settings import LoraBackend
 
 RANK = 2
 Shapes = dict[str, tuple[int, ...]]
-KOHYA = "kohya-ss/sd-scripts networks/lora.py (module path, dots -> '_', lora_unet_/lora_te*_)"
-KOHYA_LDM = "kohya-ss/sd-scripts sdxl_model_util.py + networks/lora.py (SGM/LDM UNet names)"
-DIFFUSERS_KOHYA = (
-    "huggingface/diffusers src/diffusers/utils/state_dict_utils.py convert_state_dict_to_kohya"
-)
-PEFT = "huggingface/diffusers save_lora_weights (PEFT: unet./text_encoder., lora_A/lora_B)"
-ONETRAINER = "Nerogar/OneTrainer modules/util/convert/lora/convert_sdxl_lora.py, convert_clip.py"
-LYCORIS = "KohakuBlueleaf/LyCORIS lycoris/wrapper.py (LycorisNetwork, prefix 'lycoris')"
-ATTN_PROC = "https://github.com/Comfy-Org/ComfyUI/issues/1144 (processor.to_q_lora keys)"
 
 
 @dataclass(frozen=True)
@@ -54,39 +38,6 @@ class Layout:
     source: str
     shapes: Shapes
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-@cache
-def meta_model(arch: Arch) -> SimpleNamespace:
-    """The full-size architecture on the meta device (no memory, real names and shapes)."""
-    configs = component_configs(ModelSpec(arch, size=ModelSize.FULL))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        te1 = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-        te2 = None
-        if arch is Arch.SDXL:
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
-    return SimpleNamespace(unet=unet, text_encoder=te1, text_encoder_2=te2)
-
-
-def _targets(model: torch.nn.Module, wanted: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    return {
-        path: tuple(m.weight.shape)
-        for path, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and path.endswith(wanted)
-    }
-
-
-_UNET = (
-    "attn1.to_k",
-    "attn2.to_k",
-    "attn1.to_out.0",
-    "proj_in",
-    "ff.net.2",
-    "conv1",
-    "time_emb_proj",
-)
-_TEXT = ("self_attn.q_proj", "mlp.fc1", "text_projection")
 
 
 def _lora(prefix: str, shape: tuple[int, ...], sep: str = ".") -> Shapes:
@@ -106,124 +57,19 @@ def _peft(prefix: str, shape: tuple[int, ...]) -> Shapes:
     }
 
 
-def _text_path(path: str) -> str:
-    return (
-        path
-        if path.startswith("text_model.") or path == "text_projection"
-        else f"text_model.{path}"
-    )
-
-
-def sd_layouts(arch: Arch) -> list[Layout]:
-    """Seven trainers' spellings of the same modules of one architecture."""
-    model = meta_model(arch)
-    unet = _targets(model.unet, _UNET)
-    ldm = unet_module_names(model.unet.config)
-    texts = [
-        (
-            "lora_te1" if arch is Arch.SDXL else "lora_te",
-            "text_encoder",
-            "clip_l",
-            model.text_encoder,
-        )
-    ]
-    if model.text_encoder_2 is not None:
-        texts.append(("lora_te2", "text_encoder_2", "clip_g", model.text_encoder_2))
-    text = [
-        (k, p, o, _text_path(path), s)
-        for k, p, o, m in texts
-        for path, s in _targets(m, _TEXT).items()
-    ]
-    a = arch.value
-    layouts: dict[str, Shapes] = {
-        n: {}
-        for n in (
-            "kohya",
-            "kohya_ldm",
-            "diffusers_kohya",
-            "peft",
-            "onetrainer",
-            "lycoris",
-            "attn_proc",
-        )
-    }
-    for path, shape in unet.items():
-        flat = path.replace(".", "_")
-        layouts["kohya"] |= _lora(f"lora_unet_{flat}", shape)
-        if path in ldm:
-            layouts["kohya_ldm"] |= _lora(f"lora_unet_{ldm[path].replace('.', '_')}", shape)
-            layouts["onetrainer"] |= _lora(f"unet.{ldm[path]}", shape)
-        # convert_state_dict_to_kohya keeps the last two dots: the DoRA magnitude keeps three
-        dk = _lora(f"lora_unet_{flat}", shape)
-        if path.endswith(".to_k"):
-            head = path.rsplit(".", 1)[0].replace(".", "_")
-            dk[f"lora_unet_{head}.to_k.lora_magnitude_vector"] = (shape[0],)
-        layouts["diffusers_kohya"] |= dk
-        layouts["peft"] |= _peft(f"unet.{path}", shape)
-        layouts["lycoris"] |= _lora(f"lycoris_{flat}", shape)
-        if path.endswith(("attn1.to_k", "attn2.to_k", "attn1.to_out.0")):
-            proc = path.replace(".to_out.0", ".processor.to_out_lora").replace(
-                ".to_k", ".processor.to_k_lora"
-            )
-            out_f, in_f = shape
-            layouts["attn_proc"] |= {
-                f"unet.{proc}.down.weight": (RANK, in_f),
-                f"unet.{proc}.up.weight": (out_f, RANK),
-            }
-    for kohya, peft, ot, path, shape in text:
-        flat = path.replace(".", "_")
-        layouts["kohya"] |= _lora(f"{kohya}_{flat}", shape)
-        layouts["kohya_ldm"] |= _lora(f"{kohya}_{flat}", shape)
-        dk_prefix = "lora_te1" if peft == "text_encoder" else "lora_te2"
-        layouts["diffusers_kohya"] |= _lora(f"{dk_prefix}_{flat}", shape)
-        layouts["peft"] |= _peft(f"{peft}.{path}", shape)
-        layouts["onetrainer"] |= _lora(f"{ot}.{path}", shape)
-    layouts["onetrainer"]["bundle_emb.myemb.clip_l"] = (2, 768)
-    if arch is Arch.SDXL:
-        layouts["onetrainer"]["bundle_emb.myemb.clip_g"] = (2, 1280)
-    sources = {
-        "kohya": KOHYA,
-        "kohya_ldm": KOHYA_LDM,
-        "diffusers_kohya": DIFFUSERS_KOHYA,
-        "peft": PEFT,
-        "onetrainer": ONETRAINER,
-        "lycoris": LYCORIS,
-        "attn_proc": ATTN_PROC,
-    }
-    if arch is not Arch.SDXL:
-        del layouts["kohya_ldm"]  # sd-scripts writes SD1/SD2 in the diffusers layout
-    return [Layout(f"{a}-{n}", a, sources[n], s) for n, s in layouts.items()]
-
-
-SD_LAYOUTS = [layout for arch in UNET_ARCHES for layout in sd_layouts(arch)]
+def corpus_layout(name: str) -> Shapes:
+    """An SD layout of `tests/corpus/` (written by `tests/corpus/build.py` from the trainers'
+    naming rules; every one is checked in full by `test_corpus_layouts.py`)."""
+    return load_layout(CORPUS / name.split("-", 1)[0] / f"{name}.json").keys
 
 
 def _tensors(shapes: Shapes) -> dict[str, torch.Tensor]:
     return {k: torch.ones(()) * RANK if s == () else torch.zeros(s) for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("layout", SD_LAYOUTS, ids=lambda x: x.name)
-def test_sd_layout_applies_in_full_with_its_base(layout: Layout) -> None:
-    arch = Arch(layout.expected)
-    detection = detect_base(layout.metadata, layout.shapes)
-    assert detection.arch is arch, detection.detail
-    model = meta_model(arch)
-    keymap = KeyMap(model.unet, model.text_encoder, model.text_encoder_2)
-    groups = group_by_module(_tensors(layout.shapes))
-    for prefix, tensors in groups.items():
-        module = parse_module(prefix, tensors)
-        ref = keymap.resolve(prefix)
-        assert ref is not None, f"{layout.name}: {prefix} matches nothing"
-        assert module.accepts(ref.module.weight.shape), prefix
-    used = sum(len(g) for g in groups.values())
-    embeddings = sum(1 for k in layout.shapes if k.startswith("bundle_emb."))
-    assert used + embeddings == len(layout.shapes)  # every key used
-
-
 def test_dotted_dora_magnitude_groups_into_one_module() -> None:
     """diffusers' kohya converter splits one DoRA module over two spellings."""
-    layout = next(x for x in SD_LAYOUTS if x.name == "SD1-diffusers_kohya")
-    groups = group_by_module(_tensors(layout.shapes))
+    groups = group_by_module(_tensors(corpus_layout("sd1-diffusers-kohya")))
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
     assert set(groups[name]) == {
         "lora_down.weight",
@@ -235,17 +81,16 @@ def test_dotted_dora_magnitude_groups_into_one_module() -> None:
 
 
 def test_diffusers_converted_sd15_is_sd1_not_sdxl() -> None:
-    layout = next(x for x in SD_LAYOUTS if x.name == "SD1-diffusers_kohya")
-    assert detect_base({}, layout.shapes).arch is Arch.SD1
-    text_only = {k: s for k, s in layout.shapes.items() if k.startswith("lora_te1_")}
+    shapes = corpus_layout("sd1-diffusers-kohya")
+    assert detect_base({}, shapes).arch is Arch.SD1
+    text_only = {k: s for k, s in shapes.items() if k.startswith("lora_te1_")}
     assert detect_base({}, text_only).arch is Arch.SD1
 
 
 def test_onetrainer_sdxl_is_native_in_full(tmp_path: Path) -> None:
     """clip_l/clip_g modules map, bundle_emb is set aside: nothing unsupported, so auto keeps it."""
-    layout = next(x for x in SD_LAYOUTS if x.name == "SDXL-onetrainer")
     path = tmp_path / "ot.safetensors"
-    save_file(_tensors(layout.shapes), path)
+    save_file(_tensors(corpus_layout("sdxl-onetrainer")), path)
     network = read_network(path)
     assert not network.unsupported
     assert any(p.startswith("text_encoder_2.") for p in network.modules)
