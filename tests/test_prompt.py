@@ -54,8 +54,9 @@ VECTOR_17 = "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"  # OUTS
 VECTOR_12 = "1,0.5,0.5,0.5,0.5,1,0,0,0,0,0,0"
 VECTOR_20 = "0,1,1,1,1,1,1,1,1,1,0.5,0,0,0,0,0,0,0,0,0.25"
 VECTOR_26 = "1,0,0,0,0,0,0,0,0,0,0,0,0,2,0,0,0,0,0,0,0,0,0,0,0,-1"
-KNOWN = "known: te, te1, te2, unet, in, mid, out, dyn, lbw"
-PRESET_NAMES = "NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5"
+KNOWN = "known: te, te1, te2, unet, in, mid, out, dyn, lbw, transformer"
+PRESET_NAMES = "NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, FLUXALL"
+LENGTHS = "12, 17, 20, 26 (SD) or 61 (FLUX.1)"
 
 # (prompt, expected tags, expected text, expected errors)
 CASES: list[tuple[str, list[NetworkTag], str, list[str]]] = [
@@ -406,24 +407,21 @@ CASES: list[tuple[str, list[NetworkTag], str, list[str]]] = [
         [],
         "",
         [
-            "<lora:ink:0.5:lbw=1,2,3>: lbw '1,2,3' has 3 values; a block vector has 12, 17, 20 "
-            "or 26; tag skipped"
+            f"<lora:ink:0.5:lbw=1,2,3>: lbw '1,2,3' has 3 values; a block vector has {LENGTHS}; "
+            "tag skipped"
         ],
     ),
     (
         "<lora:ink:lbw=1>",
         [],
         "",
-        ["<lora:ink:lbw=1>: lbw '1' has 1 value; a block vector has 12, 17, 20 or 26; tag skipped"],
+        [f"<lora:ink:lbw=1>: lbw '1' has 1 value; a block vector has {LENGTHS}; tag skipped"],
     ),
     (
         "<lora:ink:1:0,1>",  # a comma list in the unet slot is read as a block vector
         [],
         "",
-        [
-            "<lora:ink:1:0,1>: lbw '0,1' has 2 values; a block vector has 12, 17, 20 or 26; "
-            "tag skipped"
-        ],
+        [f"<lora:ink:1:0,1>: lbw '0,1' has 2 values; a block vector has {LENGTHS}; tag skipped"],
     ),
     (
         "<lora:ink:lbw=FOO>",
@@ -571,7 +569,7 @@ def test_block_labels(length: int, labels: tuple[str, ...]) -> None:
     assert block_labels(length) == labels
 
 
-@pytest.mark.parametrize("length", [0, 16, 25, 61])
+@pytest.mark.parametrize("length", [0, 16, 25, 57, 60, 62])
 def test_block_labels_of_other_lengths_raise(length: int) -> None:
     with pytest.raises(ValueError, match=str(length)):
         block_labels(length)
@@ -580,6 +578,8 @@ def test_block_labels_of_other_lengths_raise(length: int) -> None:
 def test_presets_expand_to_sd1_vectors() -> None:
     assert set(PRESETS) == set(PRESET_NAMES.split(", "))
     for name, values in PRESETS.items():
+        if name == "FLUXALL":
+            continue  # the FLUX.1 preset: tests/test_flux_block_weights.py
         blocks = parse_prompt(f"<lora:ink:lbw={name.lower()}>").tags[0].blocks
         assert blocks == BlockWeights(tuple(map(float, values)), SD1_17, name)
     midd = parse_prompt("<lora:ink:lbw=MIDD>").tags[0].blocks

@@ -8,17 +8,18 @@ stripped; an argument containing `=` is named, any other is positional):
     tag       := "<" kind ":" NAME (":" argument)* ">"
     argument  := positional | key "=" value
     positional fill, in order: strength (te), unet, dyn        (an empty one counts as not given)
-    key       := te | te1 | te2 | unet | in | mid | out | dyn | lbw      (case-insensitive)
+    key       := te | te1 | te2 | unet | transformer | in | mid | out | dyn | lbw
+                                              (case-insensitive; transformer is unet's alias)
     strength  := NUMBER | schedule
     schedule  := point ("," point)*
     point     := NUMBER "@" step
     step      := DIGITS                       -> step number, as the sampler counts them
                | DIGITS? "." DIGITS?          -> fraction of the run, 0 <= f <= 1 (1.0 = last step)
     dyn       := DIGITS
-    lbw       := PRESET | NUMBER ("," NUMBER)*     with 12, 17, 20 or 26 numbers
+    lbw       := PRESET | NUMBER ("," NUMBER)*     with 12, 17, 20, 26 (SD) or 61 (FLUX.1) numbers
 
 Defaults, as A1111: te = the first positional or 1.0; unet = te; te1 = te2 = te;
-in = mid = out = unet. A named argument wins over its positional. A positional in the unet slot
+in = mid = out = unet. `transformer=` (FLUX.1's denoiser) is `unet=` under another name. A named argument wins over its positional. A positional in the unet slot
 that is a preset name or a comma list without `@` is read as `lbw` (LoRA Block Weight's older
 `<lora:NAME:1:PRESET>` form).
 
@@ -48,7 +49,8 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _STEP = re.compile(r"\d{1,9}")  # whole numbers stay far below int()'s digit limit
 _FRACTION = re.compile(r"\d*\.\d*")
 _STRENGTH_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out")
-KEYS = (*_STRENGTH_KEYS, "dyn", "lbw")
+KEYS = (*_STRENGTH_KEYS, "dyn", "lbw", "transformer")
+_ALIASES = {"transformer": "unet"}  # the denoiser of transformer families (FLUX.1)
 _POSITIONAL = ("strength", "unet", "dyn")
 _Value = TypeVar("_Value")
 
@@ -116,15 +118,20 @@ def _numbered(prefix: str, indices: range | tuple[int, ...]) -> tuple[str, ...]:
     return tuple(f"{prefix}{index:02d}" for index in indices)
 
 
-# LoRA Block Weight's block IDs; the middle block is M00 as in that extension
+# LoRA Block Weight's block IDs; the middle block is M00 as in that extension. FLUX.1 (its
+# "Flux (61)"): the two text encoders, the input embedders, 19 double and 38 single blocks, the
+# final layer.
 _BLOCK_LABELS: dict[int, tuple[str, ...]] = {
     17: ("BASE", *_numbered("IN", (1, 2, 4, 5, 7, 8)), "M00", *_numbered("OUT", range(3, 12))),
     26: ("BASE", *_numbered("IN", range(12)), "M00", *_numbered("OUT", range(12))),
     12: ("BASE", *_numbered("IN", (4, 5, 7, 8)), "M00", *_numbered("OUT", range(6))),
     20: ("BASE", *_numbered("IN", range(9)), "M00", *_numbered("OUT", range(9))),
+    61: ("CLIP", "T5", "IN", *_numbered("D", range(19)), *_numbered("S", range(38)), "OUT"),
 }
+_LENGTHS = "12, 17, 20, 26 (SD) or 61 (FLUX.1)"
 
-# values from LoRA Block Weight's default preset list (DEF_WEIGHT_PRESET), all in the SD1 17 form
+# values from LoRA Block Weight's default preset list (DEF_WEIGHT_PRESET), in the SD1 17 form,
+# and its FLUX.1 preset FLUXALL (61 ones)
 PRESETS: dict[str, tuple[float, ...]] = {
     "NONE": (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
     "ALL": (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
@@ -136,23 +143,26 @@ PRESETS: dict[str, tuple[float, ...]] = {
     "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
     "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5,) * 17,
+    "FLUXALL": (1,) * 61,
 }
 
 
 def block_labels(length: int) -> tuple[str, ...]:
     """The block label of each entry of a LoRA Block Weight vector of `length` values: 17 and 26
-    are SD1/SD2 (attention blocks only / all blocks), 12 and 20 are SDXL (likewise)."""
+    are SD1/SD2 (attention blocks only / all blocks), 12 and 20 are SDXL (likewise), 61 is
+    FLUX.1 (CLIP, T5, IN, D00..D18, S00..S37, OUT)."""
     try:
         return _BLOCK_LABELS[length]
     except KeyError:
-        raise ValueError(f"a block vector has 12, 17, 20 or 26 values, not {length}") from None
+        raise ValueError(f"a block vector has {_LENGTHS} values, not {length}") from None
 
 
 @dataclass(frozen=True)
 class BlockWeights:
     """A LoRA Block Weight vector: one factor per labelled block (BASE is the text encoders).
     `preset` names the preset it came from; presets are the SD1 17-value vectors that
-    LoRA Block Weight defines (it defines no SDXL forms and applies them by label on SDXL too)."""
+    LoRA Block Weight defines (it defines no SDXL forms and applies them by label on SDXL too)
+    and its 61-value FLUXALL."""
 
     values: tuple[float, ...]
     labels: tuple[str, ...]
@@ -262,7 +272,7 @@ def _blocks(raw: str) -> BlockWeights:
     values = tuple(_number(item, f"is not a block vector: {item!r} ") for item in items)
     if len(items) not in _BLOCK_LABELS:
         count = f"{len(items)} value" + ("" if len(items) == 1 else "s")
-        raise _Unreadable(f"has {count}; a block vector has 12, 17, 20 or 26")
+        raise _Unreadable(f"has {count}; a block vector has {_LENGTHS}")
     return BlockWeights(values, block_labels(len(items)))
 
 
@@ -277,22 +287,25 @@ def _parse_tag(text: str, args: str) -> tuple[NetworkTag | None, list[str]]:
         return None, [f"{text}: the tag names no network; tag skipped"]
     messages: list[str] = []
     positional: list[str] = []
-    named: dict[str, str] = {}
+    named: dict[str, tuple[str, str]] = {}  # key -> (raw value, the key as typed)
     for argument in arguments:
         if "=" not in argument:
             positional.append(argument)
             continue
-        key, _, value = (part.strip() for part in argument.partition("="))
-        key = key.lower()
-        if key not in KEYS:
+        typed, _, value = (part.strip() for part in argument.partition("="))
+        typed = typed.lower()
+        key = _ALIASES.get(typed, typed)
+        if typed not in KEYS:
             known = ", ".join(KEYS)
             messages.append(f"{text}: unknown argument {argument!r} (ignored); known: {known}")
         elif not value:
-            messages.append(f"{text}: {key}= has no value (ignored)")
+            messages.append(f"{text}: {typed}= has no value (ignored)")
         else:
             if key in named:
-                messages.append(f"{text}: {key}= is given twice; the last value is used")
-            named[key] = value
+                first = named[key][1]
+                twice = "is given twice" if first == typed else f"and {typed}= are both given"
+                messages.append(f"{text}: {first}= {twice}; the last value is used")
+            named[key] = value, typed
     for surplus in positional[len(_POSITIONAL) :]:
         messages.append(
             f"{text}: surplus argument {surplus!r} (ignored); positional arguments are "
@@ -307,7 +320,7 @@ def _parse_tag(text: str, args: str) -> tuple[NetworkTag | None, list[str]]:
         given["te"] = given.pop("strength")[0], "strength"
     if "unet" in given and _looks_like_blocks(given["unet"][0]):
         given["lbw"] = given.pop("unet")[0], "lbw"
-    given.update({key: (raw, key) for key, raw in named.items()})
+    given.update(named)
 
     skipped = False
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from webui.arch import Arch
-from webui.networks.apply.blocks import UnetBlock, unet_blocks
+from webui.networks.apply.blocks import BlockMap, model_blocks
 from webui.networks.apply.keys import Component, KeyMap, ModuleRef
 from webui.networks.apply.planning import (
     Contribution,
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class NetworkPatcher:
-    """Patches one pipeline's text encoder(s) and UNet in place. Not thread-safe: the engine
+    """Patches one pipeline's text encoder(s) and denoiser (UNet or transformer) in place. Not thread-safe: the engine
     serializes calls."""
 
     def __init__(self, pipe: object, arch: Arch | None = None, *, keep_spares: bool = True) -> None:
@@ -67,8 +67,7 @@ class NetworkPatcher:
         # the one record of what is patched: a module without an entry holds its originals
         self._patched: dict[ModuleRef, Patched] = {}
         self._set: list[tuple[Network, Strengths]] = []
-        unet = getattr(pipe, "unet", None)
-        self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
+        self._blocks: BlockMap = model_blocks(pipe, arch)
 
     @property
     def patched_modules(self) -> int:

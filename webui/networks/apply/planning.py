@@ -4,14 +4,14 @@ and the report of what matched. A dry run ("does it map?") is a plan with nothin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from webui.arch import Arch
 from webui.networks.apply.apply_errors import NOT_A_NETWORK_FAULT, NetworkApplyError
-from webui.networks.apply.blocks import OUTSIDE, UnetBlock
+from webui.networks.apply.blocks import BlockMap
 from webui.networks.apply.fused import RowPiece
 from webui.networks.apply.keys import Component, KeyMap, ModuleRef, Piece
 from webui.networks.apply.reports import NetworkReport
@@ -66,13 +66,24 @@ def plan_network(
     strengths: Strengths,
     keymap: KeyMap,
     arch: Arch | None,
-    blocks: Mapping[str, UnetBlock],
+    blocks: BlockMap,
     plan: Plan | None = None,
 ) -> NetworkReport:
     """How `network` maps onto the model behind `keymap` (matched, unmatched, shape mismatches,
-    whether its base fits `arch`): pure, nothing is written. The contributions it would make
-    are added to `plan` when one is given."""
+    whether its base fits `arch`, strengths the model cannot take): pure, nothing is written.
+    The contributions it would make are added to `plan` when one is given; none when its block
+    vector is not one the model takes (as a tag whose vector cannot be read is skipped)."""
     compatible = fits(network.base, arch)  # never a family this app does not run
+    vector_problem = blocks.vector_problem(strengths.blocks) if strengths.blocks else None
+    notes = tuple(
+        note
+        for note in (
+            vector_problem and f"{vector_problem}; not applied",
+            blocks.unet_keys_problem(strengths.unet_block_keys),
+        )
+        if note
+    )
+    compatible_strengths = vector_problem is None
     matched: list[str] = []
     unmatched: list[str] = []
     mismatched: list[str] = []
@@ -95,7 +106,7 @@ def plan_network(
             multipliers = [
                 strengths.multiplier(
                     ref.component,
-                    blocks.get(ref.path, OUTSIDE) if ref.component is Component.UNET else None,
+                    blocks.block(ref.path) if ref.component is Component.UNET else None,
                 )
                 for ref, _ in targets
             ]
@@ -104,7 +115,7 @@ def plan_network(
         except Exception as error:
             raise NetworkApplyError(network, prefix, error) from error
         for (ref, target_module), multiplier in zip(targets, multipliers, strict=True):
-            if plan is not None and compatible and multiplier != 0:
+            if plan is not None and compatible and compatible_strengths and multiplier != 0:
                 plan.add(ref, (network, target_module, multiplier))
     for prefix in mismatched:
         log.warning("%s: %s does not fit its target weight; skipped", network.name, prefix)
@@ -118,5 +129,6 @@ def plan_network(
         base=network.base.arch,
         base_source=network.base.source,
         compatible=compatible,
-        applied=compatible and bool(matched),
+        applied=compatible and compatible_strengths and bool(matched),
+        notes=notes,
     )

@@ -30,6 +30,7 @@ class NetworkReport:
     base_source: str
     compatible: bool
     applied: bool
+    notes: tuple[str, ...] = ()  # strengths this model cannot take (a wrong block vector, ...)
 
     @property
     def warnings(self) -> list[str]:
@@ -40,6 +41,7 @@ class NetworkReport:
                 f"{self.name}: made for {self.base.value if self.base else '?'} ({self.base_source}), not applied to this model"
             )
             return out
+        out += [f"{self.name}: {note}" for note in self.notes]
         if self.unmatched:
             out.append(
                 f"{self.name}: {len(self.unmatched)} module(s) match nothing in the model, e.g. {self.unmatched[0]}"

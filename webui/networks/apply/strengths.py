@@ -1,15 +1,17 @@
-"""How strongly a network applies to each part of the model, optionally per UNet block and per
-denoising step.
+"""How strongly a network applies to each part of the model, optionally per block (UNet or
+transformer) and per denoising step.
 
 Rules (documented for users in README.md):
-- text encoders: `te1` / `te2` (SDXL's two encoders; each defaults to `te`), times the block
-  vector's BASE entry when one is given;
+- text encoders: `te1` / `te2` (SDXL's two encoders, FLUX.1's CLIP-L and T5; each defaults to
+  `te`), times the block vector's BASE entry (SD) or its CLIP / T5 entry (FLUX.1);
 - UNet: `in` / `mid` / `out` for modules of the input, middle and output blocks (see
   `blocks.py` for where conv_in and the final conv belong), each defaulting to `unet`; modules
   outside the blocks (time and label embeddings) take `unet`; a block vector (`lbw`) multiplies
   by the entry of the module's block label (IN04, M00, OUT11); numbered blocks a vector does
   not list get 0, as in the LoRA Block Weight extension (a 17-value vector on a LoCon zeroes
   IN00, IN03, ...); modules with no label (final norm/conv, embeddings) keep factor 1;
+- transformer (FLUX.1): `unet` times the vector's entry of the module's block (D05, S37, IN,
+  OUT; see `blocks.py`); `in`/`mid`/`out` do not reach it;
 - any value may be a schedule: anything with `value_at(step, total_steps) -> float`."""
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class StepSchedule(Protocol):
 Strength = float | StepSchedule
 
 _MIDDLE_LABELS = ("M00", "MID")
+# a vector's entry for each text encoder: FLUX.1's own, else SD's BASE (a vector has one or other)
+_TEXT_ENCODER_LABELS = {
+    Component.TEXT_ENCODER: ("CLIP", "BASE"),
+    Component.TEXT_ENCODER_2: ("T5", "BASE"),
+}
 
 
 def _value(strength: Strength | None, step: int, total_steps: int) -> float | None:
@@ -83,6 +90,15 @@ class Strengths:
         }
         return replace(self, **values)
 
+    @property
+    def unet_block_keys(self) -> tuple[str, ...]:
+        """The tag keys among in/mid/out set apart from `unet`: those that only a UNet's blocks
+        feel (on a transformer they change nothing)."""
+        given = {"in": self.in_blocks, "mid": self.mid, "out": self.out}
+        return tuple(
+            key for key, value in given.items() if value is not None and value != self.unet
+        )
+
     def _constant(self, strength: Strength | None) -> float | None:
         # numbers first: an isinstance check against a runtime Protocol is slow, and this runs
         # for every module of every network at every apply
@@ -96,11 +112,13 @@ class Strengths:
         """The multiplier for text encoder 1 or 2."""
         base = self._constant(self.te)
         own = self._constant(self.te2 if component is Component.TEXT_ENCODER_2 else self.te1)
-        factor = self.blocks.get("BASE", 1.0) if self.blocks else 1.0
+        labels = _TEXT_ENCODER_LABELS.get(component, ("BASE",))
+        blocks = self.blocks or {}
+        factor = next((blocks[label] for label in labels if label in blocks), 1.0)
         return (base if own is None else own) * factor
 
     def unet_block(self, block: UnetBlock) -> float:
-        """The multiplier for a UNet module in `block`."""
+        """The multiplier for a denoiser (UNet or transformer) module in `block`."""
         unet = self._constant(self.unet)
         by_kind = {
             BlockKind.INPUT: self.in_blocks,
@@ -115,7 +133,7 @@ class Strengths:
         return strength
 
     def multiplier(self, component: Component, block: UnetBlock | None = None) -> float:
-        """The multiplier for a module of `component` (`block` for UNet modules)."""
+        """The multiplier for a module of `component` (`block` for denoiser modules)."""
         if component is Component.UNET:
             return self.unet_block(block) if block is not None else self._constant(self.unet)
         return self.text_encoder(component)
