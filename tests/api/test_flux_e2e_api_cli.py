@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webuiapi
 from conftest import RunningServer, folders
+from flux_lora_files import write_flux_lora
 from flux_models import write_flux_models
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.infotext import parse_infotext, read_image_parameters
@@ -28,27 +26,6 @@ SEED, STEPS, DISTILLED = 21, 4, 4.5
 SCHEDULED = "a fox <lora:foxstyle:0@0,1@0.5>"  # off for the first half, full for the second
 # LoRA Block Weight's FLUX order: CLIP, T5, IN, D00..D18, S00..S37, OUT; D00 off
 FLUX_LBW = ",".join(["1", "1", "1", "0", *["1"] * 18, *["1"] * 38, "1"])
-
-
-def write_flux_lora(path: Path, checkpoint: Path, *, double: bool = True) -> None:
-    """A kohya sd-scripts FLUX.1 LoRA on the first double block's fused image qkv and the first
-    single block's fused linear1 (q, k, v and MLP), shaped after the checkpoint's own weights."""
-    prefix = "model.diffusion_model."
-    with safe_open(checkpoint, "pt") as f:
-        shapes = {
-            name: f.get_slice(f"{prefix}{name}.weight").get_shape()
-            for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1")
-        }
-    g = torch.Generator().manual_seed(7)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (rows, cols) in shapes.items():  # drawn in full either way: equal single parts
-        key = "lora_unet_" + name.replace(".", "_")
-        tensors[f"{key}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.5
-        tensors[f"{key}.lora_down.weight"] = torch.randn(4, cols, generator=g) * 0.5
-        tensors[f"{key}.alpha"] = torch.tensor(4.0)
-    if not double:
-        tensors = {k: v for k, v in tensors.items() if "double_blocks" not in k}
-    save_file(tensors, path, metadata={"ss_base_model_version": "flux1"})
 
 
 @pytest.fixture(scope="module")
