@@ -23,7 +23,7 @@ DEV = ModelKind(Arch.FLUX1, None, variant=FluxVariant.DEV)
 SCHNELL = ModelKind(Arch.FLUX1, None, variant=FluxVariant.SCHNELL)
 NAMES = (
     *("sampler", "steps", "width", "height", "cfg", "distilled", "clip_skip", "lora_row"),
-    *("hires", "negative", "shown"),
+    *("trigger_row", "hires", "negative", "shown"),
 )
 
 
@@ -54,6 +54,7 @@ def test_a_new_page_shows_the_family_defaults(
     # FLUX.1 has no clip skip and applies no LoRAs yet: those controls hide
     assert u["clip_skip"]["visible"] is u["lora_row"]["visible"] is (kind is SD1)
     assert u["hires"]["visible"] is (kind is SD1)  # the FLUX recipe refuses hires fix
+    assert u["trigger_row"]["visible"] is True  # FLUX.1 LoRAs apply: their trigger words too
     assert u["shown"] == controls_for(kind)
 
 

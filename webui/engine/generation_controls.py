@@ -27,6 +27,7 @@ class GenerationControls:
     clip_skip: bool  # the prompt goes through CLIP's layers only (SD), so a skip means something
     loras: bool  # LoRAs are applied (their backend and trigger words mean something)
     hires: bool  # A1111's hires fix runs (the recipe's `runs_hires`; FLUX refuses it)
+    trigger_words: bool  # LoRAs apply, so adding their trigger words to the prompt means something
 
 
 def controls_for(kind: ModelKind) -> GenerationControls:
@@ -42,6 +43,7 @@ def controls_for(kind: ModelKind) -> GenerationControls:
             clip_skip=False,
             loras=False,  # the backend choice is moot: FLUX.1 LoRAs go through native only
             hires=recipe.runs_hires,
+            trigger_words=recipe.applies_loras,
         )
     return GenerationControls(
         defaults=recipe.defaults,
@@ -52,4 +54,5 @@ def controls_for(kind: ModelKind) -> GenerationControls:
         clip_skip=True,
         loras=recipe.applies_loras,
         hires=recipe.runs_hires,
+        trigger_words=recipe.applies_loras,
     )

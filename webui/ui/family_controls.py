@@ -44,7 +44,7 @@ def family_updates(
     controls: GenerationControls, shown: GenerationControls | None, cfg: float
 ) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
-    options' row, the hires-fix accordion, negative prompt, shown):
+    backend's row, the trigger words' row, the hires-fix accordion, negative prompt, shown):
     the controls that apply to `controls`' family shown, the others hidden. Values go back to
     the family's defaults only when the page showed other controls (`shown`), so a switch
     between two SD models keeps the user's settings."""
@@ -71,6 +71,7 @@ def family_updates(
         gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
         gr.update(visible=controls.clip_skip),
         gr.update(visible=controls.loras),
+        gr.update(visible=controls.trigger_words),
         gr.update(visible=controls.hires),
         negative_update(controls, defaults.cfg_scale if reset else cfg),
         controls,

@@ -335,6 +335,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                     info="auto: native for every file it maps (in full or in part), diffusers for files native maps nothing of",
                     elem_id="txt2img-lora-backend",
                 )
+            # a row of its own: a family whose LoRAs take one backend only (FLUX.1) may hide the
+            # backend choice, while trigger words still apply
+            with gr.Row() as trigger_row:
                 limit = engine.settings.auto_trigger_words
                 trigger_words = gr.Dropdown(
                     trigger_mode_choices(limit),
@@ -434,8 +437,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         engine, request_of, inputs, outputs[:-1], gallery, RunShape(infotext_panels, gallery_items)
     )
     family = [
-        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, hires.accordion),
-        *(negative, shown_family),
+        *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, trigger_row),
+        *(hires.accordion, negative, shown_family),
     ]
 
     def follow_family(shown: Any, cfg_value: float) -> list[Any]:

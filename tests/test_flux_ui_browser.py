@@ -1,0 +1,101 @@
+"""FLUX.1 through the UI in a real browser (Playwright + the system Chromium), as a user goes:
+pick the FLUX.1 [dev] file in the Checkpoint picker, see FLUX's controls (Distilled CFG Scale,
+the negative prompt marked unused at CFG 1, no LoRA backend, trigger words kept), open the
+Networks panel (the FLUX LoRA's FLUX.1 badge and trigger-word chips; the SD LoRA filtered out),
+click the card to add its tag, give it a per-step schedule, generate with trigger words on, and
+read the infotext. The page is saved as a screenshot (to `FLUX_UI_SCREENSHOT` when set: the
+README's docs/screenshots/flux-txt2img.png is made that way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from flux_lora_files import write_flux_lora
+from lora_files import write_kohya_lora
+
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_ui_browser import choose, running_app, set_number
+from tests.test_ui_family_browser import write_flux_dev
+from webui.arch import Arch
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
+SHOT = os.environ.get("FLUX_UI_SCREENSHOT")
+
+
+def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_factory) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
+    models, loras = tmp_path / "models", tmp_path / "loras"
+    models.mkdir()
+    loras.mkdir()
+    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
+    write_flux_dev(models / "flux1-dev.safetensors")
+    write_flux_lora(loras / "inkfox.safetensors", models / "flux1-dev.safetensors")
+    (loras / "inkfox.json").write_text(json.dumps({"activation text": "inkfox, sketch"}))
+    write_kohya_lora(loras / "sd_ink.safetensors", Arch.SD1, {"ss_base_model_version": "sd_v1"})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            with running_app(tmp_path) as url:
+                page = browser.new_page(viewport={"width": 1400, "height": 1100})
+                page.set_default_timeout(120_000)
+                page.goto(url)
+                expect(page.locator("#model-status")).to_contain_text("a-sd1")
+                page.reload()
+                # SD's controls first: a switch racing the page's own load would see them late
+                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
+                expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
+                choose(page, "model-select", "flux1-dev")
+                expect(page.locator("#model-status")).to_contain_text("FLUX")
+
+                # FLUX's controls: distilled CFG, CFG 1 with the negative prompt unused, trigger
+                # words (FLUX LoRAs apply) without the backend choice (native only)
+                expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
+                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+                expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
+                expect(page.locator("#txt2img-lora-backend")).to_be_hidden()
+                expect(page.locator("#txt2img-trigger-words")).to_be_visible()
+
+                prompt = page.locator("#txt2img-prompt textarea")
+                prompt.fill("a fox in the snow")
+                page.locator("#txt2img-networks").get_by_text("Networks", exact=True).click()
+                card = page.locator("#txt2img-networks-grid .lw-card[data-lora='inkfox']")
+                expect(card).to_be_visible()
+                expect(card.locator(".lw-badge").first).to_have_text("FLUX.1")
+                chips = card.locator(".lw-chip")
+                expect(chips).to_have_text(["inkfox", "sketch"])
+                # only LoRAs that fit the loaded model are listed by default
+                sd_card = page.locator("#txt2img-networks-grid .lw-card[data-lora='sd_ink']")
+                expect(sd_card).to_be_hidden()
+
+                card.locator(".lw-card-title").click()
+                expect(prompt).to_have_value("a fox in the snow, <lora:inkfox:1>")
+                expect(card).to_have_class("lw-card lw-in-prompt")
+                # a per-step schedule: off for the first half of the steps, full after
+                prompt.fill("a fox in the snow, <lora:inkfox:0@0,1@0.5>")
+                for name, value in (("steps", "4"), ("width", "128"), ("height", "128")):
+                    set_number(page, f"txt2img-{name}", value)
+                set_number(page, "txt2img-distilled-cfg", "4.5")
+                set_number(page, "txt2img-seed", "21")
+                choose(page, "txt2img-trigger-words", "All words")
+                page.locator("#txt2img-generate").click()
+                info = page.locator("#txt2img-infotext .lw-infotext")
+                expect(info).to_contain_text("<lora:inkfox:0@0,1@0.5>")
+                expect(info).to_contain_text("Distilled CFG Scale: 4.5, Seed: 21,")
+                expect(info).to_contain_text('Trigger words: "inkfox, sketch"')
+                expect(info).to_contain_text("inkfox: ")  # Lora hashes
+                expect(page.locator("#txt2img-gallery img")).to_have_count(1)
+                expect(page.locator("#txt2img-warnings")).not_to_contain_text("inkfox")
+                shot = Path(SHOT) if SHOT else tmp_path / "flux-txt2img.png"
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shot), full_page=True)
+                page.close()  # an open page would hold the server's shutdown
+        finally:
+            browser.close()
