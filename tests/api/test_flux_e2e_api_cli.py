@@ -106,7 +106,6 @@ def test_scheduled_flux_lora_through_the_api_is_the_engines_image(
     assert result.info["infotexts"][0].startswith(SCHEDULED)
 
 
-@pytest.mark.xfail(strict=True, reason="FLUX lbw lands with the flux-blocks branch")
 def test_flux_block_weights_through_the_api(server: RunningServer, local: Engine) -> None:
     """D00 at 0 leaves only the single block's part of the LoRA: the image of a file that has
     only that part."""
