@@ -370,6 +370,78 @@ def test_a_file_diffusers_cannot_take_is_one_sentence_and_writes_nothing(
     assert [r.backend for r in auto.routes] == [LoraBackend.NATIVE] and auto.applied
 
 
+@pytest.mark.parametrize(
+    "write",
+    [_kohya_linear1, _t5, _onetrainer_without_alpha, _peft_wrapper],
+    ids=["kohya-linear1", "t5", "onetrainer-no-alpha", "base-model-wrapper"],
+)
+def test_the_refused_files_really_fail_in_diffusers(tmp_path: Path, write) -> None:
+    """The key checks agree with diffusers 0.42.1 itself: each refused file raises in
+    `load_lora_weights` or leaves its layers out (T5)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = _pipe()
+    path = write(tmp_path, pipe)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="probe")
+    except (AssertionError, KeyError, ValueError):
+        return
+    models = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+    wrapped = sum(isinstance(m, BaseTunerLayer) for model in models for m in model.modules())
+    assert wrapped < len(read_network(path).modules)
+
+
 def test_the_flux_txt2img_page_offers_the_backend_choice() -> None:
     for variant in FluxVariant:
         assert controls_for(ModelKind(Arch.FLUX1, None, variant=variant)).loras
+
+
+@pytest.fixture(scope="module")
+def flux_engine(tmp_path_factory):
+    from flux_models import write_flux_models
+
+    from webui.engine.generate import Engine
+    from webui.settings import Settings
+
+    root = tmp_path_factory.mktemp("flux-fallback")
+    settings = Settings(
+        models_dir=root / "models",
+        loras_dir=root / "loras",
+        embeddings_dir=root / "embeddings",
+        outputs_dir=root / "outputs",
+        cache_dir=root / "cache",
+        save_outputs=False,
+    )
+    (root / "models").mkdir()
+    (root / "loras").mkdir()
+    names = write_flux_models(root / "models")
+    engine = Engine(settings)
+    engine.load(names[FluxVariant.DEV])
+    return engine
+
+
+def test_generation_through_the_fallback_is_reported_and_matches_native(flux_engine) -> None:
+    """Through the Engine (what the UI and API call): a scheduled FLUX LoRA forced through
+    diffusers gives native's image within one 8-bit level, and the result says which backend
+    took it (the panel under the image and the infotext)."""
+    import numpy as np
+
+    from webui.engine.generate import GenerationRequest
+
+    eng = flux_engine
+    _peft_file(eng.settings.loras_dir, eng.model.pipe)
+    eng.catalog.refresh()
+    small = {"steps": 3, "width": 64, "height": 64, "seed": 11, "cfg_scale": 1.0}
+    prompt = "a fox <lora:peft_flux:1:unet=1.5@1,0.3@3>"
+    images = {}
+    for choice in (LoraBackend.NATIVE, LoraBackend.DIFFUSERS):
+        result = eng.generate(GenerationRequest(prompt, lora_backend=choice, **small))
+        assert not result.warnings, result.warnings
+        (route,) = result.lora_routes
+        assert route.backend is choice and route.applied
+        assert result.images[0].infotext.params["Lora backend"] == f"peft_flux={choice.value}"
+        images[choice] = np.asarray(result.images[0].image).astype(np.int16)
+    plain = eng.generate(GenerationRequest("a fox", **small))
+    assert np.abs(images[LoraBackend.NATIVE] - images[LoraBackend.DIFFUSERS]).max() <= 1
+    assert not np.array_equal(images[LoraBackend.NATIVE], np.asarray(plain.images[0].image))
+    assert not has_peft_layers(eng.model.pipe)

@@ -425,10 +425,15 @@ class DiffusersBackend:
 
 
 def _has_block_weights(strengths: Strengths) -> bool:
-    """Whether `strengths` set anything finer than te/te1/te2/unet (in/mid/out, lbw, blocks)."""
-    whole = {"te", "te1", "te2", "unet"}
+    """Whether `strengths` scale some blocks otherwise than `unet` (in/mid/out, lbw): the parser
+    fills in/mid/out with the `unet` value when a tag leaves them out."""
+    if strengths.blocks and any(v != 1.0 for v in strengths.blocks.values()):
+        return True
+    whole = {"te", "te1", "te2", "unet", "blocks"}
     return any(
-        getattr(strengths, f.name) is not None for f in fields(strengths) if f.name not in whole
+        getattr(strengths, f.name) not in (None, strengths.unet)
+        for f in fields(strengths)
+        if f.name not in whole
     )
 
 
