@@ -391,6 +391,39 @@ def test_the_refused_files_really_fail_in_diffusers(tmp_path: Path, write) -> No
     assert wrapped < len(read_network(path).modules)
 
 
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [
+        (_kohya_linear1, "AssertionError in its converter"),
+        (
+            _onetrainer_without_alpha,
+            "its converter expects the key 'lora_transformer_transformer_blocks_0_attn_to_q.alpha'"
+            ", which the file lacks",
+        ),
+    ],
+    ids=["assert", "key-error"],
+)
+def test_a_failing_diffusers_load_is_one_sentence_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write, reason: str
+) -> None:
+    """Without the key checks, diffusers' own failure (an assert, a missing key) still becomes
+    one sentence and leaves no adapter and the weights bit-exact."""
+    import webui.networks.apply.diffusers_backend as fallback
+
+    monkeypatch.setattr(fallback, "refusal_reason", lambda network, arch: None)
+    pipe = _pipe()
+    path = write(tmp_path, pipe)
+    before = _state(pipe.transformer)
+    backends = LoraBackends(pipe, Arch.FLUX1)
+    network = read_network(path)
+    routed = backends.apply(
+        [ChosenNetwork(network.name, network, Strengths.uniform(1.0))], LoraBackend.DIFFUSERS
+    )
+    assert routed.warnings == [f"{path.name}: diffusers could not load it ({reason})"]
+    assert not routed.applied and not has_peft_layers(pipe)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+
 def test_the_flux_txt2img_page_offers_the_backend_choice() -> None:
     for variant in FluxVariant:
         assert controls_for(ModelKind(Arch.FLUX1, None, variant=variant)).loras

@@ -441,7 +441,7 @@ def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type when empty), at most 160 characters;
     a KeyError says which key diffusers' converter looked for."""
     text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else f"{type(exc).__name__} in its converter"
     if isinstance(exc, KeyError):
         line = f"its converter expects the key {line}, which the file lacks"
     return line[:160]
