@@ -51,8 +51,9 @@ def test_a_new_page_shows_the_family_defaults(
     assert u["distilled"]["visible"] is distilled
     assert u["distilled"]["value"] == 3.5
     assert u["negative"]["label"] == negative_label
-    # FLUX.1 has no clip skip and applies no LoRAs yet: those controls hide
-    assert u["clip_skip"]["visible"] is u["lora_row"]["visible"] is (kind is SD1)
+    # FLUX.1 has no clip skip (hidden); its LoRAs have both backends, so their row shows
+    assert u["clip_skip"]["visible"] is (kind is SD1)
+    assert u["lora_row"]["visible"] is True
     assert u["hires"]["visible"] is (kind is SD1)  # the FLUX recipe refuses hires fix
     assert u["trigger_row"]["visible"] is True  # FLUX.1 LoRAs apply: their trigger words too
     assert u["shown"] == controls_for(kind)

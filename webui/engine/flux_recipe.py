@@ -42,7 +42,7 @@ class FluxRecipe:
 
     @property
     def applies_loras(self) -> bool:
-        return True  # native patcher; diffusers' FLUX loader is refused (see refusal_reason)
+        return True  # native patcher, or the diffusers fallback's FLUX.1 loader
 
     @property
     def uses_embeddings(self) -> bool:

@@ -41,7 +41,7 @@ def controls_for(kind: ModelKind) -> GenerationControls:
             distilled_cfg=recipe.guided,
             negative_needs_cfg=True,
             clip_skip=False,
-            loras=False,  # the backend choice is moot: FLUX.1 LoRAs go through native only
+            loras=recipe.applies_loras,  # native or the diffusers fallback's FLUX.1 loader
             hires=recipe.runs_hires,
             trigger_words=recipe.applies_loras,
         )

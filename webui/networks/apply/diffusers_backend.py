@@ -23,17 +23,23 @@ How it works, and the diffusers 0.42.1 / PEFT 0.21.2 traps it designs around (se
   `unload_lora_weights` once none is left (or when a wrapper would be left serving no adapter;
   the remaining files are then loaded again), so no PEFT wrapper slows later steps.
 
+FLUX.1 goes through FluxPipeline's own loader (its kohya, XLabs, OneTrainer and PEFT converters):
+the transformer stands for `Component.UNET`, CLIP-L takes `te1`; T5 is no LoRA component there.
+diffusers scales a FLUX transformer only as a whole, so per-block weights are ignored with a
+warning (native, which auto picks for every file it maps, honours them).
+
 Files diffusers cannot load (LoHa, LoKr, IA3, GLoRA, OFT/BOFT, full and norm diffs, Tucker
-`lora_mid`, DoRA, original-layout names on SD1/SD2) are refused before diffusers sees them, with
-a message naming the file and the reason; a load that places fewer layers than the file has is
-undone and refused the same way."""
+`lora_mid`, DoRA, original-layout names on SD1/SD2, FLUX.1 files its converters cannot take: see
+`diffusers_flux`) are refused before diffusers sees them, with a message naming the file and the
+reason; a load that fails, or places fewer layers than the file has (a fused BFL module counts
+one per piece), is undone and refused the same way."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -47,8 +53,11 @@ from webui.networks.apply.diffusers_adapters import (
     DiffusersLoadError,
     FallbackReport,
     adapter_name,
+    component_model,
+    diffusers_name,
     has_empty_wrappers,
     has_peft_layers,
+    lora_components,
     refusal_reason,
     tuner_layers,
 )
@@ -103,7 +112,11 @@ class DiffusersBackend:
 
     @property
     def components(self) -> tuple[Component, ...]:
-        return tuple(c for c in Component if getattr(self.pipe, c.value, None) is not None)
+        """The components diffusers' loader of this pipeline puts LoRA layers in."""
+        return lora_components(self.pipe)
+
+    def _model(self, component: Component) -> Any:
+        return component_model(self.pipe, component)
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -138,7 +151,7 @@ class DiffusersBackend:
         reports: list[FallbackReport] = []
         kept: list[tuple[Network, Strengths]] = []
         for network, strengths in wanted:
-            report = self._prepare(network)
+            report = self._prepare(network, strengths)
             reports.append(report)
             if report.applied:
                 kept.append((network, strengths))
@@ -166,7 +179,7 @@ class DiffusersBackend:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _prepare(self, network: Network) -> FallbackReport:
+    def _prepare(self, network: Network, strengths: Strengths) -> FallbackReport:
         """Load `network` unless it already is; the report says whether it applies."""
         compatible = fits(network.base, self.arch)  # never a family this app does not run
         refusal = None
@@ -180,6 +193,13 @@ class DiffusersBackend:
             except DiffusersLoadError as exc:
                 loaded, refusal = None, str(exc)
         layers = () if loaded is None else tuple(p for ps in loaded.layers.values() for p in ps)
+        notes = ()
+        if layers and not self._blocks and _has_block_weights(strengths):
+            notes = (
+                f"{network.name}: diffusers scales this model's transformer only as a whole, "
+                "so the diffusers backend ignored its per-block weights and applied the plain "
+                "strengths",
+            )
         return FallbackReport(
             name=network.name,
             variants=tuple(v.value for v in network.variants),
@@ -192,6 +212,7 @@ class DiffusersBackend:
             compatible=compatible,
             applied=loaded is not None and bool(layers),
             refusal=refusal,
+            notes=notes,
         )
 
     def _load(self, network: Network) -> _Loaded:
@@ -205,25 +226,24 @@ class DiffusersBackend:
             self.pipe.load_lora_weights(
                 str(network.path), adapter_name=name, low_cpu_mem_usage=True, hotswap=False
             )
-        except (ValueError, KeyError, RuntimeError) as exc:
+        # diffusers' converters also fail by assert and by indexing (full-size FLUX.1 splits)
+        except (ValueError, KeyError, RuntimeError, AssertionError, IndexError) as exc:
             self._delete([name])  # a load that failed half-way may have wrapped the UNet
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
             raise DiffusersLoadError(
-                f"{network.path.name}: diffusers could not load it ({first_line[:160]})"
+                f"{network.path.name}: diffusers could not load it ({_first_line(exc)})"
             ) from exc
         layers = self._layers_of(name)
         wrapped = {(component, path) for component, paths in layers.items() for path in paths}
+        # a fused BFL module (FLUX.1 qkv, linear1) is several layers: one per piece
+        pieces = {prefix: self._keymap.pieces(prefix) for prefix in network.modules}
         missed = [
             prefix
-            for prefix in network.modules
+            for prefix, targets in pieces.items()
             # names native cannot resolve are checked by the count alone
-            if (ref := self._keymap.resolve(prefix)) is not None
-            and (ref.component, ref.path) not in wrapped
+            if any((p.ref.component, p.ref.path) not in wrapped for p in targets)
         ]
         # modules native does not understand are layers too: diffusers may know them
-        expected = len(network.modules) + len(network.unsupported)
+        expected = sum(len(t) or 1 for t in pieces.values()) + len(network.unsupported)
         if missed or len(wrapped) != expected:
             self._delete([name])
             example = f", e.g. {missed[0]}" if missed else ""
@@ -238,7 +258,7 @@ class DiffusersBackend:
 
     def _check_name(self, name: str) -> None:
         for component in self.components:
-            for path, _ in getattr(self.pipe, component.value).named_modules():
+            for path, _ in self._model(component).named_modules():
                 if name in path:
                     raise DiffusersLoadError(f"adapter name {name} occurs inside module {path}")
 
@@ -247,7 +267,7 @@ class DiffusersBackend:
         for component in self.components:
             paths = tuple(
                 path
-                for path, layer in tuner_layers(getattr(self.pipe, component.value))
+                for path, layer in tuner_layers(self._model(component))
                 if adapter in getattr(layer, "lora_A", {})
             )
             if paths:
@@ -311,11 +331,15 @@ class DiffusersBackend:
             if plan.get(key) != self._scales.get(key)
         )
         if names and plan != self._scales:
-            self.pipe.set_adapters(names, weights)
+            self.pipe.set_adapters(names, [self._diffusers_keys(w) for w in weights])
             for loaded, at_step, components in per_layer:
                 self._set_scales_per_layer(loaded, at_step, components)
         self._scales = plan
         return changed
+
+    def _diffusers_keys(self, weight: dict[str, Any]) -> dict[str, Any]:
+        """Our component names as this pipeline's (FLUX.1: `unet` is `transformer`)."""
+        return {diffusers_name(self.pipe, Component(k)): v for k, v in weight.items()}
 
     def _component_weights(self, loaded: _Loaded, strengths: Strengths) -> dict[str, Any]:
         """diffusers' `set_adapters` weights for one adapter; "unet" is left out (None) when
@@ -367,7 +391,7 @@ class DiffusersBackend:
     ) -> None:
         """PEFT's `set_scale` on every layer: the summed multiplier of its component and block."""
         for component in components:
-            model = getattr(self.pipe, component.value)
+            model = self._model(component)
             for path in loaded.layers[component]:
                 block = self._blocks.get(path, OUTSIDE) if component is Component.UNET else None
                 multiplier = sum(s.multiplier(component, block) for s in strengths)
@@ -378,9 +402,9 @@ class DiffusersBackend:
     @torch.no_grad()
     def _fuse(self) -> None:
         state = _FusedState()
-        components = [c.value for c in self.components]
+        components = [diffusers_name(self.pipe, c) for c in self.components]
         for component in self.components:
-            for _, layer in tuner_layers(getattr(self.pipe, component.value)):
+            for _, layer in tuner_layers(self._model(component)):
                 weight = layer.get_base_layer().weight
                 state.weights[id(weight)] = (weight, weight.detach().clone())
         self.pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=self._active())
@@ -391,13 +415,36 @@ class DiffusersBackend:
         """Take fused deltas out of the base weights, exactly (the saved copies go back)."""
         if self._fused is None:
             return
-        self.pipe.unfuse_lora(components=[c.value for c in self.components])
+        self.pipe.unfuse_lora(components=[diffusers_name(self.pipe, c) for c in self.components])
         for live, saved in self._fused.weights.values():
             live.copy_(saved)
         self._fused = None
 
     def _active(self) -> list[str]:
         return [self._loaded[id(network)].adapter for network, _ in self._set]
+
+
+def _has_block_weights(strengths: Strengths) -> bool:
+    """Whether `strengths` scale some blocks otherwise than `unet` (in/mid/out, lbw): the parser
+    fills in/mid/out with the `unet` value when a tag leaves them out."""
+    if strengths.blocks and any(v != 1.0 for v in strengths.blocks.values()):
+        return True
+    whole = {"te", "te1", "te2", "unet", "blocks"}
+    return any(
+        getattr(strengths, f.name) not in (None, strengths.unet)
+        for f in fields(strengths)
+        if f.name not in whole
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 160 characters;
+    a KeyError says which key diffusers' converter looked for."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else f"{type(exc).__name__} in its converter"
+    if isinstance(exc, KeyError):
+        line = f"its converter expects the key {line}, which the file lacks"
+    return line[:160]
 
 
 def _step_key(strengths: Strengths) -> tuple[object, ...]:
