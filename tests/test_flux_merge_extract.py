@@ -435,3 +435,59 @@ def test_inspect_lora_shows_a_kohya_flux_file(pipe, tmp_path: Path, capsys, monk
     assert report["verdict"] == "FLUX.1 LoRA, kohya format, 7 modules"
     assert report["family"] == "FLUX.1" and report["key_formats"] == ["kohya"]
     assert report["modules_by_component"] == {"te1": 2, "unet": 5}
+
+
+def _lora(name: str, rows: int = 8, down: str = "lora_down", up: str = "lora_up") -> dict:
+    return {f"{name}.{down}.weight": torch.zeros(2, 8), f"{name}.{up}.weight": torch.zeros(rows, 2)}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "components", "formats"),
+    [
+        (  # sd-scripts: T5 is lora_te3_
+            {
+                **_lora("lora_unet_double_blocks_0_img_attn_qkv", 24),
+                **_lora("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
+                **_lora("lora_te3_encoder_block_0_layer_0_SelfAttention_q"),
+            },
+            {"te1": 1, "te2": 1, "unet": 1},
+            ["kohya"],
+        ),
+        (  # OneTrainer: the transformer is lora_transformer_, T5 lora_te2_
+            {
+                **_lora("lora_transformer_transformer_blocks_0_attn_to_q"),
+                **_lora("lora_te2_encoder_block_0_layer_0_SelfAttention_q"),
+            },
+            {"te2": 1, "unet": 1},
+            ["kohya"],
+        ),
+        (  # ai-toolkit / diffusers: transformer.
+            _lora("transformer.transformer_blocks.0.attn.to_q", down="lora_A", up="lora_B"),
+            {"unet": 1},
+            ["diffusers/PEFT"],
+        ),
+        (  # ComfyUI-saved: diffusion_model. and text_encoders.clip_l. / t5xxl.
+            {
+                **_lora("diffusion_model.double_blocks.0.img_mod.lin", 48),
+                **_lora("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1"),
+                **_lora("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"),
+            },
+            {"te1": 1, "te2": 1, "unet": 1},
+            ["LDM", "ComfyUI"],
+        ),
+    ],
+    ids=["sd-scripts", "onetrainer", "ai-toolkit", "comfyui"],
+)
+def test_inspect_counts_flux_components_by_their_strength_names(
+    tmp_path: Path, tensors: dict, components: dict, formats: list
+) -> None:
+    """CLIP-L counts as te1, T5-XXL as te2 and the transformer as unet, as the tag's strengths
+    name them, whatever prefix the trainer used."""
+    from webui.networks.format import inspect_network
+
+    path = tmp_path / "flux.safetensors"
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "flux1"})
+    inspection = inspect_network(read_network(path))
+    assert inspection.family == "FLUX.1"
+    assert dict(inspection.modules_by_component) == components
+    assert list(inspection.key_formats) == formats
