@@ -491,3 +491,33 @@ def test_inspect_counts_flux_components_by_their_strength_names(
     assert inspection.family == "FLUX.1"
     assert dict(inspection.modules_by_component) == components
     assert list(inspection.key_formats) == formats
+
+
+def test_extracted_text_encoder_names_are_sd_scripts_and_map_back(pipe) -> None:
+    """sd-scripts' lora_flux names: CLIP-L under lora_te1_text_model_, T5-XXL under lora_te3_
+    with T5's own module names; our key map reads them back onto the same modules."""
+    from webui.networks.apply import Component, KeyMap, kohya_name
+
+    keymap = KeyMap.from_pipeline(pipe)
+    for component, path, expected in [
+        (
+            Component.TEXT_ENCODER_2,
+            "encoder.block.0.layer.0.SelfAttention.q",
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+        ),
+        (
+            Component.TEXT_ENCODER_2,
+            "encoder.block.1.layer.1.DenseReluDense.wi_0",
+            "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0",
+        ),
+        (
+            Component.TEXT_ENCODER,
+            "encoder.layers.0.self_attn.q_proj",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        ),
+    ]:
+        name = kohya_name(component, path, Arch.FLUX1, {})
+        assert name == expected
+        ref = keymap.resolve(name)
+        assert ref is not None and ref.component is component
+        assert ref.path.removeprefix("text_model.") == path
