@@ -407,7 +407,7 @@ def run_merge(args: argparse.Namespace) -> int:
             args.model,
             loras,
             args.out,
-            _cpu_dtype(args),
+            None if args.dtype == DtypeChoice.AUTO else _cpu_dtype(args),  # auto: the input's
             progress=lambda step: print(step.what, file=sys.stderr, flush=True),
         )
     except (MergeError, CheckpointError, NetworkFileError, FileNotFoundError) as exc:
@@ -421,6 +421,8 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"  {lora.name} ×{lora.weight:g}: {len(lora.report.matched)} modules matched")
         for warning in lora.report.warnings:
             print(f"    warning: {warning}")
+    for note in result.notes:
+        print(f"  note: {note}")
     print(result.out)
     return 0
 

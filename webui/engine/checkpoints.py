@@ -907,3 +907,91 @@ def flux_part_state(pipe: DiffusionPipeline, part: flux1.Part) -> dict[str, torc
         return {with_text_model_prefix(k): v for k, v in weights.items()}
     # T5's input embedding is tied to `shared`; the downloads keep `shared.weight` only
     return {k: v for k, v in weights.items() if k != "encoder.embed_tokens.weight"}
+
+
+# safetensors dtype names -> torch dtypes, for the float types model files hold
+_STORED_DTYPES: Mapping[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_FP8 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+
+
+def merged_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype a changed tensor stored as `stored` is written in: its own, except fp8, which
+    becomes bf16 (a LoRA's delta rounded to fp8 would mostly vanish; bf16 holds fp8 exactly)."""
+    return torch.bfloat16 if stored in _FP8 else stored
+
+
+def exact_dtype(path: Path, wanted: torch.dtype | None = None) -> torch.dtype:
+    """The narrowest dtype that holds every floating tensor of a `.safetensors` file (and
+    `wanted`) exactly: fp8 fits bf16 and fp16; bf16 and fp16 together need fp32."""
+    kinds = {torch.bfloat16 if d in _FP8 else d for d in stored_dtypes(path).values()}
+    kinds |= {wanted} if wanted is not None else set()
+    if len(kinds) == 1 and kinds <= {torch.bfloat16, torch.float16}:
+        return kinds.pop()
+    return torch.float32
+
+
+def stored_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """Each floating tensor's dtype in a `.safetensors` file, from its header."""
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        names = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+    return {key: _STORED_DTYPES[name] for key, name in names.items() if name in _STORED_DTYPES}
+
+
+def save_flux_in_layout(
+    pipe: DiffusionPipeline,
+    source: Path,
+    out: Path,
+    changed: Collection[str],
+    *,
+    metadata: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> int:
+    """Write a FLUX.1 pipeline to `out` with exactly the keys of the single file `source` (BFL,
+    diffusers or ComfyUI-prefixed transformer, with or without its parts): tensors of the
+    components in `changed` come from the pipeline, in `dtype` or else `merged_dtype` of the
+    source's; all others are the source's tensors, copied unchanged. Returns how many tensors
+    were stored fp8 and are now written wider. Raises CheckpointError (nothing written) when
+    the pipeline's tensors do not fit the source's keys."""
+    header = read_header(source)
+    found = flux_transformer(header)
+    if found is None:
+        raise CheckpointError(f"{source.name}: not a FLUX.1 checkpoint")
+    new: dict[str, torch.Tensor] = {}
+    if "transformer" in changed:
+        state = pipe.transformer.state_dict()
+        if found.layout is TransformerLayout.BFL:
+            state = flux_layout.diffusers_to_bfl(state)
+        new.update({found.prefix + k: v for k, v in state.items()})
+    for part in flux1.PARTS:
+        if part.component in changed:
+            for key, tensor in flux_part_state(pipe, part).items():
+                # CLIP files are seen with and without the `text_model.` wrapper
+                bare = part.prefix + key.removeprefix("text_model.")
+                new[bare if bare in header.shapes else part.prefix + key] = tensor
+    alien = sorted(key for key, v in new.items() if header.shapes.get(key) != tuple(v.shape))
+    if alien:
+        raise CheckpointError(
+            f"{source.name}: the merged model does not fit its layout ({len(alien)} tensor(s) "
+            f"missing or of another shape, e.g. {alien[0]})"
+        )
+    stored = stored_dtypes(source)
+    widened = 0
+    state: dict[str, torch.Tensor] = {}
+    with safetensors.safe_open(str(source), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - not iterable
+            if key not in new:
+                state[key] = handle.get_tensor(key)
+                continue
+            was = stored.get(key, new[key].dtype)
+            target = dtype or merged_dtype(was)
+            widened += was in _FP8 and target not in _FP8
+            state[key] = new[key].detach().to("cpu", target).contiguous()
+    write_safetensors(out, state, metadata)
+    return widened

@@ -31,6 +31,7 @@ from webui.engine.merge import (
 from webui.engine.trigger_words import TriggerWordSource
 from webui.layouts.unet import unet_module_names
 from webui.networks.apply import (
+    BflFusion,
     Component,
     ExtractedModule,
     ExtractionRecord,
@@ -259,18 +260,19 @@ def extract_difference(
     base = load_checkpoint(base_file, _CPU, torch.float32)
     report(0, 1, f"loading {tuned_file.path.name}")
     tuned = load_checkpoint(tuned_file, _CPU, torch.float32)
-    if tuned.kind.arch is not base.kind.arch:
+    if tuned.kind.arch is not base.kind.arch or tuned.kind.variant is not base.kind.variant:
         raise ExtractionError(
             f"{tuned_file.path.name} is {tuned.kind.label} but {base_file.path.name} is "
             f"{base.kind.label}: no difference to take"
         )
+    _check_same_transformer(base, tuned)
     pairs = _module_pairs(KeyMap.from_pipeline(base.pipe), KeyMap.from_pipeline(tuned.pipe))
     extracted = _Extraction(base, rule, device, dtype, len(pairs), report)
     extracted.add_all(_difference_deltas(pairs, min_relative_delta))
     if not extracted.modules:
         raise ExtractionError(
             f"{tuned_file.path.name} and {base_file.path.name} have the same text encoder and "
-            "UNet weights: nothing to extract"
+            f"{'UNet' if base.kind.arch.has_unet else 'transformer'} weights: nothing to extract"
         )
     return extracted.save(
         out,
@@ -295,27 +297,44 @@ class _Chunk:
 def _chunks(
     keymap: KeyMap, parts: Sequence[CombinationPart], matched: Sequence[Iterable[str]]
 ) -> list[_Chunk]:
-    """The set split into chunks of CHUNK_MODULES target modules; every network's modules on
-    one target go into the same chunk, so each target gets its whole sum."""
-    owners: dict[tuple[Component, str], list[tuple[int, str]]] = {}
+    """The set split into chunks of about CHUNK_MODULES target modules; every network's modules
+    on one target go into the same chunk, so each target gets its whole sum (a fused FLUX.1
+    module ties its row pieces' targets together)."""
+    groups: list[tuple[set[tuple[Component, str]], list[tuple[int, str]]] | None] = []
+    group_of: dict[tuple[Component, str], int] = {}
     for index, prefixes in enumerate(matched):
         for prefix in prefixes:
-            ref = keymap.resolve(prefix)
-            if ref is not None:
-                owners.setdefault((ref.component, ref.path), []).append((index, prefix))
-    keys = list(owners)
+            targets = {(p.ref.component, p.ref.path) for p in keymap.pieces(prefix)}
+            if not targets:
+                continue
+            joined: tuple[set[tuple[Component, str]], list[tuple[int, str]]] = (
+                set(targets),
+                [(index, prefix)],
+            )
+            for old in sorted({group_of[t] for t in targets if t in group_of}):
+                old_targets, old_owners = groups[old] or (set(), [])
+                joined[0].update(old_targets)
+                joined[1][:0] = old_owners
+                groups[old] = None
+            groups.append(joined)
+            group_of.update(dict.fromkeys(joined[0], len(groups) - 1))
     chunks: list[_Chunk] = []
-    for start in range(0, len(keys), CHUNK_MODULES):
-        targets = keys[start : start + CHUNK_MODULES]
-        wanted: dict[int, list[str]] = {}
-        for key in targets:
-            for index, prefix in owners[key]:
+    targets: set[tuple[Component, str]] = set()
+    owners: list[tuple[int, str]] = []
+    for group in [*(g for g in groups if g is not None), None]:
+        if group is not None:
+            targets |= group[0]
+            owners += group[1]
+        if targets and (group is None or len(targets) >= CHUNK_MODULES):
+            wanted: dict[int, list[str]] = {}
+            for index, prefix in owners:
                 wanted.setdefault(index, []).append(prefix)
-        networks = tuple(
-            (_subset(parts[index].network, prefixes), parts[index].strength)
-            for index, prefixes in sorted(wanted.items())
-        )
-        chunks.append(_Chunk(frozenset(targets), networks))
+            networks = tuple(
+                (_subset(parts[index].network, prefixes), parts[index].strength)
+                for index, prefixes in sorted(wanted.items())
+            )
+            chunks.append(_Chunk(frozenset(targets), networks))
+            targets, owners = set(), []
     return chunks
 
 
@@ -330,6 +349,31 @@ def _combination_deltas(patcher: NetworkPatcher, chunks: Sequence[_Chunk]) -> It
             yield from patcher.deltas()
         finally:
             patcher.restore()
+
+
+def _transformer_size(model: LoadedModel) -> tuple[int, int, int] | None:
+    """A FLUX.1 transformer's double and single block counts and width (None: a UNet)."""
+    transformer = getattr(model.pipe, "transformer", None)
+    if transformer is None:
+        return None
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    return config.num_layers, config.num_single_layers, width
+
+
+def _check_same_transformer(base: LoadedModel, tuned: LoadedModel) -> None:
+    size, other = _transformer_size(base), _transformer_size(tuned)
+    if size == other or size is None or other is None:
+        return
+    assert tuned.path is not None and base.path is not None
+
+    def blocks(s: tuple[int, int, int]) -> str:
+        return f"{s[0]} double and {s[1]} single blocks of width {s[2]}"
+
+    raise ExtractionError(
+        f"{tuned.path.name} is a FLUX.1 transformer of {blocks(other)}, but {base.path.name} "
+        f"has {blocks(size)}: no difference to take"
+    )
 
 
 @dataclass(frozen=True)
@@ -390,7 +434,11 @@ class _Extraction:
         self.kind = model.kind
         self.rule, self.device, self.dtype = rule, device, dtype
         self.total, self.progress = total, progress
-        self.ldm_names: Mapping[str, str] = unet_module_names(model.pipe.unet.config)
+        unet = getattr(model.pipe, "unet", None)
+        self.ldm_names: Mapping[str, str] = unet_module_names(unet.config) if unet else {}
+        # FLUX.1: kohya names fused BFL weights; their split pieces are joined back first
+        transformer = getattr(model.pipe, "transformer", None)
+        self.fusion = BflFusion(transformer) if transformer is not None else None
         self.modules: list[ExtractedModule] = []
         self.not_lora: list[str] = []  # norms and embeddings: no LoRA form
         self.bias_changed: list[str] = []
@@ -403,6 +451,9 @@ class _Extraction:
             name = f"{delta.ref.component.value}.{delta.ref.path}"
             self.progress(done, self.total, name)
             self._add(delta, name)
+        if self.fusion is not None:
+            for bfl, weight in self.fusion.rest():
+                self._add_weight(Component.UNET, bfl, weight, f"unet.{bfl}")
         self.progress(self.total, self.total, "factors computed")
 
     def _add(self, delta: ModuleDelta, name: str) -> None:
@@ -411,11 +462,20 @@ class _Extraction:
         if delta.weight.ndim not in (2, 4) or isinstance(delta.ref.module, torch.nn.Embedding):
             self.not_lora.append(name)
             return
-        if not bool(delta.weight.any()):
+        component, path, weight = delta.ref.component, delta.ref.path, delta.weight
+        if self.fusion is not None and component is Component.UNET:
+            fused = self.fusion.add(path, weight)
+            if fused is None:
+                return  # more pieces of this BFL weight to come
+            path, weight = fused
+        self._add_weight(component, path, weight, name)
+
+    def _add_weight(self, component: Component, path: str, weight: torch.Tensor, name: str) -> None:
+        if not bool(weight.any()):
             log.info("%s: the combination's deltas cancel out; left out", name)
             return
-        factors = low_rank(delta.weight, self.rule, dtype=self.dtype, device=self.device)
-        name = kohya_name(delta.ref.component, delta.ref.path, self.kind.arch, self.ldm_names)
+        factors = low_rank(weight, self.rule, dtype=self.dtype, device=self.device)
+        name = kohya_name(component, path, self.kind.arch, self.ldm_names)
         self.modules.append(ExtractedModule(name, factors))
 
     def warnings(self) -> list[str]:
@@ -456,6 +516,7 @@ class _Extraction:
             modules=self.modules,
             sources=sources,
             tuned_model=tuned_model,
+            variant=self.kind.variant,
         )
         write_safetensors(out, lora_state_dict(self.modules), lora_metadata(record))
         element = torch.empty((), dtype=self.dtype).element_size()

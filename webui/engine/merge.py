@@ -1,6 +1,6 @@
 """Bake LoRAs into a checkpoint: load it on the CPU, apply the networks with the patcher, and write
-the result in the layout of the input (a single `.safetensors` in the original LDM/SGM layout, or
-a diffusers folder)."""
+the result in the layout of the input (a single `.safetensors` in the original LDM/SGM layout, a
+FLUX.1 file with the very keys of the input, or a diffusers folder)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,21 @@ from webui.engine.checkpoints import (
     CheckpointFile,
     CheckpointFormat,
     CheckpointHeader,
+    LoadedModel,
     ModelKind,
     checkpoint_from_path,
     detect_kind,
+    exact_dtype,
+    flux_transformer,
     load_checkpoint,
     read_header,
+    save_flux_in_layout,
     save_folder,
     save_single_file,
 )
 from webui.engine.generate import Progress, ProgressCallback, Stage
-from webui.networks.apply import NetworkPatcher, NetworkReport
+from webui.families.flux1 import model as flux1
+from webui.networks.apply import NetworkPatcher, NetworkReport, PatchReport
 from webui.networks.format import (
     Network,
     NotALoraError,
@@ -80,10 +85,11 @@ class MergeResult:
     modules_changed: int
     kept_tensors: int  # original tensors copied as they were (not produced by the conversion)
     seconds: float
+    notes: tuple[str, ...] = ()  # what the output differs in beyond the LoRAs (FLUX.1 fp8)
 
     @property
     def warnings(self) -> list[str]:
-        return [w for lora in self.loras for w in lora.report.warnings]
+        return [*(w for lora in self.loras for w in lora.report.warnings), *self.notes]
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -155,7 +161,7 @@ def merge_checkpoint(
     model_path: Path,
     loras: Sequence[tuple[Path, float]],
     out: Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     *,
     progress: ProgressCallback | None = None,
 ) -> MergeResult:
@@ -163,9 +169,13 @@ def merge_checkpoint(
 
     Single files (.safetensors or .ckpt) give one `.safetensors` in the original key layout that
     keeps every source tensor the conversion does not produce and the source's metadata, plus
-    modelspec merge metadata; diffusers folders give a diffusers folder. Raises MergeError (before
-    writing anything) for an output equal to the input, LoRAs of another base, or LoRAs that
-    change nothing; CheckpointError / NetworkFileError / FileNotFoundError for unreadable inputs.
+    modelspec merge metadata; diffusers folders give a diffusers folder. A FLUX.1 file keeps its
+    keys (BFL, diffusers or ComfyUI names; transformer-only or all-in-one): the components the
+    LoRAs change are written in `dtype`, by default in their stored one (fp8 as bf16, said in
+    `notes`), the rest copied unchanged. SD checkpoints are written in `dtype` (default fp32).
+    Raises MergeError (before writing anything) for an output equal to the input, LoRAs of
+    another base, or LoRAs that change nothing; CheckpointError / NetworkFileError /
+    FileNotFoundError for unreadable inputs.
     """
     say = _stages(progress)
     started = time.perf_counter()
@@ -176,9 +186,14 @@ def merge_checkpoint(
     networks = [load_lora_file(path) for path, _ in loras]
     header = check_header_bases(networks, checkpoint)
     source_metadata = dict(header.metadata) if header is not None else {}
+    flux_file = header is not None and flux_transformer(header) is not None
+    if flux_file and checkpoint.format is not CheckpointFormat.SAFETENSORS:
+        raise MergeError(f"{checkpoint.path.name}: FLUX.1 checkpoints are read as .safetensors")
+    # FLUX.1: loaded in a dtype that holds the stored weights exactly (bf16 for a bf16/fp8 file)
+    load_dtype = exact_dtype(checkpoint.path, dtype) if flux_file else dtype or torch.float32
 
-    say(f"loading {checkpoint.path.name} on the CPU in {str(dtype).removeprefix('torch.')}")
-    model = load_checkpoint(checkpoint, torch.device("cpu"), dtype)
+    say(f"loading {checkpoint.path.name} on the CPU in {str(load_dtype).removeprefix('torch.')}")
+    model = load_checkpoint(checkpoint, torch.device("cpu"), load_dtype)
     check_bases(networks, model.kind.arch, checkpoint.path.name)
 
     say(f"applying {len(networks)} LoRA(s)")
@@ -196,11 +211,16 @@ def merge_checkpoint(
 
     say(f"saving {out}")
     kept = 0
+    notes: tuple[str, ...] = ()
     if layout is OutputLayout.SINGLE_FILE:
-        metadata = _merge_metadata(source_metadata, checkpoint, model.kind, merged, out, dtype)
-        kept = save_single_file(
-            model.pipe, model.kind, out, metadata=metadata, keep_from=checkpoint.path
-        )
+        written = dtype or load_dtype
+        metadata = _merge_metadata(source_metadata, checkpoint, model.kind, merged, out, written)
+        if flux_file:
+            notes = _save_flux(model, patcher, report, checkpoint, out, metadata, dtype)
+        else:
+            kept = save_single_file(
+                model.pipe, model.kind, out, metadata=metadata, keep_from=checkpoint.path
+            )
     else:
         save_folder(model.pipe, out)
     return MergeResult(
@@ -211,7 +231,48 @@ def merge_checkpoint(
         modules_changed=report.modules_changed,
         kept_tensors=kept,
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
+
+
+_PART_NAMES = {part.component: part.label.split(" (")[0] for part in flux1.PARTS}
+
+
+def _save_flux(
+    model: LoadedModel,
+    patcher: NetworkPatcher,
+    report: PatchReport,
+    checkpoint: CheckpointFile,
+    out: Path,
+    metadata: Mapping[str, str],
+    dtype: torch.dtype | None,
+) -> tuple[str, ...]:
+    """Write a FLUX.1 merge with the input's keys; the notes say what the file could not take
+    (text-encoder changes when its encoders are separate files) and what was widened (fp8)."""
+    changed = {
+        pieces[0].ref.component.value
+        for network in report.networks
+        for prefix in network.matched
+        if (pieces := patcher.keymap.pieces(prefix))
+    }
+    changed = {"transformer" if c == "unet" else c for c in changed}
+    notes: list[str] = []
+    for component, path in model.parts.items():
+        if component in changed:
+            changed.discard(component)
+            notes.append(
+                f"the LoRAs' {_PART_NAMES[component]} changes are left out: "
+                f"{checkpoint.path.name} does not hold it (it is read from {path.name})"
+            )
+    widened = save_flux_in_layout(
+        model.pipe, checkpoint.path, out, changed, metadata=metadata, dtype=dtype
+    )
+    if widened:
+        notes.append(
+            f"{widened} fp8 weight(s) written as bf16: rounding the merged weights to fp8 "
+            "would lose most of the LoRAs' change"
+        )
+    return tuple(notes)
 
 
 _STAGES = ("loading", "applying", "saving")
@@ -240,10 +301,13 @@ def _merge_metadata(
     meta = {k: v for k, v in source.items() if k not in _STALE_METADATA}
     v_prediction = kind.prediction is Prediction.V
     meta.setdefault("modelspec.sai_model_spec", "1.0.0")
-    meta.setdefault("modelspec.architecture", modelspec_architecture(kind.arch, v_prediction))
+    if kind.variant is not None:  # FLUX.1: no epsilon/v prediction
+        meta.setdefault("modelspec.architecture", flux1.MODELSPEC_ARCHITECTURES[kind.variant])
+    else:
+        meta.setdefault("modelspec.architecture", modelspec_architecture(kind.arch, v_prediction))
+        meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     meta["modelspec.title"] = out.stem
     meta["modelspec.date"] = datetime.now(UTC).date().isoformat()
-    meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     meta["modelspec.merged_from"] = ", ".join(
         [checkpoint.path.name, *(f"{lora.path.name}:{lora.weight:g}" for lora in loras)]
     )

@@ -65,3 +65,8 @@ PARTS: tuple[Part, ...] = (
     ),
 )
 PART_FOLDERS: frozenset[str] = frozenset(part.folder for part in PARTS)
+# SAI model-spec `modelspec.architecture` (sd-scripts' sai_model_spec; a LoRA adds `/lora`).
+MODELSPEC_ARCHITECTURES: dict[FluxVariant, str] = {
+    FluxVariant.DEV: "flux-1-dev",
+    FluxVariant.SCHNELL: "flux-1-schnell",
+}

@@ -14,6 +14,7 @@ from webui.networks.apply.diffusers_backend import (
 )
 from webui.networks.apply.extract import (
     EXTRACTION_METADATA_KEY,
+    BflFusion,
     ExtractedModule,
     ExtractionRecord,
     RankRule,
@@ -38,6 +39,7 @@ from webui.networks.apply.strengths import Strengths
 
 __all__ = [
     "EXTRACTION_METADATA_KEY",
+    "BflFusion",
     "Component",
     "DiffusersBackend",
     "ExtractedModule",

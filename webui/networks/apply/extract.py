@@ -19,7 +19,9 @@ from datetime import datetime
 import torch
 from torch import Tensor
 
-from webui.arch import Arch
+from webui.arch import Arch, FluxVariant
+from webui.families.flux1 import model as flux1
+from webui.layouts.flux import lora_targets
 from webui.networks.apply.keys import Component
 from webui.networks.format.base_detection import modelspec_architecture
 
@@ -30,17 +32,30 @@ _LOWRANK_POWER_ITERATIONS = 4
 _LOWRANK_SEED = 0
 # CLIP's module names below `text_model.` (kohya always writes them with `text_model_`).
 _CLIP_INNER_ROOTS = ("encoder", "embeddings", "final_layer_norm")
-_TEXT_PREFIXES: Mapping[tuple[Component, bool], str] = {
-    (Component.TEXT_ENCODER, False): "lora_te_",
-    (Component.TEXT_ENCODER, True): "lora_te1_",
-    (Component.TEXT_ENCODER_2, True): "lora_te2_",
+# sd-scripts' text-encoder prefixes (FLUX.1: networks/lora_flux.py, CLIP-L te1 and T5-XXL te3).
+_TEXT_PREFIXES: Mapping[tuple[Component, Arch], str] = {
+    (Component.TEXT_ENCODER, Arch.SD1): "lora_te_",
+    (Component.TEXT_ENCODER, Arch.SD2): "lora_te_",
+    (Component.TEXT_ENCODER, Arch.SDXL): "lora_te1_",
+    (Component.TEXT_ENCODER_2, Arch.SDXL): "lora_te2_",
+    (Component.TEXT_ENCODER, Arch.FLUX1): "lora_te1_",
+    (Component.TEXT_ENCODER_2, Arch.FLUX1): "lora_te3_",
 }
-# kohya sd-scripts' `ss_base_model_version` and SAI model-spec implementations of a LoRA.
-BASE_MODEL_VERSION = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
+_T5 = (Component.TEXT_ENCODER_2, Arch.FLUX1)
+# kohya sd-scripts' `ss_base_model_version`, `ss_network_module` and SAI model-spec
+# implementations of a LoRA.
+BASE_MODEL_VERSION = {
+    Arch.SD1: "sd_v1",
+    Arch.SD2: "sd_v2",
+    Arch.SDXL: "sdxl_base_v1-0",
+    Arch.FLUX1: "flux1",
+}
+_NETWORK_MODULE = {Arch.FLUX1: "networks.lora_flux"}
 _SPEC_IMPLEMENTATION = {
     Arch.SD1: "diffusers",
     Arch.SD2: "diffusers",
     Arch.SDXL: "https://github.com/Stability-AI/generative-models",
+    Arch.FLUX1: "https://github.com/black-forest-labs/flux",
 }
 EXTRACTION_METADATA_KEY = "lora_webui.extraction"
 TRIGGER_WORDS_DATASET = "trigger words"
@@ -162,22 +177,72 @@ def low_rank(
 def kohya_name(component: Component, path: str, arch: Arch, ldm_names: Mapping[str, str]) -> str:
     """The kohya module name of a model module, as sd-scripts writes it: SD1/SD2 UNets by their
     diffusers paths, SDXL UNets by the original SGM paths (`ldm_names`, diffusers -> SGM, from
-    `layouts.unet.unet_module_names`), CLIP layers under `text_model_` with `lora_te_` (SD1/SD2)
-    or `lora_te1_`/`lora_te2_` (SDXL). Raises ValueError for a module with no such name."""
-    sdxl = arch is Arch.SDXL
+    `layouts.unet.unet_module_names`), FLUX.1 transformers by BFL names (`path` is one, as
+    `BflFusion` gives them), CLIP layers under `text_model_` with `lora_te_` (SD1/SD2) or
+    `lora_te1_` (SDXL, FLUX.1), SDXL's second encoder `lora_te2_`, FLUX.1's T5 `lora_te3_`.
+    Raises ValueError for a module with no such name."""
     if component is Component.UNET:
-        if sdxl:
+        if arch is Arch.SDXL:
             if path not in ldm_names:
                 raise ValueError(f"UNet module {path} has no SGM name")
             path = ldm_names[path]
         return "lora_unet_" + path.replace(".", "_")
-    head = _TEXT_PREFIXES.get((component, sdxl))
+    head = _TEXT_PREFIXES.get((component, arch))
     if head is None:
         raise ValueError(f"{component.value} is not a text encoder of {arch.value}")
     inner = path.removeprefix("text_model.")
-    if inner.split(".", 1)[0] in _CLIP_INNER_ROOTS:
+    if (component, arch) != _T5 and inner.split(".", 1)[0] in _CLIP_INNER_ROOTS:
         inner = "text_model." + inner
     return head + inner.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a diffusers module's delta goes in its BFL weight: rows (ranges, in order)."""
+
+    bfl: str
+    rows: tuple[tuple[int, int], ...] | None
+    fused_rows: int
+
+
+class BflFusion:
+    """FLUX.1 transformer deltas, given per diffusers module, as deltas of BFL weights: the
+    pieces of a fused weight (`qkv`: q, k, v; single-block `linear1`: q, k, v, MLP; the final
+    modulation's swapped halves) put back by rows, a piece that never comes counted as zero
+    (from the same table `layouts.flux` converts checkpoints with)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self._parts: dict[str, int] = {}
+        for target in lora_targets(transformer):
+            self._parts[target.bfl] = len(target.parts)
+            for path, rows in target.parts:
+                self._slots[path] = _Slot(target.bfl, rows, target.rows)
+        self._pending: dict[str, tuple[Tensor, int]] = {}  # bfl -> (fused delta, parts in)
+
+    def add(self, path: str, delta: Tensor) -> tuple[str, Tensor] | None:
+        """Take one module's delta; returns (BFL name, its delta) once the weight is complete,
+        None while pieces are missing. Raises KeyError for a path with no BFL name."""
+        slot = self._slots[path]
+        if slot.rows is None:
+            return slot.bfl, delta
+        fused, seen = self._pending.pop(slot.bfl, (None, 0))
+        if fused is None:
+            fused = delta.new_zeros((slot.fused_rows, *delta.shape[1:]))
+        offset = 0
+        for start, end in slot.rows:
+            fused[start:end] = delta[offset : offset + end - start]
+            offset += end - start
+        if seen + 1 == self._parts[slot.bfl]:
+            return slot.bfl, fused
+        self._pending[slot.bfl] = (fused, seen + 1)
+        return None
+
+    def rest(self) -> list[tuple[str, Tensor]]:
+        """The weights some of whose pieces never came (unchanged: zero rows)."""
+        done = [(bfl, fused) for bfl, (fused, _) in self._pending.items()]
+        self._pending.clear()
+        return done
 
 
 @dataclass(frozen=True)
@@ -236,6 +301,7 @@ class ExtractionRecord:
     sources: Sequence[SourceLora] = ()  # a combination's LoRAs
     tuned_model: str | None = None  # the fine-tuned checkpoint, for a difference
     created: datetime = field(default_factory=datetime.now)
+    variant: FluxVariant | None = None  # FLUX.1: dev or schnell
 
 
 def merged_tag_frequency(sources: Sequence[SourceLora]) -> dict[str, dict[str, int]]:
@@ -261,6 +327,12 @@ def overall_error(modules: Sequence[ExtractedModule]) -> float:
     return math.sqrt(residual / total) if total else 0.0
 
 
+def _spec_architecture(record: ExtractionRecord) -> str:
+    if record.arch is Arch.FLUX1:
+        return flux1.MODELSPEC_ARCHITECTURES[record.variant or FluxVariant.DEV]
+    return modelspec_architecture(record.arch, record.v_prediction)
+
+
 def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
     """kohya (`ss_*`) and SAI model-spec (`modelspec.*`) metadata, plus our own record of the
     extraction: rule, sources and each module's rank and relative error."""
@@ -276,20 +348,20 @@ def lora_metadata(record: ExtractionRecord) -> dict[str, str]:
     meta = {
         "ss_base_model_version": BASE_MODEL_VERSION[record.arch],
         "ss_v2": str(record.arch is Arch.SD2),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": _NETWORK_MODULE.get(record.arch, "networks.lora"),
         "ss_network_dim": dim,
         "ss_network_alpha": str(file_alpha(record.modules)),
         "ss_output_name": record.title,
         "ss_sd_model_name": record.base_model,
         "ss_training_comment": f"extracted by lora-webui (SVD, {record.rule.describe()}): {origin}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(record.arch, record.v_prediction)
-        + "/lora",
+        "modelspec.architecture": _spec_architecture(record) + "/lora",
         "modelspec.implementation": _SPEC_IMPLEMENTATION[record.arch],
         "modelspec.title": record.title,
         "modelspec.date": record.created.isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if record.v_prediction else "epsilon",
     }
+    if record.arch.has_unet:  # FLUX.1 is a flow model: no epsilon/v
+        meta["modelspec.prediction_type"] = "v" if record.v_prediction else "epsilon"
     if has_conv:
         alpha = str(file_alpha(record.modules))
         meta["ss_network_args"] = json.dumps({"conv_dim": dim, "conv_alpha": alpha})

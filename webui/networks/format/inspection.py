@@ -35,10 +35,31 @@ _COMPONENT_PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.diffusion_model.", "unet"),
     ("diffusion_model.", "unet"),
 )
+# FLUX.1: CLIP-L is te1 and T5-XXL te2 (the strengths' names; sd-scripts writes T5 as lora_te3_,
+# OneTrainer as lora_te2_), the transformer is unet.
+_FLUX_COMPONENT_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te3_", "te2"),
+    ("lora_te_", "te1"),
+    ("lora_unet_", "unet"),
+    ("lora_transformer_", "unet"),
+    ("text_encoders.clip_l.", "te1"),
+    ("text_encoders.t5xxl.", "te2"),
+    ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te1"),
+    ("transformer.", "unet"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+)
 _KEY_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("lora_unet_", "lora_te"), "kohya"),
-    (("unet.", "text_encoder.", "text_encoder_2.", "base_model.model."), "diffusers/PEFT"),
+    (("lora_unet_", "lora_te", "lora_transformer_"), "kohya"),
+    (
+        ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "base_model.model."),
+        "diffusers/PEFT",
+    ),
     (("model.diffusion_model.", "diffusion_model."), "LDM"),
+    (("text_encoders.",), "ComfyUI"),
 )
 _CHECKPOINT_UNET = "model.diffusion_model."
 
@@ -158,6 +179,10 @@ def refuse_checkpoint(path: Path) -> None:
 def component_of(prefix: str, arch: Arch | None = None) -> str:
     """The component label (te, te1, te2, unet, other) a module prefix belongs to."""
     name = prefix.removeprefix("base_model.model.")
+    if arch is Arch.FLUX1:
+        return next(
+            (lb for start, lb in _FLUX_COMPONENT_PREFIXES if name.startswith(start)), "other"
+        )
     for start, label in _COMPONENT_PREFIXES:
         if name.startswith(start):
             # PEFT names SDXL's first encoder text_encoder., kohya names it lora_te1_
