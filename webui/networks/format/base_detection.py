@@ -53,13 +53,13 @@ class BaseDetection:
         """The one sentence that says why a foreign file is not applied (None: not foreign)."""
         if not self.foreign:
             return None
-        article = (
-            "an"
-            if self.family and self.family.upper().startswith(("A", "E", "I", "O", "U", "SD"))
-            else "a"
-        )
+        if self.family == ANOTHER_FAMILY:
+            what = f"a LoRA of {ANOTHER_FAMILY}"
+        else:
+            vowel = self.family and self.family.upper().startswith(("A", "E", "I", "O", "U", "SD"))
+            what = f"{'an' if vowel else 'a'} {self.family} LoRA"
         return (
-            f"{file_name} is {article} {self.family} LoRA ({self.key_format} format): "
+            f"{file_name} is {what} ({self.key_format} format): "
             f"this app runs {families.RUN_NAMES} models"
         )
 

@@ -200,10 +200,17 @@ class LowRankModule(NetworkModule):
 
     alpha: float | None = None
     dora: WeightDecompose | None = None
+    bias_diff: Tensor | None = None  # ComfyUI's LoraSave writes `diff_b` beside the factors
 
     def validate(self) -> None:
-        """alpha finite; a DoRA magnitude with one entry per output row (or some input columns)."""
+        """alpha finite; a DoRA magnitude with one entry per output row (or some input columns);
+        a bias difference with one entry per output row."""
         check_scalar(self.key, "alpha", self.alpha)
+        if self.bias_diff is not None:
+            check_factor(self.key, "diff_b", self.bias_diff, dims=(1,))
+            if self.expected_shape is not None:
+                rows = self.expected_shape[0]
+                check_equal(self.key, "diff_b and output rows", self.bias_diff.numel(), rows)
         if self.dora is None:
             return
         check_factor(self.key, "DoRA magnitude", self.dora.magnitude, dims=(1,))
@@ -233,13 +240,16 @@ class LowRankModule(NetworkModule):
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None
     ) -> WeightDelta:
-        """ΔW·scale·m, or with DoRA: decompose(W + ΔW·scale, m) − W."""
+        """ΔW·scale·m, or with DoRA: decompose(W + ΔW·scale, m) − W; the bias gets diff_b·m."""
         self.check_shape(original_weight.shape)
         rebuilt = self.rebuild(original_weight).reshape(original_weight.shape)
+        bias = None
+        if self.bias_diff is not None and original_bias is not None:  # no bias: ComfyUI skips it
+            bias = to_compute(self.bias_diff, original_weight) * multiplier
         if self.dora is None:
             # rebuild() always returns a fresh tensor, so scale it in place: no second full-size
             # allocation (fresh pages dominate the cost of patching on a CPU)
-            return WeightDelta(weight=rebuilt.mul_(self.scale * multiplier), bias=None)
+            return WeightDelta(weight=rebuilt.mul_(self.scale * multiplier), bias=bias)
         diff = rebuilt * self.scale
         merged = self.dora.apply(original_weight + diff, multiplier)
-        return WeightDelta(weight=merged - original_weight, bias=None)
+        return WeightDelta(weight=merged - original_weight, bias=bias)

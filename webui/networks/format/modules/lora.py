@@ -69,6 +69,7 @@ class LoraModule(LowRankModule):
             key=self.key,
             alpha=self.alpha,
             dora=self.dora,
+            bias_diff=self.bias_diff,
             up=self.up[:, :dyn],
             down=self.down[:dyn],
             mid=mid,
@@ -84,8 +85,9 @@ class LoraModule(LowRankModule):
         return torch.einsum("pq...,op,qi->oi...", mid, up, down)
 
     def low_rank_factors(self, weight: Tensor, multiplier: float) -> LowRankFactors | None:
-        """(up, down, scale·m), a Tucker mid folded into down; None with DoRA (not a product)."""
-        if self.dora is not None:
+        """(up, down, scale·m), a Tucker mid folded into down; None with DoRA (not a product)
+        or a bias difference (the factors carry no bias)."""
+        if self.dora is not None or self.bias_diff is not None:
             return None
         self.check_shape(weight.shape)
         down = self.down.flatten(1)
