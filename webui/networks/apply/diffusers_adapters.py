@@ -36,11 +36,10 @@ class FallbackReport(NetworkReport):
     """A network's report from the diffusers fallback; `refusal` says why it was not applied."""
 
     refusal: str | None = None
-    notes: tuple[str, ...] = ()  # what was applied otherwise than asked, one sentence each
 
     @property
     def warnings(self) -> list[str]:
-        return [self.refusal] if self.refusal else [*super().warnings, *self.notes]
+        return [self.refusal] if self.refusal else super().warnings
 
 
 # a family's own checks of what its diffusers loader cannot take (after the variant checks)

@@ -196,7 +196,7 @@ class DiffusersBackend:
         notes = ()
         if layers and not self._blocks and _has_block_weights(strengths):
             notes = (
-                f"{network.name}: diffusers scales this model's transformer only as a whole, "
+                "diffusers scales this model's transformer only as a whole, "
                 "so the diffusers backend ignored its per-block weights and applied the plain "
                 "strengths",
             )

@@ -30,7 +30,7 @@ class NetworkReport:
     base_source: str
     compatible: bool
     applied: bool
-    notes: tuple[str, ...] = ()  # strengths this model cannot take (a wrong block vector, ...)
+    notes: tuple[str, ...] = ()  # strengths not applied as asked (a wrong block vector, ...)
 
     @property
     def warnings(self) -> list[str]:

@@ -191,12 +191,12 @@ def component_of(prefix: str, arch: Arch | None = None) -> str:
 
 
 def _key_formats(prefixes: Iterable[str]) -> tuple[str, ...]:
-    found: list[str] = []
-    for prefix in prefixes:
-        label = next((name for starts, name in _KEY_FORMATS if prefix.startswith(starts)), "other")
-        if label not in found:
-            found.append(label)
-    return tuple(found)
+    """The key formats present, in the table's order (then "other"), whatever the file's order."""
+    found = {
+        next((name for starts, name in _KEY_FORMATS if prefix.startswith(starts)), "other")
+        for prefix in prefixes
+    }
+    return tuple(name for name in (*(name for _, name in _KEY_FORMATS), "other") if name in found)
 
 
 def _counts(values: Iterable[float | None]) -> tuple[ValueCount, ...]:
