@@ -58,10 +58,13 @@ _KOHYA_MODULE = (
 # -- the model ------------------------------------------------------------------------------------
 
 
-def transformer_config(width: int) -> dict[str, Any]:
-    """FLUX.1 [dev]'s transformer config from `configs/` with `width` channels; the depth stays.
-    Narrow widths use 32-channel heads (rope axes 8+12+12), the full one BFL's 128 (16+56+56)."""
+def transformer_config(width: int, blocks: tuple[int, int] | None = None) -> dict[str, Any]:
+    """FLUX.1 [dev]'s transformer config from `configs/` with `width` channels (and `blocks`
+    double + single blocks, for smoke runs; default the model's 19 + 38). Narrow widths use
+    32-channel heads (rope axes 8+12+12), the full one BFL's 128 (16+56+56)."""
     config = dict(component_configs(FULL_DEV)["transformer"])
+    if blocks is not None:
+        config |= {"num_layers": blocks[0], "num_single_layers": blocks[1]}
     if width != FULL_WIDTH:
         head = 32
         if width % head:
@@ -76,14 +79,16 @@ def transformer_config(width: int) -> dict[str, Any]:
     return config
 
 
-def build_pipe(width: int, device: torch.device, dtype: torch.dtype) -> FluxPipeline:
+def build_pipe(
+    width: int, blocks: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> FluxPipeline:
     """A FluxPipeline holding only the random transformer (what LoRAs here change)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         torch.manual_seed(0)
         with torch.device(device):
-            transformer = FluxTransformer2DModel.from_config(transformer_config(width))
+            transformer = FluxTransformer2DModel.from_config(transformer_config(width, blocks))
     finally:
         torch.set_default_dtype(previous)
     transformer.eval().requires_grad_(False)
@@ -300,8 +305,9 @@ def step_inputs(
         "txt_ids": torch.zeros(TEXT_TOKENS, 3),
         "guidance": torch.tensor([3.5]) if config.guidance_embeds else None,
     }
+    ids = ("img_ids", "txt_ids")  # positions stay fp32
     return {
-        k: None if v is None else v.to(device, dtype if k not in ("img_ids", "txt_ids") else None)
+        k: None if v is None else v.to(device=device, dtype=torch.float32 if k in ids else dtype)
         for k, v in inputs.items()
     }
 
@@ -373,6 +379,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=0, help="transformer steps for it/s (0: none)")
     parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument(
+        "--blocks",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        default=(19, 38),
+        help="double,single blocks (fewer: a smoke run of the full-width path on a CPU)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.rank > args.width:
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     started = time.perf_counter()
-    pipe = build_pipe(args.width, device, dtype)
+    pipe = build_pipe(args.width, args.blocks, device, dtype)
     build_seconds = time.perf_counter() - started
     targets = kohya_targets(pipe.transformer)
     samples = sample_paths(targets)
@@ -405,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "dtype": args.dtype,
             "width": args.width,
-            "depth": "19 double + 38 single blocks",
+            "depth": f"{args.blocks[0]} double + {args.blocks[1]} single blocks",
             "rank": args.rank,
             "repeats": args.repeats,
             "threads": args.threads,
