@@ -31,6 +31,39 @@ torch.set_num_threads(1)
 
 from webui.arch import Arch, Prediction  # noqa: E402
 
+# Files that take tens of seconds each (a browser and an app server, a soak, a Ray cluster): run
+# first, so that xdist's two workers end together instead of one finishing a long file alone.
+HEAVY_MARKERS = ("slow", "cluster")
+
+
+def _is_heavy(item: pytest.Item) -> bool:
+    return "browser" in item.path.name or any(item.get_closest_marker(m) for m in HEAVY_MARKERS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    heavy_files = {item.path for item in items if _is_heavy(item)}
+    items.sort(key=lambda item: item.path not in heavy_files)  # stable: file order kept otherwise
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless system Chromium per test process; each test opens its own context
+    (`tests.chromium.browser_context`). Skips the test where /usr/bin/chromium is missing."""
+    from tests.chromium import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):

@@ -1,11 +1,17 @@
-"""The UI in a real browser: Networks tab cards, search, click-to-add, then a generation.
+"""The UI in a real browser, over the demo model and a folder of LoRAs as users have them: the
+Networks tab's cards, search, click-to-add, then a generation; txt2img's Networks panel (strength,
+insert, remove); the token counter, a LoRA added after the page loaded, a batch's grid, and Esc.
 
-Headless Chromium from the system (/usr/bin/chromium; `.ci/run` installs it); skipped without it."""
+Headless Chromium from the system (/usr/bin/chromium; `.ci/run` installs it); skipped without it.
+The tests share one app server (starting one is most of a test's time); they run in file order
+and only the last one changes the LoRA folder. Screenshots go to `UI_PANEL_SCREENSHOT` (a path)
+and `UI_R2_SCREENSHOT_DIR` (under /tmp) when set."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,20 +23,13 @@ import torch
 from lora_files import write_kohya_lora
 from PIL import Image, ImageDraw
 
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS, browser_context, set_number  # noqa: F401
 from tests.test_server import ROOT, free_port, wait_for
 from webui.arch import Arch
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
+SHOT = os.environ.get("UI_PANEL_SCREENSHOT")  # a path under /tmp to save a screenshot to
+SHOTS = os.environ.get("UI_R2_SCREENSHOT_DIR")
 
 
 def _preview(path: Path, colour: tuple[int, int, int]) -> None:
@@ -72,28 +71,34 @@ def write_lora_folder(folder: Path) -> None:
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    models, loras = tmp_path / "models", tmp_path / "loras"
-    models.mkdir()
-    write_lora_folder(loras)
+@pytest.fixture(scope="module")
+def server_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folders of this file's app: no checkpoint (the demo model) and `write_lora_folder`."""
+    folder = tmp_path_factory.mktemp("networks-app")
+    (folder / "models").mkdir()
+    write_lora_folder(folder / "loras")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(server_folder: Path):
+    """One app for this file's tests, in order (the last one changes the LoRA folder)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = (tmp_path / "server.log").open("w")  # a file, not a pipe: a full pipe would block it
+    log = (server_folder / "server.log").open("w")  # a file, not a pipe: a full pipe would block
     process = subprocess.Popen(
         [
             sys.executable,
             "app.py",
             "--port",
             str(port),
-            "--models-dir",
-            str(models),
-            "--loras-dir",
-            str(loras),
+            *("--models-dir", str(server_folder / "models")),
+            *("--loras-dir", str(server_folder / "loras")),
             "--device",
             "cpu",
-            *("--outputs-dir", str(tmp_path / "outputs"), "--cache-dir", str(tmp_path / "cache")),
-            *("--settings-file", str(tmp_path / "config.json")),
+            *("--outputs-dir", str(server_folder / "outputs")),
+            *("--cache-dir", str(server_folder / "cache")),
+            *("--settings-file", str(server_folder / "config.json")),
         ],
         cwd=ROOT,
         stdout=log,
@@ -108,77 +113,156 @@ def server(tmp_path: Path):
         process.terminate()
         process.wait(timeout=30)
         log.close()
-        print((tmp_path / "server.log").read_text()[-6000:])  # shown when the test fails
+        print((server_folder / "server.log").read_text()[-6000:])  # shown when a test fails
 
 
-def test_networks_tab_in_a_browser(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_networks_tab_in_a_browser(server: str, chromium, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
-            page.goto(server)
-            page.get_by_role("tab", name="Networks").click()
-            grid = page.locator("#networks-grid")
-            cards = grid.locator(".lw-card")
-            expect(cards.first).to_be_visible()
-            # the SDXL file is hidden on the SD1 demo model until "Show incompatible" (the grid
-            # may be drawn once before the model is known: wait for it to settle, then read it
-            # in one go rather than card by card)
-            expect(grid.locator("[data-lora='neon_city_xl']")).to_have_count(0)
-            names = cards.evaluate_all("cards => cards.map(card => card.dataset.lora)")
-            assert "styles/ink_wash" in names and "paper_cutout" in names
-            assert "broken" in names  # unreadable files are shown, with an error badge
-            expect(grid.locator("[data-lora='broken'] .lw-badge-error")).to_be_visible()
-            page.locator("#networks-all input").check()
-            expect(grid.locator("[data-lora='neon_city_xl'].lw-incompatible")).to_be_visible()
+    with browser_context(chromium, viewport={"width": 1400, "height": 1000}) as context:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(server)
+        page.get_by_role("tab", name="Networks").click()
+        grid = page.locator("#networks-grid")
+        cards = grid.locator(".lw-card")
+        expect(cards.first).to_be_visible()
+        # the SDXL file is hidden on the SD1 demo model until "Show incompatible" (the grid
+        # may be drawn once before the model is known: wait for it to settle, then read it
+        # in one go rather than card by card)
+        expect(grid.locator("[data-lora='neon_city_xl']")).to_have_count(0)
+        names = cards.evaluate_all("cards => cards.map(card => card.dataset.lora)")
+        assert "styles/ink_wash" in names and "paper_cutout" in names
+        assert "broken" in names  # unreadable files are shown, with an error badge
+        expect(grid.locator("[data-lora='broken'] .lw-badge-error")).to_be_visible()
+        page.locator("#networks-all input").check()
+        expect(grid.locator("[data-lora='neon_city_xl'].lw-incompatible")).to_be_visible()
 
-            # select a card to fill the details panel, then screenshot the whole tab
-            grid.locator("[data-lora='styles/ink_wash'] .lw-card-info").click(force=True)
-            expect(page.locator("#networks-details .lw-tag-table")).to_be_visible()
-            expect(page.locator("#networks-activation textarea")).to_have_value(
-                "ink wash, monochrome"
-            )
-            shot = tmp_path / "networks-tab.png"
-            page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("BROWSER_SCREENSHOT_DIR"):
-                target = Path(os.environ["BROWSER_SCREENSHOT_DIR"])
-                target.mkdir(parents=True, exist_ok=True)
-                shutil.copy(shot, target / shot.name)
+        # select a card to fill the details panel, then screenshot the whole tab
+        grid.locator("[data-lora='styles/ink_wash'] .lw-card-info").click(force=True)
+        expect(page.locator("#networks-details .lw-tag-table")).to_be_visible()
+        expect(page.locator("#networks-activation textarea")).to_have_value("ink wash, monochrome")
+        shot = tmp_path / "networks-tab.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("BROWSER_SCREENSHOT_DIR"):
+            target = Path(os.environ["BROWSER_SCREENSHOT_DIR"])
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, target / shot.name)
 
-            # search narrows the grid
-            page.locator("#networks-search textarea, #networks-search input").first.fill("ink")
-            expect(cards).to_have_count(1)
-            expect(cards.first).to_have_attribute("data-lora", "styles/ink_wash")
+        # search narrows the grid
+        page.locator("#networks-search textarea, #networks-search input").first.fill("ink")
+        expect(cards).to_have_count(1)
+        expect(cards.first).to_have_attribute("data-lora", "styles/ink_wash")
 
-            # clicking a card puts its tag (with its preferred weight) into the prompt; a chip
-            # adds its word; clicking the card again takes the tag out
-            cards.first.locator(".lw-card-title").click()
-            prompt = page.locator("#txt2img-prompt textarea")
-            expect(prompt).to_have_value("<lora:styles/ink_wash:0.7>")
-            expect(grid.locator(".lw-card.lw-in-prompt")).to_have_count(1)
-            grid.locator("[data-lora='styles/ink_wash'] .lw-chip", has_text="monochrome").click()
-            expect(prompt).to_have_value("<lora:styles/ink_wash:0.7>, monochrome")
-            cards.first.locator(".lw-card-title").click()
-            expect(prompt).to_have_value("monochrome")
-            cards.first.locator(".lw-card-title").click()
-            expect(prompt).to_have_value("monochrome, <lora:styles/ink_wash:0.7>")
+        # clicking a card puts its tag (with its preferred weight) into the prompt; a chip
+        # adds its word; clicking the card again takes the tag out
+        cards.first.locator(".lw-card-title").click()
+        prompt = page.locator("#txt2img-prompt textarea")
+        expect(prompt).to_have_value("<lora:styles/ink_wash:0.7>")
+        expect(grid.locator(".lw-card.lw-in-prompt")).to_have_count(1)
+        grid.locator("[data-lora='styles/ink_wash'] .lw-chip", has_text="monochrome").click()
+        expect(prompt).to_have_value("<lora:styles/ink_wash:0.7>, monochrome")
+        cards.first.locator(".lw-card-title").click()
+        expect(prompt).to_have_value("monochrome")
+        cards.first.locator(".lw-card-title").click()
+        expect(prompt).to_have_value("monochrome, <lora:styles/ink_wash:0.7>")
 
-            # generate with the tag: tiny image, two steps
-            page.get_by_role("tab", name="txt2img").click()
-            for slider, value in (("steps", "2"), ("width", "64"), ("height", "64")):
-                box = page.locator(f"#txt2img-{slider} input[type='number']")
-                box.fill(value)
-                box.press("Enter")
-            page.locator("#txt2img-generate").click()
-            expect(page.locator("#txt2img-gallery img").first).to_be_visible(timeout=60_000)
-            info = page.locator("#txt2img-infotext .lw-infotext")
-            expect(info).to_contain_text("<lora:styles/ink_wash:0.7>")
-            expect(info).to_contain_text("Lora hashes")
-            expect(info).to_contain_text("Size: 64x64")
-        finally:
-            browser.close()
+        # generate with the tag: tiny image, two steps
+        page.get_by_role("tab", name="txt2img").click()
+        for slider, value in (("steps", "2"), ("width", "64"), ("height", "64")):
+            box = page.locator(f"#txt2img-{slider} input[type='number']")
+            box.fill(value)
+            box.press("Enter")
+        page.locator("#txt2img-generate").click()
+        expect(page.locator("#txt2img-gallery img").first).to_be_visible(timeout=60_000)
+        info = page.locator("#txt2img-infotext .lw-infotext")
+        expect(info).to_contain_text("<lora:styles/ink_wash:0.7>")
+        expect(info).to_contain_text("Lora hashes")
+        expect(info).to_contain_text("Size: 64x64")
+
+
+def test_networks_panel_inserts_and_removes_tags(server: str, chromium) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # a shared 2-core machine
+    with browser_context(chromium, viewport={"width": 1400, "height": 1100}) as context:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        prompt = page.locator("#txt2img-prompt textarea")
+        prompt.fill("a cat, sumi-e")
+        card = page.locator("#txt2img-networks-grid .lw-card[data-lora='styles/ink_wash']")
+        expect(card).to_be_hidden()  # closed at first
+        page.locator("#txt2img-networks").get_by_text("Networks", exact=True).click()
+        expect(card).to_be_visible()
+        # titled by the tag's name; the sidecar's preferred weight is the default
+        expect(card.locator(".lw-card-title")).to_have_text("styles/ink_wash")
+        paper = page.locator("#txt2img-networks-grid .lw-card[data-lora='paper_cutout']")
+        expect(paper.locator(".lw-card-subtitle")).to_have_text("cutout")
+        strength = card.locator("input[data-strength]")
+        expect(strength).to_have_value("0.7")
+        strength.fill("0.45")
+        if SHOT:
+            page.screenshot(path=SHOT, full_page=True)
+        card.locator(".lw-card-title").click()
+        expect(prompt).to_have_value("a cat, sumi-e, <lora:styles/ink_wash:0.45>")
+        expect(card).to_have_class("lw-card lw-in-prompt")
+        expect(card.locator("input[data-strength]")).to_have_value("0.45")
+        card.locator(".lw-card-title").click()
+        expect(prompt).to_have_value("a cat, sumi-e")
+
+
+def test_counter_panel_grid_and_escape(server: str, server_folder: Path, chromium) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)  # a shared 2-core machine
+    loras = server_folder / "loras"
+    with browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context:
+        page = context.new_page()
+        page.set_default_timeout(90_000)
+        page.goto(server)
+        counter = page.locator("#txt2img-token-counter .lw-tokens")
+        expect(counter).to_have_text("0/75")
+        prompt = page.locator("#txt2img-prompt textarea")
+        prompt.fill("a (cat:1.3), <lora:x:0.5> dog")
+        expect(counter).to_have_text("4/75")
+        prompt.fill("word " * 80)
+        expect(counter).to_have_text("80/150")
+        negative = page.locator("#txt2img-negative textarea")
+        negative.fill("a BREAK b")
+        expect(page.locator("#txt2img-negative-token-counter .lw-tokens")).to_have_text("76/150")
+
+        # a LoRA dropped in after the page loaded: opening the panel lists it
+        write_kohya_lora(loras / "late_arrival.safetensors", Arch.SD1, {})
+        page.locator("#txt2img-networks").get_by_text("Networks", exact=True).click()
+        late = page.locator("#txt2img-networks-grid .lw-card[data-lora='late_arrival']")
+        expect(late).to_be_visible()
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=f"{SHOTS}/txt2img-networks.png", full_page=True)
+
+        # a batch of 4: the grid comes first, twice the size of an image each way
+        prompt.fill("a fox")
+        for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
+            set_number(page, f"txt2img-{name}", value)
+        set_number(page, "txt2img-batch-size", "4")
+        page.locator("#txt2img-generate").click()
+        expect(page.locator("#txt2img-gallery img")).to_have_count(5)
+        first = page.locator("#txt2img-gallery img").first
+        expect(first).to_have_js_property("naturalWidth", 128)
+        expect(first).to_have_js_property("naturalHeight", 128)
+        grids = list((server_folder / "outputs" / "txt2img-grids").glob("*/00000-*.png"))
+        assert len(grids) == 1
+        if SHOTS:
+            page.screenshot(path=f"{SHOTS}/txt2img-grid.png", full_page=True)
+
+        # Esc while a long run is going: it stops, and the panel says so
+        set_number(page, "txt2img-batch-size", "1")
+        set_number(page, "txt2img-batch-count", "50")
+        set_number(page, "txt2img-steps", "150")
+        page.locator("#txt2img-generate").click()
+        page.wait_for_timeout(1500)
+        page.locator("body").press("Escape")
+        expect(page.locator("#txt2img-infotext")).to_contain_text("(interrupted)")
+        text = page.locator("#txt2img-infotext").inner_text()
+        assert re.search(r"(\d+) image\(s\)", text).group(1) != "50"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, write_lora_folder
+from tests.chromium import CHROMIUM, set_number
+from tests.test_browser import write_lora_folder
 from tests.test_server import ROOT, free_port, wait_for
 from webui.arch import Arch
 
@@ -77,12 +78,6 @@ def picker_value(page) -> str:
     return page.locator("#model-select input").input_value()
 
 
-def set_number(page, elem: str, value: str) -> None:
-    box = page.locator(f"#{elem} input[type='number']")
-    box.fill(value)
-    box.press("Enter")
-
-
 def choose(page, elem: str, label: str) -> None:
     page.locator(f"#{elem} input").click()
     # the list just opened is the last in the page (another dropdown's may still be closing)
@@ -96,144 +91,137 @@ def folders(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=60_000)  # generations on a shared 2-core machine
     tiny = tiny_checkpoint_factory(Arch.SD1)
     models = folders / "models"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    with running_app(folders) as url:
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        # the empty models folder: the demo model loads in the background
+        expect(page.locator("#model-status")).to_contain_text("Demo model")
+        page.reload()
+        expect(page.locator("#model-status")).to_contain_text("Demo model")
+        assert picker_value(page).startswith("demo-tiny-sd1")
+
+        # checkpoints dropped in models/, then Refresh: listed, nothing loaded, the
+        # picker still names the demo model, the Tools lists default to no new file
+        shutil.copy(tiny, models / "beta.safetensors")
+        shutil.copy(tiny, models / "alpha.safetensors")
+        page.locator("#model-refresh").click()
+        page.locator("#model-select input").click()
+        expect(page.get_by_role("option", name="alpha", exact=True)).to_be_visible()
+        page.keyboard.press("Escape")
+        assert picker_value(page).startswith("demo-tiny-sd1")
+        expect(page.locator("#model-status")).to_contain_text("Demo model")
+
+        # keyboard: Ctrl+Up on a selected tag; the word under the cursor is emphasised
+        prompt = page.locator("#txt2img-prompt textarea")
+        prompt.fill("a fox <lora:styles/ink_wash:0.8>")
+        prompt.evaluate("b => b.setSelectionRange(6, b.value.length)")
+        prompt.press("Control+ArrowUp")
+        expect(prompt).to_have_value("a fox <lora:styles/ink_wash:0.9>")
+        prompt.evaluate("b => b.setSelectionRange(3, 3)")
+        prompt.press("Control+ArrowDown")
+        expect(prompt).to_have_value("a (fox:0.9) <lora:styles/ink_wash:0.9>")
+        prompt.press("Control+ArrowUp")
+        expect(prompt).to_have_value("a fox <lora:styles/ink_wash:0.9>")
+
+        # per-page trigger words: this page adds all, a second page (server default
+        # Off) adds none; each page's images follow its own choice
+        for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
+            set_number(page, f"txt2img-{name}", value)
+        choose(page, "txt2img-trigger-words", "All words")
+        other = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        other.set_default_timeout(60_000)
+        other.goto(url)
+        expect(other.locator("#txt2img-trigger-words input")).to_have_value("Off")
+        other.locator("#txt2img-prompt textarea").fill("a fox <lora:styles/ink_wash:1>")
+        for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
+            set_number(other, f"txt2img-{name}", value)
+        prompt.press("Control+Enter")  # Ctrl+Enter generates
+        info = page.locator("#txt2img-infotext .lw-infotext")
+        expect(info).to_contain_text('Trigger words: "ink wash, monochrome"')
+        other.locator("#txt2img-generate").click()
+        other_info = other.locator("#txt2img-infotext .lw-infotext")
+        expect(other_info).to_contain_text("Size: 64x64")
+        assert "Trigger words" not in other_info.inner_text()
+        other.close()
+        # the image went to the outputs folder, A1111's naming, and the UI says where
+        saved = list((folders / "outputs" / "txt2img-images").glob("*/00000-*.png"))
+        assert len(saved) >= 1
+        expect(page.locator("#txt2img-infotext")).to_contain_text("txt2img-images")
+
+        # LoRA files deleted after the page loaded: a warning naming each, and the
+        # image is made with the LoRA that is still there
+        (folders / "loras" / "paper_cutout.safetensors").unlink()
+        prompt.fill("a fox <lora:paper_cutout:0.8> <lora:styles/ink_wash:0.5>")
+        page.locator("#txt2img-generate").click()
+        warnings = page.locator("#txt2img-warnings")
+        expect(warnings).to_contain_text("paper_cutout")
+        expect(info).to_contain_text("a fox")
+        expect(info).to_contain_text("ink_wash")
+        expect(page.locator("#txt2img-gallery img")).to_have_count(1)
+
+        # a wide image is shown whole; image 3 of a batch shows its own infotext
+        prompt.fill("a wide fox")
+        set_number(page, "txt2img-width", "1024")
+        set_number(page, "txt2img-height", "256")
+        set_number(page, "txt2img-seed", "100")
+        page.locator("#txt2img-generate").click()
+        expect(info).to_contain_text("Size: 1024x256")
+        thumb = page.locator("#txt2img-gallery img").first
+        fit = thumb.evaluate(
+            "img => ({fit: getComputedStyle(img).objectFit, w: img.clientWidth,"
+            " h: img.clientHeight, nw: img.naturalWidth, nh: img.naturalHeight})"
         )
-        try:
-            with running_app(folders) as url:
-                page = browser.new_page(viewport={"width": 1400, "height": 1100})
-                page.set_default_timeout(60_000)
-                page.goto(url)
-                # the empty models folder: the demo model loads in the background
-                expect(page.locator("#model-status")).to_contain_text("Demo model")
-                page.reload()
-                expect(page.locator("#model-status")).to_contain_text("Demo model")
-                assert picker_value(page).startswith("demo-tiny-sd1")
+        assert fit["nw"] / fit["nh"] == 4
+        box_ratio = fit["w"] / fit["h"]
+        assert fit["fit"] in ("contain", "scale-down") or abs(box_ratio - 4) < 0.1, fit
+        set_number(page, "txt2img-width", "64")
+        set_number(page, "txt2img-height", "64")
+        page.locator("#txt2img-batch-size input[type='number']").fill("3")
+        page.locator("#txt2img-batch-size input[type='number']").press("Enter")
+        page.locator("#txt2img-generate").click()
+        expect(info).to_contain_text("Seed: 100,")
+        # the batch's grid comes first (as A1111), then the three images
+        expect(page.locator("#txt2img-gallery img")).to_have_count(4)
+        page.locator("#txt2img-gallery img").nth(3).click()
+        expect(info).to_contain_text("Seed: 102,")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "txt2img.png"), full_page=True)
 
-                # checkpoints dropped in models/, then Refresh: listed, nothing loaded, the
-                # picker still names the demo model, the Tools lists default to no new file
-                shutil.copy(tiny, models / "beta.safetensors")
-                shutil.copy(tiny, models / "alpha.safetensors")
-                page.locator("#model-refresh").click()
-                page.locator("#model-select input").click()
-                expect(page.get_by_role("option", name="alpha", exact=True)).to_be_visible()
-                page.keyboard.press("Escape")
-                assert picker_value(page).startswith("demo-tiny-sd1")
-                expect(page.locator("#model-status")).to_contain_text("Demo model")
+        # server-wide settings, then a model switch in the picker
+        page.get_by_role("tab", name="Settings").click()
+        choose(page, "settings-trigger-words", "First word")
+        page.locator("#settings-apply").click()
+        expect(page.locator("#settings-status")).to_contain_text("saved to")
+        page.screenshot(path=str(SHOTS / "settings.png"), full_page=True)
+        page.get_by_role("tab", name="txt2img").click()
+        choose(page, "model-select", "beta")
+        expect(page.locator("#model-status")).to_contain_text("Loaded beta")
+        # a bake writes a new file that sorts first: it must not become the default
+        shutil.copy(tiny, models / "0-baked.safetensors")
+        page.close()  # an open page would hold the server's shutdown
 
-                # keyboard: Ctrl+Up on a selected tag; the word under the cursor is emphasised
-                prompt = page.locator("#txt2img-prompt textarea")
-                prompt.fill("a fox <lora:styles/ink_wash:0.8>")
-                prompt.evaluate("b => b.setSelectionRange(6, b.value.length)")
-                prompt.press("Control+ArrowUp")
-                expect(prompt).to_have_value("a fox <lora:styles/ink_wash:0.9>")
-                prompt.evaluate("b => b.setSelectionRange(3, 3)")
-                prompt.press("Control+ArrowDown")
-                expect(prompt).to_have_value("a (fox:0.9) <lora:styles/ink_wash:0.9>")
-                prompt.press("Control+ArrowUp")
-                expect(prompt).to_have_value("a fox <lora:styles/ink_wash:0.9>")
-
-                # per-page trigger words: this page adds all, a second page (server default
-                # Off) adds none; each page's images follow its own choice
-                for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
-                    set_number(page, f"txt2img-{name}", value)
-                choose(page, "txt2img-trigger-words", "All words")
-                other = browser.new_page(viewport={"width": 1400, "height": 1100})
-                other.set_default_timeout(60_000)
-                other.goto(url)
-                expect(other.locator("#txt2img-trigger-words input")).to_have_value("Off")
-                other.locator("#txt2img-prompt textarea").fill("a fox <lora:styles/ink_wash:1>")
-                for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
-                    set_number(other, f"txt2img-{name}", value)
-                prompt.press("Control+Enter")  # Ctrl+Enter generates
-                info = page.locator("#txt2img-infotext .lw-infotext")
-                expect(info).to_contain_text('Trigger words: "ink wash, monochrome"')
-                other.locator("#txt2img-generate").click()
-                other_info = other.locator("#txt2img-infotext .lw-infotext")
-                expect(other_info).to_contain_text("Size: 64x64")
-                assert "Trigger words" not in other_info.inner_text()
-                other.close()
-                # the image went to the outputs folder, A1111's naming, and the UI says where
-                saved = list((folders / "outputs" / "txt2img-images").glob("*/00000-*.png"))
-                assert len(saved) >= 1
-                expect(page.locator("#txt2img-infotext")).to_contain_text("txt2img-images")
-
-                # LoRA files deleted after the page loaded: a warning naming each, and the
-                # image is made with the LoRA that is still there
-                (folders / "loras" / "paper_cutout.safetensors").unlink()
-                prompt.fill("a fox <lora:paper_cutout:0.8> <lora:styles/ink_wash:0.5>")
-                page.locator("#txt2img-generate").click()
-                warnings = page.locator("#txt2img-warnings")
-                expect(warnings).to_contain_text("paper_cutout")
-                expect(info).to_contain_text("a fox")
-                expect(info).to_contain_text("ink_wash")
-                expect(page.locator("#txt2img-gallery img")).to_have_count(1)
-
-                # a wide image is shown whole; image 3 of a batch shows its own infotext
-                prompt.fill("a wide fox")
-                set_number(page, "txt2img-width", "1024")
-                set_number(page, "txt2img-height", "256")
-                set_number(page, "txt2img-seed", "100")
-                page.locator("#txt2img-generate").click()
-                expect(info).to_contain_text("Size: 1024x256")
-                thumb = page.locator("#txt2img-gallery img").first
-                fit = thumb.evaluate(
-                    "img => ({fit: getComputedStyle(img).objectFit, w: img.clientWidth,"
-                    " h: img.clientHeight, nw: img.naturalWidth, nh: img.naturalHeight})"
-                )
-                assert fit["nw"] / fit["nh"] == 4
-                box_ratio = fit["w"] / fit["h"]
-                assert fit["fit"] in ("contain", "scale-down") or abs(box_ratio - 4) < 0.1, fit
-                set_number(page, "txt2img-width", "64")
-                set_number(page, "txt2img-height", "64")
-                page.locator("#txt2img-batch-size input[type='number']").fill("3")
-                page.locator("#txt2img-batch-size input[type='number']").press("Enter")
-                page.locator("#txt2img-generate").click()
-                expect(info).to_contain_text("Seed: 100,")
-                # the batch's grid comes first (as A1111), then the three images
-                expect(page.locator("#txt2img-gallery img")).to_have_count(4)
-                page.locator("#txt2img-gallery img").nth(3).click()
-                expect(info).to_contain_text("Seed: 102,")
-                SHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SHOTS / "txt2img.png"), full_page=True)
-
-                # server-wide settings, then a model switch in the picker
-                page.get_by_role("tab", name="Settings").click()
-                choose(page, "settings-trigger-words", "First word")
-                page.locator("#settings-apply").click()
-                expect(page.locator("#settings-status")).to_contain_text("saved to")
-                page.screenshot(path=str(SHOTS / "settings.png"), full_page=True)
-                page.get_by_role("tab", name="txt2img").click()
-                choose(page, "model-select", "beta")
-                expect(page.locator("#model-status")).to_contain_text("Loaded beta")
-                # a bake writes a new file that sorts first: it must not become the default
-                shutil.copy(tiny, models / "0-baked.safetensors")
-                page.close()  # an open page would hold the server's shutdown
-
-            with running_app(folders) as url:  # restart: model and settings kept
-                page = browser.new_page(viewport={"width": 1400, "height": 1100})
-                page.set_default_timeout(60_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("Loaded beta")
-                assert picker_value(page) == "beta"
-                expect(page.locator("#txt2img-trigger-words input")).to_have_value("First word")
-                page.get_by_role("tab", name="Tools").click()
-                expect(page.locator("#extract-model input")).to_have_value("beta")
-                # a switch made elsewhere (the API) shows on reload
-                api(url, "options", {"sd_model_checkpoint": "alpha"})
-                page.reload()
-                expect(page.locator("#model-status")).to_contain_text("Loaded alpha")
-                assert picker_value(page) == "alpha"
-                settings = json.loads((folders / "config.json").read_text())
-                assert settings["sd_model_checkpoint"] == "alpha"
-                assert settings["auto_trigger_words"] == 1
-                page.close()
-        finally:
-            browser.close()
+    with running_app(folders) as url:  # restart: model and settings kept
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("Loaded beta")
+        assert picker_value(page) == "beta"
+        expect(page.locator("#txt2img-trigger-words input")).to_have_value("First word")
+        page.get_by_role("tab", name="Tools").click()
+        expect(page.locator("#extract-model input")).to_have_value("beta")
+        # a switch made elsewhere (the API) shows on reload
+        api(url, "options", {"sd_model_checkpoint": "alpha"})
+        page.reload()
+        expect(page.locator("#model-status")).to_contain_text("Loaded alpha")
+        assert picker_value(page) == "alpha"
+        settings = json.loads((folders / "config.json").read_text())
+        assert settings["sd_model_checkpoint"] == "alpha"
+        assert settings["auto_trigger_words"] == 1
+        page.close()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_ui_browser import choose, picker_value, running_app, set_number
+from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.test_ui_browser import choose, picker_value, running_app
 from webui.arch import Arch, FluxVariant
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -34,8 +34,10 @@ def slider_value(page, elem: str) -> str:
     return page.locator(f"#{elem} input[type='number']").input_value()
 
 
-def test_controls_follow_the_model_family(tmp_path: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_controls_follow_the_model_family(
+    tmp_path: Path, tiny_checkpoint_factory, chromium
+) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
     models = tmp_path / "models"
@@ -43,58 +45,54 @@ def test_controls_follow_the_model_family(tmp_path: Path, tiny_checkpoint_factor
     (tmp_path / "loras").mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
     write_flux_dev(models / "flux1-dev.safetensors")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            with running_app(tmp_path) as url:
-                page = browser.new_page(viewport={"width": 1400, "height": 1200})
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("a-sd1")
-                page.reload()  # the page that loads after the model: SD's controls
-                distilled = page.locator("#txt2img-distilled-cfg")
-                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
-                expect(distilled).to_be_hidden()
+    with (
+        running_app(tmp_path) as url,
+        browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context,
+    ):
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("a-sd1")
+        page.reload()  # the page that loads after the model: SD's controls
+        distilled = page.locator("#txt2img-distilled-cfg")
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
+        expect(distilled).to_be_hidden()
 
-                choose(page, "model-select", "flux1-dev")
-                expect(page.locator("#model-status")).to_contain_text("FLUX")
-                expect(distilled).to_be_visible()
-                expect(distilled.locator("input[type='number']")).to_have_value("3.5")
-                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
-                expect(page.locator("#txt2img-sampler input")).to_have_value("Euler")
-                expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
-                assert picker_value(page) == "flux1-dev"
-                expect(page.locator("#txt2img-clip-skip")).to_be_hidden()
-                expect(page.locator("#txt2img-lora-backend")).to_be_hidden()
-                expect(page.locator("#txt2img-hires")).to_be_hidden()  # FLUX refuses hires
+        choose(page, "model-select", "flux1-dev")
+        expect(page.locator("#model-status")).to_contain_text("FLUX")
+        expect(distilled).to_be_visible()
+        expect(distilled.locator("input[type='number']")).to_have_value("3.5")
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+        expect(page.locator("#txt2img-sampler input")).to_have_value("Euler")
+        expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
+        assert picker_value(page) == "flux1-dev"
+        expect(page.locator("#txt2img-clip-skip")).to_be_hidden()
+        expect(page.locator("#txt2img-lora-backend")).to_be_hidden()
+        expect(page.locator("#txt2img-hires")).to_be_hidden()  # FLUX refuses hires
 
-                page.locator("#txt2img-prompt textarea").fill("a fox")
-                for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):
-                    set_number(page, f"txt2img-{name}", value)
-                set_number(page, "txt2img-distilled-cfg", "4.5")
-                page.locator("#txt2img-generate").click()
-                infotext = page.locator("#txt2img-infotext .lw-infotext")
-                expect(infotext).to_contain_text("Distilled CFG Scale: 4.5")
-                expect(infotext).to_contain_text("Sampler: Euler,")
-                if SHOTS:
-                    Path(SHOTS).mkdir(parents=True, exist_ok=True)
-                    page.screenshot(path=f"{SHOTS}/txt2img-flux-dev.png", full_page=True)
+        page.locator("#txt2img-prompt textarea").fill("a fox")
+        for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):
+            set_number(page, f"txt2img-{name}", value)
+        set_number(page, "txt2img-distilled-cfg", "4.5")
+        page.locator("#txt2img-generate").click()
+        infotext = page.locator("#txt2img-infotext .lw-infotext")
+        expect(infotext).to_contain_text("Distilled CFG Scale: 4.5")
+        expect(infotext).to_contain_text("Sampler: Euler,")
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=f"{SHOTS}/txt2img-flux-dev.png", full_page=True)
 
-                # a CFG above 1 makes the negative prompt count: the mark goes
-                set_number(page, "txt2img-cfg", "2")
-                expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
+        # a CFG above 1 makes the negative prompt count: the mark goes
+        set_number(page, "txt2img-cfg", "2")
+        expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
 
-                choose(page, "model-select", "a-sd1")
-                expect(page.locator("#model-status")).to_contain_text("SD1")
-                expect(distilled).to_be_hidden()
-                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
-                expect(page.locator("#txt2img-sampler input")).to_have_value("Euler a")
-                expect(page.locator("#txt2img-clip-skip")).to_be_visible()
-                expect(page.locator("#txt2img-lora-backend")).to_be_visible()
-                expect(page.locator("#txt2img-hires")).to_be_visible()
-                if SHOTS:
-                    page.screenshot(path=f"{SHOTS}/txt2img-sd1.png", full_page=True)
-        finally:
-            browser.close()
+        choose(page, "model-select", "a-sd1")
+        expect(page.locator("#model-status")).to_contain_text("SD1")
+        expect(distilled).to_be_hidden()
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
+        expect(page.locator("#txt2img-sampler input")).to_have_value("Euler a")
+        expect(page.locator("#txt2img-clip-skip")).to_be_visible()
+        expect(page.locator("#txt2img-lora-backend")).to_be_visible()
+        expect(page.locator("#txt2img-hires")).to_be_visible()
+        if SHOTS:
+            page.screenshot(path=f"{SHOTS}/txt2img-sd1.png", full_page=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_ui_browser import running_app, set_number
+from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.test_ui_browser import running_app
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -23,67 +23,64 @@ SHOTS = os.environ.get("UI_GALLERY_SCREENSHOT_DIR")
 PROGRESS = ".progress-text"
 
 
-def test_one_progress_bar_and_gallery_buttons(tmp_path: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_one_progress_bar_and_gallery_buttons(
+    tmp_path: Path, tiny_checkpoint_factory, chromium
+) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # a shared 2-core machine
     (tmp_path / "models").mkdir()
     (tmp_path / "loras").mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"save_outputs": False}))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            with running_app(tmp_path) as url:
-                context = browser.new_context(viewport={"width": 1400, "height": 1200})
-                context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
-                page = context.new_page()
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("Loaded")
+    with (
+        running_app(tmp_path) as url,
+        browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context,
+    ):
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("Loaded")
 
-                # a slow run: count the bars while it goes
-                page.locator("#txt2img-prompt textarea").fill("a fox")
-                for name, value in (("steps", "40"), ("width", "256"), ("height", "256")):
-                    set_number(page, f"txt2img-{name}", value)
-                page.locator("#txt2img-generate").click()
-                expect(page.locator(PROGRESS).first).to_be_visible()
-                counts = []
-                for _ in range(5):
-                    page.wait_for_timeout(300)
-                    counts.append(page.locator(PROGRESS).count())
-                if SHOTS:
-                    Path(SHOTS).mkdir(parents=True, exist_ok=True)
-                    page.screenshot(path=f"{SHOTS}/txt2img-progress.png", full_page=True)
-                # one bar (three before the fix, in every sample); on a loaded machine one sample
-                # may catch the click's own overlay still fading out
-                assert counts.count(1) >= 4 and max(counts) < 3, counts
-                infotext = page.locator("#txt2img-infotext .lw-infotext")
-                expect(infotext).to_contain_text("Steps: 40")
-                assert not list((tmp_path / "outputs").rglob("*.png"))  # auto-save is off
+        # a slow run: count the bars while it goes
+        page.locator("#txt2img-prompt textarea").fill("a fox")
+        for name, value in (("steps", "40"), ("width", "256"), ("height", "256")):
+            set_number(page, f"txt2img-{name}", value)
+        page.locator("#txt2img-generate").click()
+        expect(page.locator(PROGRESS).first).to_be_visible()
+        counts = []
+        for _ in range(5):
+            page.wait_for_timeout(300)
+            counts.append(page.locator(PROGRESS).count())
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=f"{SHOTS}/txt2img-progress.png", full_page=True)
+        # one bar (three before the fix, in every sample); on a loaded machine one sample
+        # may catch the click's own overlay still fading out
+        assert counts.count(1) >= 4 and max(counts) < 3, counts
+        infotext = page.locator("#txt2img-infotext .lw-infotext")
+        expect(infotext).to_contain_text("Steps: 40")
+        assert not list((tmp_path / "outputs").rglob("*.png"))  # auto-save is off
 
-                page.locator("#txt2img-save").click()
-                note = page.locator("#txt2img-gallery-note")
-                expect(note).to_contain_text("Saved to")
-                saved = list((tmp_path / "outputs" / "txt2img-images").rglob("*.png"))
-                assert len(saved) == 1
-                assert str(saved[0]) in note.inner_text()
-                page.locator("#txt2img-save").click()
-                expect(note).to_contain_text("Already saved to")
+        page.locator("#txt2img-save").click()
+        note = page.locator("#txt2img-gallery-note")
+        expect(note).to_contain_text("Saved to")
+        saved = list((tmp_path / "outputs" / "txt2img-images").rglob("*.png"))
+        assert len(saved) == 1
+        assert str(saved[0]) in note.inner_text()
+        page.locator("#txt2img-save").click()
+        expect(note).to_contain_text("Already saved to")
 
-                page.locator("#txt2img-copy-parameters").click()
-                copied = page.evaluate("() => navigator.clipboard.readText()")
-                assert copied.startswith("a fox\nSteps: 40,")
-                assert copied == infotext.inner_text()
+        page.locator("#txt2img-copy-parameters").click()
+        copied = page.evaluate("() => navigator.clipboard.readText()")
+        assert copied.startswith("a fox\nSteps: 40,")
+        assert copied == infotext.inner_text()
 
-                page.locator("#txt2img-send-to-png-info").click()
-                raw = page.locator("#png-info-text textarea")
-                expect(raw).to_be_visible()
-                expect(raw).to_have_value(copied)
-                expect(page.locator("#png-info-image img")).to_be_visible()
-                if SHOTS:
-                    page.screenshot(path=f"{SHOTS}/png-info-sent.png", full_page=True)
-        finally:
-            browser.close()
+        page.locator("#txt2img-send-to-png-info").click()
+        raw = page.locator("#png-info-text textarea")
+        expect(raw).to_be_visible()
+        expect(raw).to_have_value(copied)
+        expect(page.locator("#png-info-image img")).to_be_visible()
+        if SHOTS:
+            page.screenshot(path=f"{SHOTS}/png-info-sent.png", full_page=True)

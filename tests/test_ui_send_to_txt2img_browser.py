@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_ui_browser import running_app, set_number
+from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.test_ui_browser import running_app
 from tests.test_ui_infotext_fields import A1111_TEXT
 from webui.arch import Arch
 
@@ -72,8 +72,10 @@ def choose(page, elem: str, label: str) -> None:
     page.get_by_role("option", name=label, exact=True).click()
 
 
-def test_send_to_txt2img_fills_every_field(tmp_path: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_send_to_txt2img_fills_every_field(
+    tmp_path: Path, tiny_checkpoint_factory, chromium
+) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # a shared 2-core machine
     (tmp_path / "models").mkdir()
@@ -81,120 +83,114 @@ def test_send_to_txt2img_fills_every_field(tmp_path: Path, tiny_checkpoint_facto
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
     settings = {"save_outputs": False, "live_preview_every": 1}
     (tmp_path / "config.json").write_text(json.dumps(settings))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    with (
+        running_app(tmp_path) as url,
+        browser_context(chromium, viewport={"width": 1400, "height": 1400}) as context,
+    ):
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("Loaded")
+
+        page.locator("#txt2img-prompt textarea").fill("a fox, (red:1.2)")
+        page.locator("#txt2img-negative textarea").fill("ugly")
+        for name, value in (
+            *(("steps", "40"), ("width", "256"), ("height", "264"), ("cfg", "5.5")),
+            *(("seed", "77"), ("clip-skip", "2")),
+        ):
+            set_number(page, f"txt2img-{name}", value)
+        choose(page, "txt2img-sampler", "DPM++ 2M Karras")
+        page.locator("#txt2img-extra input").check()
+        set_number(page, "txt2img-subseed", "99")
+        set_number(page, "txt2img-subseed-strength", "0.25")
+        page.locator("#txt2img-hires").get_by_text("Hires. fix").first.click()
+        page.locator("#txt2img-enable-hr input").check()
+        for name, value in (
+            *(("hr-scale", "1.5"), ("hr-steps", "2"), ("denoising-strength", "0.55")),
+            ("hr-cfg", "4.5"),
+        ):
+            set_number(page, f"txt2img-{name}", value)
+        choose(page, "txt2img-hr-upscaler", "Latent (bicubic)")
+        choose(page, "txt2img-hr-sampler", "DPM++ 2M")
+        page.locator("#txt2img-hr-prompt textarea").fill("a dog")
+        page.locator("#txt2img-hr-negative textarea").fill("blur")
+        made = read_controls(page)
+        assert made == {
+            "prompt": "a fox, (red:1.2)",
+            "negative": "ugly",
+            **{"steps": 40, "sampler": "DPM++ 2M Karras", "cfg": 5.5, "seed": 77},
+            **{"width": 256, "height": 264, "clip_skip": 2, "extra": True},
+            **{"subseed": 99, "subseed_strength": 0.25, "enable_hr": True},
+            **{"hr_upscaler": "Latent (bicubic)", "hr_scale": 1.5, "hr_steps": 2},
+            **{"denoising": 0.55, "hr_cfg": 4.5, "hr_sampler": "DPM++ 2M"},
+            **{"hr_prompt": "a dog", "hr_negative": "blur"},
+        }
+
+        page.locator("#txt2img-generate").click()
+        # the engine's live preview, shown while sampling, hidden with the result
+        expect(page.locator("#txt2img-preview img")).to_be_visible()
+        infotext = page.locator("#txt2img-infotext .lw-infotext")
+        expect(infotext).to_contain_text("Hires upscale: 1.5")
+        expect(page.locator("#txt2img-preview img")).to_be_hidden()
+
+        # every control changed, then sent back from the gallery
+        page.locator("#txt2img-prompt textarea").fill("something else")
+        page.locator("#txt2img-negative textarea").fill("")
+        for name in ("steps", "cfg", "seed", "clip-skip", "hr-steps", "hr-cfg"):
+            set_number(page, f"txt2img-{name}", "3")
+        choose(page, "txt2img-sampler", "Euler")
+        page.locator("#txt2img-enable-hr input").uncheck()
+        page.locator("#txt2img-extra input").uncheck()
+        page.locator("#txt2img-send-to-txt2img").click()
+        expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
+        expect(page.locator("#txt2img-enable-hr input")).to_be_checked()
+        expect(page.locator("#txt2img-subseed")).to_be_visible()
+        page.wait_for_timeout(500)  # the rest of the same update
+        assert read_controls(page) == made
+        warnings = page.locator("#txt2img-warnings")
+        assert "checkpoint" not in warnings.inner_text()  # found by its hash
+
+        # the same image through PNG Info, then its Send to txt2img
+        page.locator("#txt2img-prompt textarea").fill("something else")
+        set_number(page, "txt2img-seed", "3")
+        page.locator("#txt2img-send-to-png-info").click()
+        expect(page.locator("#png-info-text textarea")).to_have_value(re.compile("Seed: 77"))
+        page.locator("#png-info-send-to-txt2img").click()
+        expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
+        page.wait_for_timeout(500)
+        assert read_controls(page) == made
+
+        # A1111 1.10's infotext, pasted into the prompt box and read with ↙️
+        page.locator("#txt2img-prompt textarea").fill(A1111_TEXT)
+        page.locator("#txt2img-paste").click()
+        expect(page.locator("#txt2img-prompt textarea")).to_have_value(
+            "masterpiece, <lora:ink:0.8>"
         )
-        try:
-            with running_app(tmp_path) as url:
-                page = browser.new_page(viewport={"width": 1400, "height": 1400})
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("Loaded")
-
-                page.locator("#txt2img-prompt textarea").fill("a fox, (red:1.2)")
-                page.locator("#txt2img-negative textarea").fill("ugly")
-                for name, value in (
-                    *(("steps", "40"), ("width", "256"), ("height", "264"), ("cfg", "5.5")),
-                    *(("seed", "77"), ("clip-skip", "2")),
-                ):
-                    set_number(page, f"txt2img-{name}", value)
-                choose(page, "txt2img-sampler", "DPM++ 2M Karras")
-                page.locator("#txt2img-extra input").check()
-                set_number(page, "txt2img-subseed", "99")
-                set_number(page, "txt2img-subseed-strength", "0.25")
-                page.locator("#txt2img-hires").get_by_text("Hires. fix").first.click()
-                page.locator("#txt2img-enable-hr input").check()
-                for name, value in (
-                    *(("hr-scale", "1.5"), ("hr-steps", "2"), ("denoising-strength", "0.55")),
-                    ("hr-cfg", "4.5"),
-                ):
-                    set_number(page, f"txt2img-{name}", value)
-                choose(page, "txt2img-hr-upscaler", "Latent (bicubic)")
-                choose(page, "txt2img-hr-sampler", "DPM++ 2M")
-                page.locator("#txt2img-hr-prompt textarea").fill("a dog")
-                page.locator("#txt2img-hr-negative textarea").fill("blur")
-                made = read_controls(page)
-                assert made == {
-                    "prompt": "a fox, (red:1.2)",
-                    "negative": "ugly",
-                    **{"steps": 40, "sampler": "DPM++ 2M Karras", "cfg": 5.5, "seed": 77},
-                    **{"width": 256, "height": 264, "clip_skip": 2, "extra": True},
-                    **{"subseed": 99, "subseed_strength": 0.25, "enable_hr": True},
-                    **{"hr_upscaler": "Latent (bicubic)", "hr_scale": 1.5, "hr_steps": 2},
-                    **{"denoising": 0.55, "hr_cfg": 4.5, "hr_sampler": "DPM++ 2M"},
-                    **{"hr_prompt": "a dog", "hr_negative": "blur"},
-                }
-
-                page.locator("#txt2img-generate").click()
-                # the engine's live preview, shown while sampling, hidden with the result
-                expect(page.locator("#txt2img-preview img")).to_be_visible()
-                infotext = page.locator("#txt2img-infotext .lw-infotext")
-                expect(infotext).to_contain_text("Hires upscale: 1.5")
-                expect(page.locator("#txt2img-preview img")).to_be_hidden()
-
-                # every control changed, then sent back from the gallery
-                page.locator("#txt2img-prompt textarea").fill("something else")
-                page.locator("#txt2img-negative textarea").fill("")
-                for name in ("steps", "cfg", "seed", "clip-skip", "hr-steps", "hr-cfg"):
-                    set_number(page, f"txt2img-{name}", "3")
-                choose(page, "txt2img-sampler", "Euler")
-                page.locator("#txt2img-enable-hr input").uncheck()
-                page.locator("#txt2img-extra input").uncheck()
-                page.locator("#txt2img-send-to-txt2img").click()
-                expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
-                expect(page.locator("#txt2img-enable-hr input")).to_be_checked()
-                expect(page.locator("#txt2img-subseed")).to_be_visible()
-                page.wait_for_timeout(500)  # the rest of the same update
-                assert read_controls(page) == made
-                warnings = page.locator("#txt2img-warnings")
-                assert "checkpoint" not in warnings.inner_text()  # found by its hash
-
-                # the same image through PNG Info, then its Send to txt2img
-                page.locator("#txt2img-prompt textarea").fill("something else")
-                set_number(page, "txt2img-seed", "3")
-                page.locator("#txt2img-send-to-png-info").click()
-                expect(page.locator("#png-info-text textarea")).to_have_value(
-                    re.compile("Seed: 77")
-                )
-                page.locator("#png-info-send-to-txt2img").click()
-                expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
-                page.wait_for_timeout(500)
-                assert read_controls(page) == made
-
-                # A1111 1.10's infotext, pasted into the prompt box and read with ↙️
-                page.locator("#txt2img-prompt textarea").fill(A1111_TEXT)
-                page.locator("#txt2img-paste").click()
-                expect(page.locator("#txt2img-prompt textarea")).to_have_value(
-                    "masterpiece, <lora:ink:0.8>"
-                )
-                expect(warnings).to_contain_text("sd_xl_base_1.0")
-                page.wait_for_timeout(500)
-                got = read_controls(page)
-                assert got == {
-                    "prompt": "masterpiece, <lora:ink:0.8>",
-                    "negative": "blurry",
-                    "steps": 28,
-                    "sampler": "DPM++ 2M Karras",
-                    "cfg": 6.5,
-                    "seed": 1234,
-                    "width": 832,
-                    "height": 1216,
-                    "clip_skip": 2,
-                    "extra": False,  # no variation seed: A1111's strength 0
-                    "subseed": None,
-                    "subseed_strength": None,
-                    "enable_hr": True,
-                    "hr_upscaler": "Latent",
-                    "hr_scale": 1.5,
-                    "hr_steps": 10,
-                    "denoising": 0.4,
-                    "hr_cfg": 6.5,  # none written: the first pass's
-                    "hr_sampler": "Use same sampler",
-                    "hr_prompt": "",
-                    "hr_negative": "",
-                }
-                expect(warnings).to_contain_text("LoRA ink (hash 7ab3c2e1f0aa) is not in")
-                expect(page.locator("#model-select input").first).to_have_value("sd")
-        finally:
-            browser.close()
+        expect(warnings).to_contain_text("sd_xl_base_1.0")
+        page.wait_for_timeout(500)
+        got = read_controls(page)
+        assert got == {
+            "prompt": "masterpiece, <lora:ink:0.8>",
+            "negative": "blurry",
+            "steps": 28,
+            "sampler": "DPM++ 2M Karras",
+            "cfg": 6.5,
+            "seed": 1234,
+            "width": 832,
+            "height": 1216,
+            "clip_skip": 2,
+            "extra": False,  # no variation seed: A1111's strength 0
+            "subseed": None,
+            "subseed_strength": None,
+            "enable_hr": True,
+            "hr_upscaler": "Latent",
+            "hr_scale": 1.5,
+            "hr_steps": 10,
+            "denoising": 0.4,
+            "hr_cfg": 6.5,  # none written: the first pass's
+            "hr_sampler": "Use same sampler",
+            "hr_prompt": "",
+            "hr_negative": "",
+        }
+        expect(warnings).to_contain_text("LoRA ink (hash 7ab3c2e1f0aa) is not in")
+        expect(page.locator("#model-select input").first).to_have_value("sd")

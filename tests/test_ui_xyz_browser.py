@@ -9,45 +9,41 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_ui_browser import choose, running_app, set_number
+from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.test_ui_browser import choose, running_app
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 
 
-def test_generate_plot_fills_the_gallery(tmp_path: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_generate_plot_fills_the_gallery(tmp_path: Path, tiny_checkpoint_factory, chromium) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # a shared 2-core machine
     (tmp_path / "models").mkdir()
     (tmp_path / "loras").mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            with running_app(tmp_path) as url:
-                page = browser.new_page(viewport={"width": 1400, "height": 1400})
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("Loaded")
-                page.locator("#txt2img-prompt textarea").fill("a fox")
-                for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):
-                    set_number(page, f"txt2img-{name}", value)
-                page.get_by_text("X/Y/Z plot").first.click()
-                choose(page, "txt2img-xyz-x-type", "Seed")
-                expect(page.locator("#txt2img-xyz-x-lora")).to_be_hidden()
-                page.locator("#txt2img-xyz-x-values textarea").fill("1-3")
-                choose(page, "txt2img-xyz-y-type", "Steps")
-                page.locator("#txt2img-xyz-y-values textarea").fill("1, 2")
-                page.locator("#txt2img-xyz-run").click()
-                infotext = page.locator("#txt2img-infotext .lw-infotext")
-                expect(infotext).to_contain_text("X/Y/Z plot: ")
-                expect(infotext).to_contain_text("X: Seed = 1, 2, 3; Y: Steps = 1, 2")
-                thumbs = page.locator("#txt2img-gallery .thumbnail-item")
-                expect(thumbs).to_have_count(7)  # the grid, then six cells
-                assert len(list((tmp_path / "outputs" / "txt2img-grids").rglob("*.png"))) == 1
-        finally:
-            browser.close()
+    with (
+        running_app(tmp_path) as url,
+        browser_context(chromium, viewport={"width": 1400, "height": 1400}) as context,
+    ):
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("Loaded")
+        page.locator("#txt2img-prompt textarea").fill("a fox")
+        for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):
+            set_number(page, f"txt2img-{name}", value)
+        page.get_by_text("X/Y/Z plot").first.click()
+        choose(page, "txt2img-xyz-x-type", "Seed")
+        expect(page.locator("#txt2img-xyz-x-lora")).to_be_hidden()
+        page.locator("#txt2img-xyz-x-values textarea").fill("1-3")
+        choose(page, "txt2img-xyz-y-type", "Steps")
+        page.locator("#txt2img-xyz-y-values textarea").fill("1, 2")
+        page.locator("#txt2img-xyz-run").click()
+        infotext = page.locator("#txt2img-infotext .lw-infotext")
+        expect(infotext).to_contain_text("X/Y/Z plot: ")
+        expect(infotext).to_contain_text("X: Seed = 1, 2, 3; Y: Steps = 1, 2")
+        thumbs = page.locator("#txt2img-gallery .thumbnail-item")
+        expect(thumbs).to_have_count(7)  # the grid, then six cells
+        assert len(list((tmp_path / "outputs" / "txt2img-grids").rglob("*.png"))) == 1
