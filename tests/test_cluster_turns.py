@@ -64,3 +64,8 @@ def test_jobs_waiting_behind_a_running_one_run_by_set_and_none_waits_forever() -
     # a2 and a4 pass c1 (skipped twice), then c1 must run; c3 then joins c (held, and c3 was
     # passed twice too), then the a jobs that were left
     assert ran == ["a0", "a2", "a4", "c1", "c3", "a5", "a6"]
+
+
+def test_max_skips_zero_is_arrival_order() -> None:
+    waiting = [Waiting(0, lora("c")), Waiting(1, lora("a"))]
+    assert next_turn(waiting, lora("a"), MODULES, max_skips=0) == 0

@@ -28,15 +28,17 @@ FILES_TTL_S = 10.0  # how long a listing of loras/ is trusted
 
 
 class GenerationReplica:
-    """Runs jobs on its own engine, those of the set it holds first (`SetTurns`);
+    """Runs jobs on its own engine, those of the set it holds first (`SetTurns`) unless
+    `group_sets` is off;
     `record_routing_stats` tells the router the checkpoint and LoRA set it holds and which
     LoRA files its node has."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, group_sets: bool = True) -> None:
         self.settings = settings
         self.engine = Engine(settings)
         self.queue = JobQueue.for_engine(self.engine)
-        self.turns = SetTurns()
+        # without grouping (behind Ray Serve's default router) jobs run in arrival order
+        self.turns = SetTurns() if group_sets else SetTurns(max_skips=0)
         self.modules: dict[str, frozenset[str]] = {}
         self.tag = serve.get_replica_context().replica_id.unique_id
         self._files: tuple[float, frozenset[str]] = (0.0, frozenset())

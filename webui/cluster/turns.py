@@ -30,7 +30,8 @@ def next_turn(
     max_skips: int = MAX_SKIPS,
 ) -> int:
     """Index in `waiting` (oldest first) of the job to run next: the oldest job passed over
-    `max_skips` times, else the cheapest switch from `held`, the oldest among equals."""
+    `max_skips` times, else the cheapest switch from `held`, the oldest among equals
+    (`max_skips` 0: arrival order)."""
     if not waiting:
         raise ValueError("no job is waiting")
     for i, job in enumerate(waiting):
