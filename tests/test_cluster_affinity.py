@@ -51,6 +51,13 @@ def test_another_checkpoint_ranks_after_every_replica_with_the_right_one() -> No
     assert rank_replicas(views, held(A), MODULES) == [["same"], ["other"]]
 
 
+def test_a_replica_with_no_model_loaded_yet_ranks_by_its_module_cost() -> None:
+    # nothing loaded: it loads the checkpoint whatever happens; b on is 2 modules against
+    # a off + b on (4) at the replica holding a
+    views = [ReplicaView("fresh", LoraSet(), ALL_FILES), ReplicaView("holds-a", held(A), ALL_FILES)]
+    assert rank_replicas(views, held(B), MODULES) == [["fresh"], ["holds-a"]]
+
+
 def test_a_replica_without_a_named_file_is_never_chosen() -> None:
     views = [
         ReplicaView("lacks-a", held(A), ALL_FILES - {"a.safetensors"}),

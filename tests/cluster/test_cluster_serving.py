@@ -5,6 +5,7 @@ replica killed mid-job."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -55,6 +56,16 @@ def wait_running(cluster: Cluster, prompt: str, timeout: float = 60) -> dict:
             return running[0]
         time.sleep(0.1)
     raise AssertionError(f"{prompt!r} never started")
+
+
+def wait_in_flight(cluster: Cluster, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = requests.get(f"{cluster.url}/sdapi/v1/progress", timeout=10).json()
+        if progress["state"]["job_count"] >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never {count} jobs in flight")
 
 
 def test_images_equal_a_single_process_run(cluster: Cluster) -> None:
@@ -136,15 +147,33 @@ def test_progress_and_interrupt_reach_the_replica_of_a_ui_generation(cluster: Cl
 
 def test_options_report_the_model_the_replicas_run(cluster: Cluster) -> None:
     client = api(cluster)
-    assert client.get_options()["sd_model_checkpoint"].startswith("tiny ")
+    assert client.get_options()["sd_model_checkpoint"].startswith("tiny.safetensors ")
     client.set_options({"sd_model_checkpoint": "tiny2"})
     try:
-        assert client.get_options()["sd_model_checkpoint"].startswith("tiny2 ")
-        result = client.txt2img(prompt="which model", seed=2, steps=1, **SMALL)
-        assert "Model: tiny2," in result.info["infotexts"][0]
+        assert client.get_options()["sd_model_checkpoint"].startswith("tiny2.safetensors ")
+        # A holds one replica; the next job joins it (the model is loaded there now); with two
+        # jobs there the idle replica takes the other and loads the model itself
+        results: dict = {}
+
+        def run(name: str, steps: int) -> None:
+            results[name] = client.txt2img(prompt=f"model {name}", seed=3, steps=steps, **SMALL)
+
+        threads = [threading.Thread(target=run, args=("A", 150))]
+        threads[0].start()
+        wait_running(cluster, "model A")
+        threads.append(threading.Thread(target=run, args=("B", 2)))
+        threads[1].start()
+        wait_in_flight(cluster, 2)
+        run("C", 2)
+        for t in threads:
+            t.join(120)
+        for result in results.values():
+            assert re.search(r"Model: tiny2(,|$)", result.info["infotexts"][0], re.M)
+        ran_on = {done_by_prompt(cluster, f"model {n}")[0]["replica"] for n in "ABC"}
+        assert len(ran_on) == 2
     finally:
         client.set_options({"sd_model_checkpoint": "tiny"})
-    assert client.get_options()["sd_model_checkpoint"].startswith("tiny ")
+    assert client.get_options()["sd_model_checkpoint"].startswith("tiny.safetensors ")
 
 
 def test_a_killed_replicas_job_is_finished_by_the_other(cluster: Cluster) -> None:

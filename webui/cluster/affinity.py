@@ -54,8 +54,9 @@ def switch_key(
     held: LoraSet, wanted: LoraSet, modules: Mapping[str, frozenset[str]]
 ) -> tuple[bool, int]:
     """What a switch from `held` to `wanted` costs, cheapest first: another checkpoint to
-    load (`wanted.checkpoint` None: any will do), then the modules to rewrite."""
-    other_model = wanted.checkpoint is not None and held.checkpoint != wanted.checkpoint
+    load in place of a loaded one (`wanted.checkpoint` None: any will do; a replica with none
+    loaded yet must load one to serve at all), then the modules to rewrite."""
+    other_model = held.checkpoint not in (None, wanted.checkpoint) and wanted.checkpoint is not None
     return other_model, switch_cost(held, wanted, modules)
 
 
