@@ -74,6 +74,8 @@ class LoraAwareRouter(RequestRouter):
         ]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranks = rank_replicas(views, job.wanted, self._modules)
+        if len(ranks[0]) == 1:  # requests routed at once must see each other's choice
+            self._record(pending_request, ranks[0][0], job)
         return [[by_id[replica] for replica in rank] for rank in ranks]
 
     def on_request_routed(
@@ -81,12 +83,19 @@ class LoraAwareRouter(RequestRouter):
     ) -> None:
         job = _job_of(pending_request)
         if job is not None:
-            after = _after(job.wanted, self._routed, replica_id)
-            self._routed[replica_id.unique_id] = after
-            request_id = pending_request.metadata.internal_request_id
-            self._pending.setdefault(replica_id.unique_id, {})[request_id] = after
-            self._sends += 1
-            self._last_sent[replica_id.unique_id] = self._sends
+            self._record(pending_request, replica_id.unique_id, job)
+
+    def _record(self, pending_request: PendingRequest, replica: str, job: ClusterJob) -> None:
+        """`job` goes to `replica` (chosen, then confirmed once routed: a move if Ray Serve
+        took another replica of the rank)."""
+        request_id = pending_request.metadata.internal_request_id
+        for jobs in self._pending.values():
+            jobs.pop(request_id, None)
+        after = _after(job.wanted, self._routed, replica)
+        self._routed[replica] = after
+        self._pending.setdefault(replica, {})[request_id] = after
+        self._sends += 1
+        self._last_sent[replica] = self._sends
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._pending_at(replica_id).pop(internal_request_id, None)
@@ -100,11 +109,11 @@ class LoraAwareRouter(RequestRouter):
         return self._pending.get(replica_id.unique_id, {})
 
 
-def _after(wanted: LoraSet, routed: dict[str, LoraSet], replica_id: ReplicaID) -> LoraSet:
+def _after(wanted: LoraSet, routed: dict[str, LoraSet], replica: str) -> LoraSet:
     """A job with no checkpoint named keeps the replica's."""
     if wanted.checkpoint is not None:
         return wanted
-    before = routed.get(replica_id.unique_id)
+    before = routed.get(replica)
     return LoraSet(before.checkpoint if before else None, wanted.entries)
 
 
