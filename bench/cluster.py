@@ -28,9 +28,15 @@ from ray import serve
 from webui.arch import Arch, Prediction
 from webui.cluster.board import board
 from webui.cluster.deployment import APP_NAME, ReplicaPlan, RouterChoice
-from webui.cluster.front import ClusterOptions, cluster_front, connect, start_replicas
+from webui.cluster.front import (
+    ClusterOptions,
+    FrontEngine,
+    cluster_front,
+    connect,
+    start_replicas,
+)
 from webui.engine.checkpoints import ModelKind, save_single_file
-from webui.engine.generate import Engine, GenerationRequest
+from webui.engine.generate import GenerationRequest
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.settings import DeviceChoice, Settings
 
@@ -76,7 +82,7 @@ def prepare(root: Path) -> Settings:
 def run(settings: Settings, router: RouterChoice, sets: list[int], steps: int) -> dict:
     plan = ReplicaPlan(replicas=2, router=router)
     handle = start_replicas(settings, ClusterOptions(plan=plan))
-    queue = cluster_front(Engine(settings), handle)
+    queue = cluster_front(FrontEngine(settings), handle)
     jobs = board()
     warm = [queue.generate(GenerationRequest("warm", steps=1, width=64, height=64, seed=0))]
     del warm

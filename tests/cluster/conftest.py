@@ -55,6 +55,7 @@ def cluster(tiny_checkpoint_factory, tmp_path_factory) -> Iterator[Cluster]:
     for name in ("models", "loras", "out", "cache"):
         (root / name).mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), root / "models" / "tiny.safetensors")
+    shutil.copy(root / "models" / "tiny.safetensors", root / "models" / "tiny2.safetensors")
     write_loras(root / "loras")
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

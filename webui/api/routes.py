@@ -174,10 +174,10 @@ class A1111Api:
         return found
 
     def current_title(self) -> CheckpointTitle:
-        """The loaded checkpoint, else the first one (what the first generation will load)."""
+        """The loaded checkpoint, else the one the first generation will load."""
         titles = checkpoint_titles(self.engine)
         loaded = self.engine.model
-        name = loaded.name if loaded is not None else None
+        name = loaded.name if loaded is not None else self.engine.default_model()
         return next((t for t in titles if t.engine_name == name), titles[0])
 
     def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:

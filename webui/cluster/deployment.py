@@ -19,8 +19,8 @@ LORA_ROUTER = "webui.cluster.router:LoraAwareRouter"
 
 
 class RouterChoice(StrEnum):
-    LORA = "lora"  # what each replica holds decides, then load
-    DEFAULT = "default"  # Ray Serve's own (power of two choices on queue length)
+    LORA = "lora"  # what each replica holds decides, then load; replicas group jobs by set
+    DEFAULT = "default"  # Ray Serve's own (power of two choices on queue length), arrival order
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def replica_app(settings: Settings, plan: ReplicaPlan) -> serve.Application:
         health_check_period_s=2,
         health_check_timeout_s=30,
     )
-    return deployment.bind(settings)
+    return deployment.bind(settings, group_sets=plan.router is RouterChoice.LORA)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -24,6 +24,7 @@ from webui.cluster.board import NAMESPACE, board
 from webui.cluster.deployment import APP_NAME, ReplicaPlan, replica_app
 from webui.cluster.job import ClusterJob, wanted_set
 from webui.cluster.replica import DEPLOYMENT_NAME
+from webui.engine.checkpoints import CheckpointError
 from webui.engine.generate import (
     Engine,
     GenerationRequest,
@@ -45,14 +46,26 @@ class ReplicaLostError(RuntimeError):
     """A job's replica died twice (its process or node went away); nothing was made."""
 
 
+class FrontEngine(Engine):
+    """The front's engine: lists checkpoints and LoRAs and never loads a model; the model it
+    names (`default_model`, what /options and the UI's picker show) is the one every job is
+    sent with, so each replica runs the model the front reports."""
+
+    chosen: str | None = None  # set through /options or the UI's model picker
+
+    def default_model(self) -> str:
+        return self.chosen if self.chosen in self.model_choices() else super().default_model()
+
+
 class ClusterJobQueue(JobQueue):
     """`JobQueue` over the replicas: jobs run side by side, one per replica at a time."""
 
-    def __init__(self, engine: Engine, handle: Any, jobs: Any) -> None:
+    engine: FrontEngine
+
+    def __init__(self, engine: FrontEngine, handle: Any, jobs: Any) -> None:
         super().__init__(engine)
         self.handle = handle
         self.jobs = jobs
-        self.model: str | None = None  # set through /options or the UI's model picker
         self._count = threading.Lock()
         self._in_flight = 0
 
@@ -64,7 +77,7 @@ class ClusterJobQueue(JobQueue):
         name: str = "txt2img",
     ) -> GenerationResult:
         request.validate()
-        model = model or self.model
+        model = model or self.engine.default_model()
         wanted, modules = wanted_set(self.engine, request, model)
         job = ClusterJob(uuid.uuid4().hex, name, request, model, wanted, modules)
         with self._count:
@@ -102,7 +115,11 @@ class ClusterJobQueue(JobQueue):
 
     def load(self, model: str) -> Any:
         """Replicas load checkpoints as jobs name them: remember it for the next jobs."""
-        self.model = model
+        if model not in self.engine.model_choices():
+            raise CheckpointError(
+                f"no checkpoint named {model!r} in {self.engine.settings.models_dir}"
+            )
+        self.engine.chosen = model
         return None
 
     def interrupt(self) -> None:
@@ -163,7 +180,7 @@ def start_replicas(settings: Settings, options: ClusterOptions) -> Any:
     return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
 
 
-def cluster_front(engine: Engine, handle: Any) -> ClusterJobQueue:
+def cluster_front(engine: FrontEngine, handle: Any) -> ClusterJobQueue:
     """Make the engine's queue the cluster's (the UI and API ask `JobQueue.for_engine`)."""
     queue = ClusterJobQueue(engine, handle, board(create=True))
     JobQueue.install(engine, queue)
@@ -196,7 +213,7 @@ def serve_cluster(settings: Settings, options: ClusterOptions, access: Any, verb
 
     connect(options)
     handle = start_replicas(settings, options)
-    engine = Engine(settings)  # lists checkpoints and LoRAs; never loads a model
+    engine = FrontEngine(settings)
     queue = cluster_front(engine, handle)
     app = build_app(engine, access)
     add_cluster_routes(app, queue)

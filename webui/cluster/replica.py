@@ -16,6 +16,7 @@ from ray import serve
 from webui.cluster.affinity import LoraSet, switch_cost
 from webui.cluster.board import JobRecord, board
 from webui.cluster.job import ClusterJob, lora_key
+from webui.cluster.turns import SetTurns
 from webui.engine.generate import Engine, GenerationResult, Progress, Stage
 from webui.engine.jobs import JobQueue
 from webui.settings import Settings
@@ -27,14 +28,17 @@ FILES_TTL_S = 10.0  # how long a listing of loras/ is trusted
 
 
 class GenerationReplica:
-    """Runs jobs in arrival order on its own engine; `record_routing_stats` tells the router
-    the checkpoint and LoRA set it holds and which LoRA files its node has."""
+    """Runs jobs on its own engine, those of the set it holds first (`SetTurns`) unless
+    `group_sets` is off;
+    `record_routing_stats` tells the router the checkpoint and LoRA set it holds and which
+    LoRA files its node has."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, group_sets: bool = True) -> None:
         self.settings = settings
         self.engine = Engine(settings)
         self.queue = JobQueue.for_engine(self.engine)
-        self.held = LoraSet()
+        # without grouping (behind Ray Serve's default router) jobs run in arrival order
+        self.turns = SetTurns() if group_sets else SetTurns(max_skips=0)
         self.modules: dict[str, frozenset[str]] = {}
         self.tag = serve.get_replica_context().replica_id.unique_id
         self._files: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -42,7 +46,15 @@ class GenerationReplica:
     async def generate(self, job: ClusterJob) -> GenerationResult:
         return await asyncio.to_thread(self._run, job)
 
+    @property
+    def held(self) -> LoraSet:
+        return self.turns.held
+
     def _run(self, job: ClusterJob) -> GenerationResult:
+        with self.turns.turn(job.wanted, job.modules):
+            return self._run_now(job)
+
+    def _run_now(self, job: ClusterJob) -> GenerationResult:
         jobs = board()
         written = switch_cost(self.held, job.wanted, {**self.modules, **job.modules})
         switched = self.held.entries != job.wanted.entries
@@ -65,7 +77,7 @@ class GenerationReplica:
             if jobs is not None:
                 jobs.finish.remote(job.job_id, written, switched)
         loaded = self.engine.model
-        self.held = LoraSet(loaded.name if loaded else None, job.wanted.entries)
+        self.turns.held = LoraSet(loaded.name if loaded else None, job.wanted.entries)
         self.modules = {path: job.modules[path] for path in job.wanted.files if path in job.modules}
         return result
 
