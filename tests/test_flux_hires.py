@@ -6,6 +6,7 @@ count against diffusers' own `get_timesteps`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -170,11 +171,19 @@ def test_second_pass_is_diffusers_flux_img2img_on_the_upscaled_first_pass(
 def test_progress_counts_both_passes_and_interrupt_stops(engine) -> None:
     seen: list[Progress] = []
     fix = HiresFix(steps=3)
-    _run(engine, SCHNELL, seen.append, hires=fix, batch_count=2)
+    eng, _ = engine
+    settings = eng.settings
+    eng.settings = replace(settings, live_preview_every=1)
+    try:
+        _run(engine, SCHNELL, seen.append, hires=fix, batch_count=2)
+    finally:
+        eng.settings = settings
     steps = [(p.step, p.total) for p in seen if p.stage is Stage.DENOISE]
     assert steps == [(n, 10) for n in range(1, 11)]  # 2 first-pass + 3 hires steps, twice
+    # each pass's live preview unpacks its own latents: 1/8 of the first, then the hires size
+    sizes = [p.preview.size for p in seen if p.preview is not None]
+    assert sizes == ([(8, 10)] * 2 + [(16, 20)] * 3) * 2
 
-    eng, _ = engine
     stopped: list[int] = []
 
     def stop_in_the_hires_pass(progress: Progress) -> None:
