@@ -55,12 +55,12 @@ def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_fact
                 choose(page, "model-select", "flux1-dev")
                 expect(page.locator("#model-status")).to_contain_text("FLUX")
 
-                # FLUX's controls: distilled CFG, CFG 1 with the negative prompt unused, trigger
-                # words (FLUX LoRAs apply) without the backend choice (native only)
+                # FLUX's controls: distilled CFG, CFG 1 with the negative prompt unused, the
+                # backend choice (native or the diffusers fallback) and trigger words
                 expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
                 expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
                 expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
-                expect(page.locator("#txt2img-lora-backend")).to_be_hidden()
+                expect(page.locator("#txt2img-lora-backend")).to_be_visible()
                 expect(page.locator("#txt2img-trigger-words")).to_be_visible()
 
                 prompt = page.locator("#txt2img-prompt textarea")

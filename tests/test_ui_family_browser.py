@@ -67,8 +67,8 @@ def test_controls_follow_the_model_family(
         expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
         assert picker_value(page) == "flux1-dev"
         expect(page.locator("#txt2img-clip-skip")).to_be_hidden()
-        expect(page.locator("#txt2img-lora-backend")).to_be_hidden()
-        expect(page.locator("#txt2img-hires")).to_be_hidden()  # FLUX refuses hires
+        expect(page.locator("#txt2img-lora-backend")).to_be_visible()  # the fallback runs FLUX
+        expect(page.locator("#txt2img-hires")).to_be_visible()  # FLUX runs hires too
 
         page.locator("#txt2img-prompt textarea").fill("a fox")
         for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):

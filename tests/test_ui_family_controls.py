@@ -54,7 +54,7 @@ def test_a_new_page_shows_the_family_defaults(
     # FLUX.1 has no clip skip (hidden); its LoRAs have both backends, so their row shows
     assert u["clip_skip"]["visible"] is (kind is SD1)
     assert u["lora_row"]["visible"] is True
-    assert u["hires"]["visible"] is (kind is SD1)  # the FLUX recipe refuses hires fix
+    assert u["hires"]["visible"] is True  # every family runs the hires fix
     assert u["trigger_row"]["visible"] is True  # FLUX.1 LoRAs apply: their trigger words too
     assert u["shown"] == controls_for(kind)
 

@@ -2,7 +2,8 @@
 [dev] shifts dynamically with `mu` from the image's token count, computed by the pipeline), the
 distilled guidance input ([dev] only), true CFG with the negative prompt only when `cfg_scale` > 1
 (Forge's rule; 1 = off), sizes in multiples of 16; LoRAs through the native patcher (every
-FLUX.1 format, `te1` = CLIP-L, `te2` = T5), no embeddings yet."""
+FLUX.1 format, `te1` = CLIP-L, `te2` = T5), no embeddings yet; hires fix through
+FluxImg2ImgPipeline on the unpacked latents."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from webui.arch import FluxVariant
 from webui.engine.flux_encoding import encode_flux_prompts
+from webui.engine.hires import StrengthRounding
 from webui.engine.recipe import GenerationDefaults
 from webui.engine.request import GenerationRequest, RequestError
 from webui.engine.samplers import FLOW_MATCH_EULER
@@ -50,7 +53,24 @@ class FluxRecipe:
 
     @property
     def runs_hires(self) -> bool:
-        return False  # not yet: the img2img pass is written for SD's latents
+        return True  # FluxImg2ImgPipeline, on the unpacked latents
+
+    @property
+    def size_multiple(self) -> int:
+        return SIZE_MULTIPLE
+
+    @property
+    def img2img_rounding(self) -> StrengthRounding:
+        return StrengthRounding.START_FLOORED  # FluxImg2ImgPipeline.get_timesteps
+
+    def unpack_latents(
+        self, pipe: Any, latents: torch.Tensor, width: int, height: int
+    ) -> torch.Tensor:
+        # FluxPipeline returns 2x2 patches as tokens; FluxImg2ImgPipeline takes 16-channel maps
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def img2img_size(self, width: int, height: int) -> dict[str, int]:
+        return {"width": width, "height": height}  # else FluxImg2ImgPipeline renders 1024x1024
 
     def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:
         # FluxPipeline.prepare_latents: 16 channels at 1/8 size, rounded to the 2x2 patches

@@ -51,7 +51,6 @@ from webui.engine.recipes import recipe_for
 from webui.engine.request import MAX_SEED as MAX_SEED
 from webui.engine.request import GenerationRequest as GenerationRequest
 from webui.engine.request import RequestError as RequestError
-from webui.engine.samplers import get_sampler
 from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.engine.variation_noise import variation_noise
@@ -185,7 +184,8 @@ class _SecondPass:
     prompt: ParsedPrompt
     negative: ParsedPrompt | None
     networks: tuple[NetworkTag, ...] | None
-    settings: GenerationRequest  # sampler, CFG and step count of the hires pass
+    settings: GenerationRequest  # sampler, CFG, step count and size of the hires pass
+    first_size: tuple[int, int]  # (width, height) of the first pass
 
 
 def _batch_seeds(request: GenerationRequest, first: int) -> list[int]:
@@ -198,9 +198,12 @@ def _batch_seeds(request: GenerationRequest, first: int) -> list[int]:
 
 @torch.no_grad()
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """SD latents decoded by the pipeline's VAE into images."""
+    """(batch, channels, h, w) latents decoded by the pipeline's VAE into images (FLUX's VAE
+    also shifts them back)."""
     vae = pipe.vae
-    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    pixels = vae.decode(scaled, return_dict=False)[0]
     return list(pipe.image_processor.postprocess(pixels, output_type="pil"))
 
 
@@ -412,6 +415,9 @@ class Engine:
         pipe = model.pipe
         pipe.scheduler = recipe.scheduler(pipe.scheduler.config, request)
         second = self._second_pass(model, request, prompt, warnings)
+        if second is not None and second.settings.hires.sampler:  # the infotext's, as it ran
+            hires = replace(second.settings.hires, sampler=second.settings.sampler)
+            request = replace(request, hires=hires)
         images: list[GeneratedImage] = []
         interrupted = False
         pass_steps = request.steps + (second.schedule.steps if second else 0)
@@ -443,6 +449,8 @@ class Engine:
                 output_type="latent" if second else "pil",
             )
             batch_images = output.images
+            if second is not None:
+                batch_images = recipe.unpack_latents(pipe, batch_images, *second.first_size)
             if second is not None and not self._interrupt.is_set():
                 span = _Span(done + request.steps, second.schedule.steps, total_steps)
                 batch_images = self._run_second_pass(
@@ -592,9 +600,9 @@ class Engine:
         every = self.settings.live_preview_every
         if latents is None or every <= 0 or done % every:
             return None
-        if latents.ndim == 3:  # FLUX.1 packs 2x2 patches into tokens
-            factor = model.pipe.vae_scale_factor
-            latents = model.pipe._unpack_latents(latents, request.height, request.width, factor)
+        latents = recipe_for(model.kind).unpack_latents(
+            model.pipe, latents, request.width, request.height
+        )
         return approximate(latents[0], model.kind.arch)
 
     def _initial_noise(
@@ -626,9 +634,9 @@ class Engine:
         if hires is None:
             return None
         pipe = self._img2img_pipe(model)
-        sampler = get_sampler(hires.sampler).name if hires.sampler else request.sampler
+        recipe = recipe_for(model.kind)
         steps = hires.steps or request.steps
-        schedule = second_pass_schedule(steps, hires.denoising_strength)
+        schedule = second_pass_schedule(steps, hires.denoising_strength, recipe.img2img_rounding)
         hr_prompt = parse_prompt(hires.prompt) if hires.prompt else prompt
         hr_negative = parse_prompt(hires.negative_prompt) if hires.negative_prompt else None
         if hr_prompt is not prompt:
@@ -637,8 +645,21 @@ class Engine:
             warnings.extend(hr_negative.errors)
         networks = hr_prompt.tags if hr_prompt.tags != prompt.tags else None
         cfg = request.cfg_scale if hires.cfg_scale is None else hires.cfg_scale
-        settings = replace(request, sampler=sampler, cfg_scale=cfg, steps=schedule.steps)
-        return _SecondPass(pipe, schedule, hr_prompt, hr_negative, networks, settings)
+        negative = hr_negative.text if hr_negative is not None else request.negative_prompt
+        asked = replace(
+            request,
+            sampler=hires.sampler or request.sampler,
+            cfg_scale=cfg,
+            steps=schedule.steps,
+            negative_prompt=negative,
+        )
+        notes: list[str] = []
+        settings = recipe.resolve(asked, notes)  # the family's own sampler and CFG rules
+        warnings.extend(f"hires fix: {note}" for note in notes if note not in warnings)
+        width, height = hires.size(request.width, request.height, recipe.size_multiple).target
+        settings = replace(settings, width=width, height=height)
+        first_size = (request.width, request.height)
+        return _SecondPass(pipe, schedule, hr_prompt, hr_negative, networks, settings, first_size)
 
     def _img2img_pipe(self, model: LoadedModel) -> Any:
         """An img2img pipeline over the loaded model's own components (no weights loaded)."""
@@ -691,7 +712,7 @@ class Engine:
         hr_texts = replace(second.settings, prompt=prompt_text, negative_prompt=negative)
         recipe = recipe_for(model.kind)
         upscaler = get_upscaler(hires.upscaler)
-        size = hires.size(texts.width, texts.height)
+        size = hires.size(texts.width, texts.height, recipe.size_multiple)
         if upscaler.in_latent_space:
             image: Any = hires_upscale.upscale_latents(latents, upscaler, size)
         else:
@@ -707,6 +728,7 @@ class Engine:
         output = pipe(
             **self._prompt_embeddings(model, hr_texts),
             **recipe.guidance(hr_texts),
+            **recipe.img2img_size(*size.target),
             image=image,
             strength=second.schedule.strength,
             num_inference_steps=second.schedule.num_inference_steps,

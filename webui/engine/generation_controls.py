@@ -26,7 +26,7 @@ class GenerationControls:
     negative_needs_cfg: bool  # the negative prompt counts only with CFG above 1 (true CFG)
     clip_skip: bool  # the prompt goes through CLIP's layers only (SD), so a skip means something
     loras: bool  # LoRAs are applied (their backend and trigger words mean something)
-    hires: bool  # A1111's hires fix runs (the recipe's `runs_hires`; FLUX refuses it)
+    hires: bool  # A1111's hires fix runs (the recipe's `runs_hires`)
     trigger_words: bool  # LoRAs apply, so adding their trigger words to the prompt means something
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 import torch
@@ -85,24 +86,25 @@ class HiresFix:
     sampler: str = ""
     cfg_scale: float | None = None
 
-    def size(self, width: int, height: int) -> HiresSize:
-        """A1111's target resolution (`calculate_target_resolution`), floored to whole latent
-        cells: the first pass (`width` x `height`) scaled, or resized to the given side(s)."""
+    def size(self, width: int, height: int, multiple: int = LATENT_FACTOR) -> HiresSize:
+        """A1111's target resolution (`calculate_target_resolution`), each side floored to a
+        `multiple` (the family's size step: whole latent cells, or FLUX's 2x2 patches): the
+        first pass (`width` x `height`) scaled, or resized to the given side(s)."""
         if not self.resize_x and not self.resize_y:
             up = (int(width * self.scale), int(height * self.scale))
-            return HiresSize(_cells(up), _cells(up))
+            return HiresSize(_floored(up, multiple), _floored(up, multiple))
         if not self.resize_y:
             up = (self.resize_x, self.resize_x * height // width)
-            return HiresSize(_cells(up), _cells(up))
+            return HiresSize(_floored(up, multiple), _floored(up, multiple))
         if not self.resize_x:
             up = (self.resize_y * width // height, self.resize_y)
-            return HiresSize(_cells(up), _cells(up))
+            return HiresSize(_floored(up, multiple), _floored(up, multiple))
         # both sides: cover the box keeping the aspect ratio, then crop its centre
         if width / height < self.resize_x / self.resize_y:
             up = (self.resize_x, self.resize_x * height // width)
         else:
             up = (self.resize_y * width // height, self.resize_y)
-        return HiresSize(_cells(up), _cells((self.resize_x, self.resize_y)))
+        return HiresSize(_floored(up, multiple), _floored((self.resize_x, self.resize_y), multiple))
 
     def validate(self, width: int, height: int, limits: RequestLimits = LIMITS) -> None:
         """Raise RequestError naming the first hires field that is out of range."""
@@ -160,9 +162,9 @@ class HiresFix:
             )
 
 
-def _cells(size: tuple[int, int]) -> tuple[int, int]:
-    """A size floored to whole latent cells (the VAE works in 8-pixel cells)."""
-    return tuple(max(side // LATENT_FACTOR, 1) * LATENT_FACTOR for side in size)  # type: ignore[return-value]
+def _floored(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """A size floored to a multiple of `multiple` (at least one)."""
+    return tuple(max(side // multiple, 1) * multiple for side in size)  # type: ignore[return-value]
 
 
 def _crop_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -190,6 +192,13 @@ def upscale_image(image: Image.Image, upscaler: Upscaler, size: HiresSize) -> Im
     return resized.crop(_crop_box(size.upscaled, size.target))
 
 
+class StrengthRounding(Enum):
+    """How an img2img pipeline turns `strength` of a `total`-step schedule into steps run."""
+
+    STEPS_FLOORED = "steps"  # diffusers' SD img2img: the last int(total * strength) steps
+    START_FLOORED = "start"  # flow-matching img2img (FLUX.1): from step int(total - total * s)
+
+
 @dataclass(frozen=True)
 class SecondPassSchedule:
     """diffusers' img2img arguments that run exactly `steps` steps at the denoising strength."""
@@ -199,12 +208,17 @@ class SecondPassSchedule:
     steps: int
 
 
-def second_pass_schedule(steps: int, denoising_strength: float) -> SecondPassSchedule:
+def second_pass_schedule(
+    steps: int,
+    denoising_strength: float,
+    rounding: StrengthRounding = StrengthRounding.STEPS_FLOORED,
+) -> SecondPassSchedule:
     """A1111 runs the hires pass for exactly `steps` steps, taken from a schedule of
-    `steps / strength` (its `setup_img2img_steps` when steps are given); diffusers runs
-    `int(num_inference_steps * strength)` of them, so the strength passed makes that `steps`."""
+    `steps / strength` (its `setup_img2img_steps` when steps are given); the strength passed
+    is half a step off `steps / total`, on the side the pipeline's rounding makes `steps`."""
     total = max(math.floor(steps / min(denoising_strength, 0.999)), steps)
-    return SecondPassSchedule(total, min(1.0, (steps + 0.5) / total), steps)
+    half = 0.5 if rounding is StrengthRounding.STEPS_FLOORED else -0.5
+    return SecondPassSchedule(total, min(1.0, (steps + half) / total), steps)
 
 
 def hires_fields(hires: HiresFix, prompt: str, negative_prompt: str) -> dict[str, str]:

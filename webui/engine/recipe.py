@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from webui.engine.hires import StrengthRounding
 from webui.engine.request import GenerationRequest
 from webui.networks.library import Embedding
 
@@ -39,6 +41,28 @@ class GenerationRecipe(Protocol):
     @property
     def runs_hires(self) -> bool:
         """Whether this family runs A1111's hires fix (a second, img2img pass)."""
+        ...
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height (the hires size too) must be a multiple of."""
+        ...
+
+    @property
+    def img2img_rounding(self) -> StrengthRounding:
+        """How the family's img2img pipeline turns `strength` into steps run."""
+        ...
+
+    def unpack_latents(
+        self, pipe: Any, latents: torch.Tensor, width: int, height: int
+    ) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` output as (batch, channels, h, w) latents in
+        the space its img2img twin takes as `image` (scaled, unshifted)."""
+        ...
+
+    def img2img_size(self, width: int, height: int) -> dict[str, int]:
+        """The img2img pipeline's keyword arguments that set its output size (none when it
+        follows the input's size)."""
         ...
 
     def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:

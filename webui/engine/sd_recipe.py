@@ -8,9 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from webui.arch import Arch
+from webui.engine.hires import LATENT_FACTOR, StrengthRounding
 from webui.engine.prompt_encoding import encode_for_pipeline
 from webui.engine.recipe import GenerationDefaults
 from webui.engine.request import GenerationRequest
@@ -39,6 +41,22 @@ class StableDiffusionRecipe:
     @property
     def runs_hires(self) -> bool:
         return True
+
+    @property
+    def size_multiple(self) -> int:
+        return LATENT_FACTOR
+
+    @property
+    def img2img_rounding(self) -> StrengthRounding:
+        return StrengthRounding.STEPS_FLOORED
+
+    def unpack_latents(
+        self, pipe: Any, latents: torch.Tensor, width: int, height: int
+    ) -> torch.Tensor:
+        return latents
+
+    def img2img_size(self, width: int, height: int) -> dict[str, int]:
+        return {}  # SD's img2img pipelines render at the input latents' size
 
     def noise_shape(self, pipe: Any, request: GenerationRequest) -> tuple[int, int, int]:
         factor = pipe.vae_scale_factor
