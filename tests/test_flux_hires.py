@@ -123,10 +123,10 @@ def _reference_second_pass(
         }
     )
     reference.set_progress_bar_config(disable=True)
-    # encoded with autograd on, as the engine encodes (T5's kernels round ~3e-6 differently)
-    embeds, pooled, _ = pipe.encode_prompt(
-        prompt=[PROMPT] * len(seeds), prompt_2=None, device="cpu", max_sequence_length=512
-    )
+    with torch.no_grad():  # as the engine and the pipeline encode
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=[PROMPT] * len(seeds), prompt_2=None, device="cpu", max_sequence_length=512
+        )
     out = reference(
         prompt_embeds=embeds.detach(),
         pooled_prompt_embeds=pooled.detach(),

@@ -18,6 +18,7 @@ class FluxConditioning:
     pooled: torch.Tensor  # CLIP-L pooled: (batch, width)
 
 
+@torch.no_grad()  # as FluxPipeline encodes: no autograd graph kept, the same kernels and rounding
 def encode_flux_prompts(pipe: Any, texts: list[str]) -> FluxConditioning:
     """`texts` through the pipeline's CLIP-L (pooled, truncated at 77 tokens) and T5
     (padded or truncated to `T5_TOKENS`)."""
