@@ -1,8 +1,8 @@
 """FLUX.1 through the UI in a real browser (Playwright + the system Chromium), as a user goes:
 pick the FLUX.1 [dev] file in the Checkpoint picker, see FLUX's controls (Distilled CFG Scale,
-the negative prompt marked unused at CFG 1, no LoRA backend, trigger words kept), open the
+the negative prompt marked unused at CFG 1, the LoRA backend and trigger words kept), open the
 Networks panel (the FLUX LoRA's FLUX.1 badge and trigger-word chips; the SD LoRA filtered out),
-click the card to add its tag, give it a per-step schedule, generate with trigger words on, and
+click the card to add its tag, give it a per-step schedule and a block vector, generate with trigger words on, and
 read the infotext. The page is saved as a screenshot (to `FLUX_UI_SCREENSHOT` when set: the
 README's docs/screenshots/flux-txt2img.png is made that way)."""
 
@@ -24,6 +24,9 @@ from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 SHOT = os.environ.get("FLUX_UI_SCREENSHOT")
+# LoRA Block Weight's FLUX order: CLIP, T5, IN, D00-D18, S00-S37, OUT
+BLOCKS = ",".join(["1", "1", "1", *["0.5"] * 19, *["1"] * 38, "1"])
+TAG = f"<lora:inkfox:0@0,1@0.5:lbw={BLOCKS}>"
 
 
 def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_factory) -> None:
@@ -78,8 +81,9 @@ def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_fact
                 card.locator(".lw-card-title").click()
                 expect(prompt).to_have_value("a fox in the snow, <lora:inkfox:1>")
                 expect(card).to_have_class("lw-card lw-in-prompt")
-                # a per-step schedule: off for the first half of the steps, full after
-                prompt.fill("a fox in the snow, <lora:inkfox:0@0,1@0.5>")
+                # a per-step schedule (off for the first half of the steps, full after) and a
+                # FLUX block vector (the double blocks at half strength)
+                prompt.fill(f"a fox in the snow, {TAG}")
                 for name, value in (("steps", "4"), ("width", "128"), ("height", "128")):
                     set_number(page, f"txt2img-{name}", value)
                 set_number(page, "txt2img-distilled-cfg", "4.5")
@@ -87,7 +91,7 @@ def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_fact
                 choose(page, "txt2img-trigger-words", "All words")
                 page.locator("#txt2img-generate").click()
                 info = page.locator("#txt2img-infotext .lw-infotext")
-                expect(info).to_contain_text("<lora:inkfox:0@0,1@0.5>")
+                expect(info).to_contain_text(TAG)
                 expect(info).to_contain_text("Distilled CFG Scale: 4.5, Seed: 21,")
                 expect(info).to_contain_text('Trigger words: "inkfox, sketch"')
                 expect(info).to_contain_text("inkfox: ")  # Lora hashes

@@ -1,7 +1,7 @@
 """FLUX.1 end to end with LoRAs (issue 18's acceptance): the A1111 API through the `webuiapi`
 client and `python app.py generate` render a tiny FLUX.1 [dev] file with a kohya FLUX LoRA under
-a per-step schedule (and, once FLUX's block map lands, a 61-value `lbw=` vector) exactly as the
-engine does in-process for the same seed; the infotext names the LoRA and the distilled CFG."""
+a per-step schedule and a 61-value `lbw=` vector exactly as the engine does in-process for the
+same seed; the infotext names the LoRA and the distilled CFG."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ SEED, STEPS, DISTILLED = 21, 4, 4.5
 SCHEDULED = "a fox <lora:foxstyle:0@0,1@0.5>"  # off for the first half, full for the second
 # LoRA Block Weight's FLUX order: CLIP, T5, IN, D00..D18, S00..S37, OUT; D00 off
 FLUX_LBW = ",".join(["1", "1", "1", "0", *["1"] * 18, *["1"] * 38, "1"])
+SCHEDULED_BLOCKS = f"a fox <lora:foxstyle:0@0,1@0.5:lbw={FLUX_LBW}>"  # the schedule, D00 off
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_flux_block_weights_through_the_api(server: RunningServer, local: Engine
     assert not np.array_equal(got, render(local, "a fox <lora:foxstyle:1>"))
 
 
-def test_cli_renders_the_scheduled_lora_as_the_engine_does(
+def test_cli_renders_the_scheduled_block_weighted_lora_as_the_engine_does(
     server: RunningServer, local: Engine, tmp_path: Path
 ) -> None:
     settings = server.engine.settings
@@ -124,7 +125,8 @@ def test_cli_renders_the_scheduled_lora_as_the_engine_does(
     done = subprocess.run(
         [sys.executable, "app.py", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
          "--loras-dir", str(settings.loras_dir), "generate",
-         "--model", str(settings.models_dir / "flux1-dev.safetensors"), "--prompt", SCHEDULED,
+         "--model", str(settings.models_dir / "flux1-dev.safetensors"),
+         "--prompt", SCHEDULED_BLOCKS,
          "--steps", str(STEPS), "--width", "64", "--height", "64", "--seed", str(SEED),
          "--distilled-cfg", str(DISTILLED), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -135,5 +137,6 @@ def test_cli_renders_the_scheduled_lora_as_the_engine_does(
     with Image.open(out) as image:
         got = pixels(image)
         params = parse_infotext(read_image_parameters(image)).params
-    assert np.array_equal(got, render(local, SCHEDULED))
+    assert np.array_equal(got, render(local, SCHEDULED_BLOCKS))
+    assert not np.array_equal(got, render(local, SCHEDULED))  # the block vector acts
     assert params["Distilled CFG Scale"] == "4.5" and "foxstyle" in params["Lora hashes"]
