@@ -229,3 +229,18 @@ def test_unknown_names_are_listed(pipelines: dict[Arch, DiffusionPipeline]) -> N
     assert match.unmatched == tuple(sorted(bad))
     assert sd1.resolve(good).path == "down_blocks.0.attentions.0.proj_in"  # type: ignore[union-attr]
     assert Component.TEXT_ENCODER_2 not in sd1.components
+
+
+def test_names_no_detector_owns_do_not_outvote_a_known_format() -> None:
+    """A ComfyUI-saved FLUX.1 LoRA with more CLIP-L modules (`text_encoders.clip_l.`, owned by
+    no detector) than transformer ones is still named by its transformer names' format."""
+    from webui.networks.format.key_formats import UNKNOWN, identify_format
+
+    clip = [
+        f"text_encoders.clip_l.transformer.text_model.encoder.layers.{i}.self_attn.q_proj"
+        for i in range(3)
+    ]
+    assert identify_format(["diffusion_model.double_blocks.0.img_attn.qkv", *clip]) == (
+        "original (LDM) layout"
+    )
+    assert identify_format(clip) == UNKNOWN

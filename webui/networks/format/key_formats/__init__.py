@@ -45,8 +45,10 @@ def canonical_prefix(prefix: str) -> str:
 
 
 def identify_format(prefixes: Iterable[str]) -> str:
-    """The name of the format most module prefixes are in (OneTrainer files also hold `unet.`
-    names, so it wins whenever any of its own names is present)."""
+    """The name of the known format most module prefixes are in, "unknown" when none is known
+    (OneTrainer files also hold `unet.` names, so it wins whenever any of its own names is
+    present; names no detector owns, such as ComfyUI's `text_encoders.clip_l.`, do not outvote
+    the known ones)."""
     counts: dict[str, int] = {}
     for prefix in prefixes:
         key_format = format_of(prefix)
@@ -56,9 +58,10 @@ def identify_format(prefixes: Iterable[str]) -> str:
             return onetrainer.FORMAT.name
         name = UNKNOWN if key_format is None else key_format.name
         counts[name] = counts.get(name, 0) + 1
-    if not counts:
+    known = {name: count for name, count in counts.items() if name != UNKNOWN}
+    if not known:
         return UNKNOWN
-    return max(counts, key=lambda name: counts[name])
+    return max(known, key=lambda name: known[name])
 
 
 __all__ = [
