@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,236 @@ def listed_sd() -> dict[str, dict]:
     }
 
 
+# FLUX.1 naming rules of public trainers and savers, applied to a few blocks of FLUX.1-dev (shapes
+# off the meta model): each real file holds every block in the same spelling.
+OMI = (
+    "invoke-ai/InvokeAI:invokeai/backend/model_manager/omi/vendor/convert/lora/"
+    "convert_flux_lora.py@cce1b56c, convert_clip.py@a585b2ef, convert_t5.py@a585b2ef "
+    "(OneTrainer's OMI names, vendored)"
+)
+COMFY_SAVE = (
+    "comfyanonymous/ComfyUI:comfy_extras/nodes_lora_extract.py@962638c9 (LoraSave: "
+    "'diffusion_model.' and 'text_encoders.' + ComfyUI's module names, lora_up/lora_down without "
+    "alpha, 1-D weights as .diff and biases as .diff_b when bias_diff; full_diff: .diff)"
+)
+KOHYA_FLUX = (
+    "kohya-ss/sd-scripts:networks/lora_flux.py@450630c6 (lora_unet_/lora_te1_/lora_te3_, "
+    "train_t5xxl, in_dims: img_in/time_in/vector_in/guidance_in/txt_in"
+)
+FAL = (
+    "huggingface/diffusers:src/diffusers/loaders/lora_conversion_utils.py@v0.42.1 "
+    "(_convert_fal_kontext_lora_to_diffusers: the keys it pops, 'base_model.model.' + BFL names)"
+)
+SIMPLETUNER = (
+    "https://github.com/Comfy-Org/ComfyUI/issues/4347 ('lora key not loaded' log of a SimpleTuner "
+    "FLUX_LORA_TARGET=all+ffs file: transformer.base_model.model. + diffusers names)"
+)
+_DOUBLE_BFL = (
+    "img_mod.lin",
+    "txt_mod.lin",
+    "img_attn.qkv",
+    "txt_attn.qkv",
+    "img_attn.proj",
+    "txt_attn.proj",
+    "img_mlp.0",
+    "img_mlp.2",
+    "txt_mlp.0",
+    "txt_mlp.2",
+)
+_SINGLE_BFL = ("linear1", "linear2", "modulation.lin")
+_TOP_BFL = (
+    "img_in",
+    "txt_in",
+    "time_in.in_layer",
+    "time_in.out_layer",
+    "vector_in.in_layer",
+    "vector_in.out_layer",
+    "guidance_in.in_layer",
+    "guidance_in.out_layer",
+    "final_layer.linear",
+    "final_layer.adaLN_modulation.1",
+)
+_CLIP = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+_T5 = (
+    "layer.0.SelfAttention.q",
+    "layer.0.SelfAttention.k",
+    "layer.0.SelfAttention.v",
+    "layer.0.SelfAttention.o",
+    "layer.1.DenseReluDense.wi_0",
+    "layer.1.DenseReluDense.wi_1",
+    "layer.1.DenseReluDense.wo",
+)
+
+
+def _flux_shapes() -> tuple[Shapes, Shapes, Shapes]:
+    """FLUX.1-dev's BFL-named transformer tensors, CLIP-L's and T5-XXL's, full size."""
+    from webui.layouts.flux import diffusers_to_bfl
+
+    model = meta_model(Arch.FLUX1)
+    bfl = {k: tuple(v.shape) for k, v in diffusers_to_bfl(model.transformer.state_dict()).items()}
+    clip = {k: tuple(v.shape) for k, v in model.text_encoder.state_dict().items()}
+    t5 = {k: tuple(v.shape) for k, v in model.text_encoder_2.state_dict().items()}
+    return bfl, clip, t5
+
+
+def listed_flux() -> dict[str, dict]:
+    bfl, clip, t5 = _flux_shapes()
+    blocks = [f"double_blocks.{i}.{m}" for i in (0, 18) for m in _DOUBLE_BFL]
+    blocks += [f"single_blocks.{i}.{m}" for i in (0, 37) for m in _SINGLE_BFL]
+    clip_layers = [f"encoder.layers.{i}.{m}" for i in (0, 11) for m in _CLIP]
+    t5_layers = [f"encoder.block.{i}.{m}" for i in (0, 23) for m in _T5]
+    w = lambda name: bfl[f"{name}.weight"]  # noqa: E731
+
+    omi: Shapes = {}
+    for name in (*_TOP_BFL, *blocks):
+        split = re.match(r"(.+)\.(img_attn\.qkv|txt_attn\.qkv|linear1)$", name)
+        out_f, in_f = w(name)
+        if split is None:
+            omi |= _lora(
+                f"transformer.{'img_in.proj' if name == 'img_in' else name}", (out_f, in_f)
+            )
+            continue
+        parts = [3072] * 3 + ([out_f - 9216] if split.group(2) == "linear1" else [])
+        for i, rows in enumerate(parts):
+            omi |= _lora(f"transformer.{name}.{i}", (rows, in_f))
+    for name in clip_layers:
+        omi |= _lora(f"clip_l.text_model.{name}", clip[f"{name}.weight"])
+    for name in t5_layers:
+        omi |= _lora(f"t5.{name}", t5[f"{name}.weight"])
+
+    comfy: Shapes = {}
+    full: Shapes = {}
+    for name in (*_TOP_BFL, *blocks):
+        out_f, in_f = w(name)
+        comfy[f"diffusion_model.{name}.lora_up.weight"] = (out_f, RANK)
+        comfy[f"diffusion_model.{name}.lora_down.weight"] = (RANK, in_f)
+        comfy[f"diffusion_model.{name}.diff_b"] = bfl[f"{name}.bias"]
+        full[f"diffusion_model.{name}.diff"] = (out_f, in_f)
+        full[f"diffusion_model.{name}.diff_b"] = bfl[f"{name}.bias"]
+    te = [(f"text_encoders.clip_l.transformer.text_model.{n}", clip, n) for n in clip_layers]
+    te += [(f"text_encoders.t5xxl.transformer.{n}", t5, n) for n in t5_layers]
+    for key, shapes, name in te:
+        comfy[f"{key}.lora_up.weight"] = (shapes[f"{name}.weight"][0], RANK)
+        comfy[f"{key}.lora_down.weight"] = (RANK, shapes[f"{name}.weight"][1])
+        if f"{name}.bias" in shapes:
+            comfy[f"{key}.diff_b"] = shapes[f"{name}.bias"]
+    for i in (0, 11):
+        for norm in ("layer_norm1", "layer_norm2"):
+            name = f"encoder.layers.{i}.{norm}"
+            comfy[f"text_encoders.clip_l.transformer.text_model.{name}.diff"] = clip[
+                f"{name}.weight"
+            ]
+            comfy[f"text_encoders.clip_l.transformer.text_model.{name}.diff_b"] = clip[
+                f"{name}.bias"
+            ]
+    for i in (0, 23):
+        for layer in (0, 1):
+            name = f"encoder.block.{i}.layer.{layer}.layer_norm"
+            comfy[f"text_encoders.t5xxl.transformer.{name}.diff"] = t5[f"{name}.weight"]
+
+    kohya_t5: Shapes = {}
+    for name in (
+        *_TOP_BFL[:8],
+        *blocks,
+    ):  # in_dims trains the five input embedders, never the final layer
+        kohya_t5 |= _lora(f"lora_unet_{name.replace('.', '_')}", w(name))
+    for name in clip_layers:
+        kohya_t5 |= _lora(f"lora_te1_text_model_{name.replace('.', '_')}", clip[f"{name}.weight"])
+    for name in t5_layers:
+        kohya_t5 |= _lora(f"lora_te3_{name.replace('.', '_')}", t5[f"{name}.weight"])
+
+    # split_qkv=True: the q/k/v (and MLP) LoRAs are saved fused, a rank-3r (4r) block-sparse up
+    split: Shapes = {}
+    for name in blocks:
+        out_f, in_f = w(name)
+        parts = 3 if name.endswith("qkv") else 4 if name.endswith("linear1") else 1
+        split[f"lora_unet_{name.replace('.', '_')}.lora_down.weight"] = (RANK * parts, in_f)
+        split[f"lora_unet_{name.replace('.', '_')}.lora_up.weight"] = (out_f, RANK * parts)
+        split[f"lora_unet_{name.replace('.', '_')}.alpha"] = ()
+
+    fal: Shapes = {}
+    for name in (*blocks, "final_layer.linear"):
+        fal |= _peft(f"base_model.model.{name}", w(name))
+
+    model = meta_model(Arch.FLUX1)
+    linears = _targets(model.transformer, None)
+    simpletuner: Shapes = {"transformer.base_model.model.proj_out.lora_A.weight": (RANK, 3072)}
+    simpletuner["transformer.base_model.model.proj_out.lora_B.weight"] = (64, RANK)
+    for i in (0, 1):
+        for m in (
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+        ):
+            simpletuner |= _peft(
+                f"transformer.base_model.model.transformer_blocks.{i}.{m}",
+                linears[f"transformer_blocks.{i}.{m}"],
+            )
+    for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+        simpletuner |= _peft(
+            f"transformer.base_model.model.single_transformer_blocks.0.{m}",
+            linears[f"single_transformer_blocks.0.{m}"],
+        )
+
+    flux = "FLUX.1"
+    return {
+        "flux-lora-onetrainer-omi-format": {
+            "source": OMI,
+            "trainer": "OneTrainer (OMI names)",
+            "family": flux,
+            "keys": omi,
+        },
+        "flux-lora-comfyui-lorasave-format": {
+            "source": COMFY_SAVE,
+            "trainer": "ComfyUI LoraSave",
+            "family": flux,
+            "keys": comfy,
+        },
+        "flux-lora-comfyui-full-diff-format": {
+            "source": COMFY_SAVE,
+            "trainer": "ComfyUI LoraSave (full_diff)",
+            "family": flux,
+            "keys": full,
+        },
+        "flux-lora-kohya-t5-in-dims-format": {
+            "source": KOHYA_FLUX + ")",
+            "trainer": "kohya sd-scripts (train_t5xxl, in_dims)",
+            "family": flux,
+            "keys": kohya_t5,
+        },
+        "flux-lora-kohya-split-qkv-format": {
+            "source": KOHYA_FLUX + ", split_qkv=True: state_dict() saves fused down [r*n, in], "
+            "block-diagonal up [out, r*n])",
+            "trainer": "kohya sd-scripts (split_qkv)",
+            "family": flux,
+            "keys": split,
+        },
+        "flux-lora-fal-kontext-format": {
+            "source": FAL,
+            "trainer": "fal (Kontext trainer)",
+            "family": flux,
+            "keys": fal,
+        },
+        "flux-lora-simpletuner-nested-prefix-format": {
+            "source": SIMPLETUNER,
+            "trainer": "SimpleTuner (PEFT)",
+            "family": flux,
+            "keys": simpletuner,
+        },
+    }
+
+
 # InvokeAI fixtures: file stem -> (family, trainer); each file names the model it was read from.
 INVOKEAI_FIXTURES = {
     "anima_lora_kohya_format": ("Anima", "kohya sd-scripts"),
@@ -355,7 +586,7 @@ def main() -> None:
                 f"{arch.value.lower()}-{name.replace('_', '-')}",
                 {"source": source, "trainer": trainer, "family": arch.value, "keys": keys},
             )
-    for name, listing in listed_sd().items():
+    for name, listing in (listed_sd() | listed_flux()).items():
         _write(name, listing)
     if args.invokeai is not None:
         for name, listing in copied_from_invokeai(args.invokeai).items():

@@ -99,6 +99,13 @@ def test_flux_layout_applies_in_full_with_its_base(layout: Layout) -> None:
     assert sum(len(g) for g in groups.values()) == len(layout.keys)  # every key used
 
 
+@pytest.mark.parametrize("layout", _params(FLUX))
+def test_flux_layout_fits_no_sd_model(layout: Layout) -> None:
+    """Whatever its detection, a FLUX.1 layout is never written on SD1, SD2 or SDXL."""
+    detection = detect_base(layout.metadata, layout.keys)
+    assert not any(fits(detection, arch) for arch in Arch if arch is not Arch.FLUX1)
+
+
 def test_flux_control_lora_is_refused_in_one_sentence() -> None:
     layout = next(x for x in FLUX if x.name == CONTROL)
     detection = detect_base(layout.metadata, layout.keys)

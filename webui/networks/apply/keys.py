@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from torch import nn
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from webui.layouts.flux import lora_targets
 from webui.layouts.unet import unet_module_names
@@ -34,13 +35,15 @@ from webui.layouts.unet import unet_module_names
 logger = logging.getLogger(__name__)
 
 # Modules a network can change: weights of Linear/Conv (LoRA variants, full diffs), norms (norm
-# diffs) and embeddings (full diffs of token embeddings).
+# diffs; T5's RMS norm is its own class, and ComfyUI's LoraSave writes its `.diff`) and embeddings
+# (full diffs of token embeddings).
 TARGET_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
     nn.LayerNorm,
     nn.GroupNorm,
+    T5LayerNorm,
     nn.Embedding,
 )
 
