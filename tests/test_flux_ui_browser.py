@@ -17,7 +17,7 @@ import pytest
 from flux_lora_files import write_flux_lora
 from lora_files import write_kohya_lora
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.chromium import CHROMIUM, browser_context
 from tests.test_ui_browser import choose, running_app, set_number
 from tests.test_ui_family_browser import write_flux_dev
 from webui.arch import Arch
@@ -29,8 +29,10 @@ BLOCKS = ",".join(["1", "1", "1", *["0.5"] * 19, *["1"] * 38, "1"])
 TAG = f"<lora:inkfox:0@0,1@0.5:lbw={BLOCKS}>"
 
 
-def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_factory) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_flux_txt2img_with_a_scheduled_lora(
+    tmp_path: Path, tiny_checkpoint_factory, chromium
+) -> None:
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
     models, loras = tmp_path / "models", tmp_path / "loras"
@@ -41,65 +43,61 @@ def test_flux_txt2img_with_a_scheduled_lora(tmp_path: Path, tiny_checkpoint_fact
     write_flux_lora(loras / "inkfox.safetensors", models / "flux1-dev.safetensors")
     (loras / "inkfox.json").write_text(json.dumps({"activation text": "inkfox, sketch"}))
     write_kohya_lora(loras / "sd_ink.safetensors", Arch.SD1, {"ss_base_model_version": "sd_v1"})
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            with running_app(tmp_path) as url:
-                page = browser.new_page(viewport={"width": 1400, "height": 1100})
-                page.set_default_timeout(120_000)
-                page.goto(url)
-                expect(page.locator("#model-status")).to_contain_text("a-sd1")
-                page.reload()
-                # SD's controls first: a switch racing the page's own load would see them late
-                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
-                expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
-                choose(page, "model-select", "flux1-dev")
-                expect(page.locator("#model-status")).to_contain_text("FLUX")
+    with (
+        running_app(tmp_path) as url,
+        browser_context(chromium, viewport={"width": 1400, "height": 1100}) as context,
+    ):
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("a-sd1")
+        page.reload()
+        # SD's controls first: a switch racing the page's own load would see them late
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")
+        expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
+        choose(page, "model-select", "flux1-dev")
+        expect(page.locator("#model-status")).to_contain_text("FLUX")
 
-                # FLUX's controls: distilled CFG, CFG 1 with the negative prompt unused, the
-                # backend choice (native or the diffusers fallback) and trigger words
-                expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
-                expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
-                expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
-                expect(page.locator("#txt2img-lora-backend")).to_be_visible()
-                expect(page.locator("#txt2img-trigger-words")).to_be_visible()
+        # FLUX's controls: distilled CFG, CFG 1 with the negative prompt unused, the
+        # backend choice (native or the diffusers fallback) and trigger words
+        expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+        expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
+        expect(page.locator("#txt2img-lora-backend")).to_be_visible()
+        expect(page.locator("#txt2img-trigger-words")).to_be_visible()
 
-                prompt = page.locator("#txt2img-prompt textarea")
-                prompt.fill("a fox in the snow")
-                page.locator("#txt2img-networks").get_by_text("Networks", exact=True).click()
-                card = page.locator("#txt2img-networks-grid .lw-card[data-lora='inkfox']")
-                expect(card).to_be_visible()
-                expect(card.locator(".lw-badge").first).to_have_text("FLUX.1")
-                chips = card.locator(".lw-chip")
-                expect(chips).to_have_text(["inkfox", "sketch"])
-                # only LoRAs that fit the loaded model are listed by default
-                sd_card = page.locator("#txt2img-networks-grid .lw-card[data-lora='sd_ink']")
-                expect(sd_card).to_be_hidden()
+        prompt = page.locator("#txt2img-prompt textarea")
+        prompt.fill("a fox in the snow")
+        page.locator("#txt2img-networks").get_by_text("Networks", exact=True).click()
+        card = page.locator("#txt2img-networks-grid .lw-card[data-lora='inkfox']")
+        expect(card).to_be_visible()
+        expect(card.locator(".lw-badge").first).to_have_text("FLUX.1")
+        chips = card.locator(".lw-chip")
+        expect(chips).to_have_text(["inkfox", "sketch"])
+        # only LoRAs that fit the loaded model are listed by default
+        sd_card = page.locator("#txt2img-networks-grid .lw-card[data-lora='sd_ink']")
+        expect(sd_card).to_be_hidden()
 
-                card.locator(".lw-card-title").click()
-                expect(prompt).to_have_value("a fox in the snow, <lora:inkfox:1>")
-                expect(card).to_have_class("lw-card lw-in-prompt")
-                # a per-step schedule (off for the first half of the steps, full after) and a
-                # FLUX block vector (the double blocks at half strength)
-                prompt.fill(f"a fox in the snow, {TAG}")
-                for name, value in (("steps", "4"), ("width", "128"), ("height", "128")):
-                    set_number(page, f"txt2img-{name}", value)
-                set_number(page, "txt2img-distilled-cfg", "4.5")
-                set_number(page, "txt2img-seed", "21")
-                choose(page, "txt2img-trigger-words", "All words")
-                page.locator("#txt2img-generate").click()
-                info = page.locator("#txt2img-infotext .lw-infotext")
-                expect(info).to_contain_text(TAG)
-                expect(info).to_contain_text("Distilled CFG Scale: 4.5, Seed: 21,")
-                expect(info).to_contain_text('Trigger words: "inkfox, sketch"')
-                expect(info).to_contain_text("inkfox: ")  # Lora hashes
-                expect(page.locator("#txt2img-gallery img")).to_have_count(1)
-                expect(page.locator("#txt2img-warnings")).not_to_contain_text("inkfox")
-                shot = Path(SHOT) if SHOT else tmp_path / "flux-txt2img.png"
-                shot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(shot), full_page=True)
-                page.close()  # an open page would hold the server's shutdown
-        finally:
-            browser.close()
+        card.locator(".lw-card-title").click()
+        expect(prompt).to_have_value("a fox in the snow, <lora:inkfox:1>")
+        expect(card).to_have_class("lw-card lw-in-prompt")
+        # a per-step schedule (off for the first half of the steps, full after) and a
+        # FLUX block vector (the double blocks at half strength)
+        prompt.fill(f"a fox in the snow, {TAG}")
+        for name, value in (("steps", "4"), ("width", "128"), ("height", "128")):
+            set_number(page, f"txt2img-{name}", value)
+        set_number(page, "txt2img-distilled-cfg", "4.5")
+        set_number(page, "txt2img-seed", "21")
+        choose(page, "txt2img-trigger-words", "All words")
+        page.locator("#txt2img-generate").click()
+        info = page.locator("#txt2img-infotext .lw-infotext")
+        expect(info).to_contain_text(TAG)
+        expect(info).to_contain_text("Distilled CFG Scale: 4.5, Seed: 21,")
+        expect(info).to_contain_text('Trigger words: "inkfox, sketch"')
+        expect(info).to_contain_text("inkfox: ")  # Lora hashes
+        expect(page.locator("#txt2img-gallery img")).to_have_count(1)
+        expect(page.locator("#txt2img-warnings")).not_to_contain_text("inkfox")
+        shot = Path(SHOT) if SHOT else tmp_path / "flux-txt2img.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        page.close()  # an open page would hold the server's shutdown

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CSS = (
     """
-.lw-infotext { white-space: pre-wrap; font-size: 0.85em; background: var(--block-background-fill);
+.lw-infotext { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; background: var(--block-background-fill);
   padding: 8px; border-radius: 6px; margin: 0; }
 .lw-timing { font-size: 0.8em; opacity: 0.7; margin-top: 4px; }
 .lw-warnings { border-left: 4px solid #e0a000; padding: 4px 10px; background: rgba(224,160,0,0.08); }
