@@ -3,6 +3,7 @@ written once per session as real single-file `.safetensors` in the original key 
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,12 @@ def _is_heavy(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     heavy_files = {item.path for item in items if _is_heavy(item)}
     items.sort(key=lambda item: item.path not in heavy_files)  # stable: file order kept otherwise
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # what the imports and the collection made lives for the whole run: out of the collector's
+    # sight, every full collection (automatic ones included) walks only what tests make
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
