@@ -431,23 +431,17 @@ def test_the_flux_txt2img_page_offers_the_backend_choice() -> None:
 
 @pytest.fixture(scope="module")
 def flux_engine(tmp_path_factory):
+    from engine_settings import cpu_settings
     from flux_models import write_flux_models
 
     from webui.engine.generate import Engine
-    from webui.settings import Settings
 
     root = tmp_path_factory.mktemp("flux-fallback")
-    settings = Settings(
-        models_dir=root / "models",
-        loras_dir=root / "loras",
-        embeddings_dir=root / "embeddings",
-        outputs_dir=root / "outputs",
-        cache_dir=root / "cache",
-        save_outputs=False,
-    )
-    (root / "models").mkdir()
-    (root / "loras").mkdir()
-    names = write_flux_models(root / "models")
+    models, loras = root / "models", root / "loras"
+    models.mkdir()
+    loras.mkdir()
+    settings = cpu_settings(models, loras, root, save_outputs=False)
+    names = write_flux_models(models)
     engine = Engine(settings)
     engine.load(names[FluxVariant.DEV])
     return engine

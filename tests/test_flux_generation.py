@@ -10,13 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from engine_settings import cpu_settings
 from flux_models import write_flux_models
 from safetensors.torch import save_file
 
 from webui.arch import FluxVariant
 from webui.engine.generate import Engine, GenerationRequest, RequestError
 from webui.engine.infotext import parse_infotext
-from webui.settings import Settings
 
 DEV, SCHNELL = FluxVariant.DEV, FluxVariant.SCHNELL
 SMALL = {"steps": 2, "width": 64, "height": 64, "seed": 11, "cfg_scale": 1.0}
@@ -25,16 +25,10 @@ SMALL = {"steps": 2, "width": 64, "height": 64, "seed": 11, "cfg_scale": 1.0}
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> tuple[Engine, dict[FluxVariant, str]]:
     root = tmp_path_factory.mktemp("flux-gen")
-    settings = Settings(
-        models_dir=root / "models",
-        loras_dir=root / "loras",
-        embeddings_dir=root / "embeddings",
-        outputs_dir=root / "outputs",
-        cache_dir=root / "cache",
-        save_outputs=False,
-    )
-    (root / "models").mkdir()
-    return Engine(settings), write_flux_models(root / "models")
+    models, loras = root / "models", root / "loras"
+    models.mkdir()
+    settings = cpu_settings(models, loras, root, save_outputs=False)
+    return Engine(settings), write_flux_models(models)
 
 
 def _run(engine, variant, **fields):
