@@ -279,40 +279,36 @@ def test_per_block_weights_warn_and_apply_the_plain_strengths(tmp_path: Path) ->
     backends.restore()
 
 
+def _kohya_file(
+    tmp_path: Path, name: str, key: str, shape: tuple[int, ...], seed: int, **metadata: str
+) -> Path:
+    """A one-module LoRA in kohya's up/down names."""
+    up, down = _low_rank(seed, shape)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, path, metadata)
+    return path
+
+
 def _kohya_linear1(tmp_path: Path, pipe) -> Path:
     single = dict(pipe.transformer.named_modules())["single_transformer_blocks.0"]
     rows = 3 * single.attn.to_q.weight.shape[0] + single.proj_mlp.weight.shape[0]
-    up, down = _low_rank(80, (rows, single.attn.to_q.weight.shape[1]))
-    path = tmp_path / "linear1.safetensors"
-    key = "lora_unet_single_blocks_0_linear1"
-    save_file({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, path)
-    return path
+    shape = (rows, single.attn.to_q.weight.shape[1])
+    return _kohya_file(tmp_path, "linear1", "lora_unet_single_blocks_0_linear1", shape, 80)
 
 
 def _t5(tmp_path: Path, pipe) -> Path:
     q = dict(pipe.text_encoder_2.named_modules())["encoder.block.0.layer.0.SelfAttention.q"]
-    up, down = _low_rank(81, tuple(q.weight.shape))
-    path = tmp_path / "t5.safetensors"
     key = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
-    save_file(
-        {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down},
-        path,
-        metadata={"ss_base_model_version": "flux1"},
+    return _kohya_file(
+        tmp_path, "t5", key, tuple(q.weight.shape), 81, ss_base_model_version="flux1"
     )
-    return path
 
 
 def _onetrainer_without_alpha(tmp_path: Path, pipe) -> Path:
     to_q = dict(pipe.transformer.named_modules())["transformer_blocks.0.attn.to_q"]
-    up, down = _low_rank(82, tuple(to_q.weight.shape))
-    path = tmp_path / "onetrainer.safetensors"
     key = "lora_transformer_transformer_blocks_0_attn_to_q"
-    save_file(
-        {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down},
-        path,
-        metadata={"ss_base_model_version": "flux1"},
-    )
-    return path
+    shape = tuple(to_q.weight.shape)
+    return _kohya_file(tmp_path, "onetrainer", key, shape, 82, ss_base_model_version="flux1")
 
 
 def _peft_wrapper(tmp_path: Path, pipe) -> Path:

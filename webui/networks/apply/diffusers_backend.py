@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -194,7 +194,7 @@ class DiffusersBackend:
                 loaded, refusal = None, str(exc)
         layers = () if loaded is None else tuple(p for ps in loaded.layers.values() for p in ps)
         notes = ()
-        if layers and not self._blocks and _has_block_weights(strengths):
+        if layers and not self._blocks and strengths.scales_blocks:
             notes = (
                 "diffusers scales this model's transformer only as a whole, "
                 "so the diffusers backend ignored its per-block weights and applied the plain "
@@ -422,19 +422,6 @@ class DiffusersBackend:
 
     def _active(self) -> list[str]:
         return [self._loaded[id(network)].adapter for network, _ in self._set]
-
-
-def _has_block_weights(strengths: Strengths) -> bool:
-    """Whether `strengths` scale some blocks otherwise than `unet` (in/mid/out, lbw): the parser
-    fills in/mid/out with the `unet` value when a tag leaves them out."""
-    if strengths.blocks and any(v != 1.0 for v in strengths.blocks.values()):
-        return True
-    whole = {"te", "te1", "te2", "unet", "blocks"}
-    return any(
-        getattr(strengths, f.name) not in (None, strengths.unet)
-        for f in fields(strengths)
-        if f.name not in whole
-    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -99,6 +99,12 @@ class Strengths:
             key for key, value in given.items() if value is not None and value != self.unet
         )
 
+    @property
+    def scales_blocks(self) -> bool:
+        """Whether some blocks get another multiplier than `unet`: in/mid/out set apart from
+        it, or a block vector with an entry other than 1."""
+        return bool(self.unet_block_keys) or any(v != 1.0 for v in (self.blocks or {}).values())
+
     def _constant(self, strength: Strength | None) -> float | None:
         # numbers first: an isinstance check against a runtime Protocol is slow, and this runs
         # for every module of every network at every apply
