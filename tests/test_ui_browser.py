@@ -174,6 +174,8 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         page.locator("#txt2img-generate").click()
         expect(info).to_contain_text("Size: 1024x256")
         thumb = page.locator("#txt2img-gallery img").first
+        # the element is there before its pixels: wait until the image has its natural size
+        thumb.evaluate("img => img.decode()")
         fit = thumb.evaluate(
             "img => ({fit: getComputedStyle(img).objectFit, w: img.clientWidth,"
             " h: img.clientHeight, nw: img.naturalWidth, nh: img.naturalHeight})"
