@@ -62,9 +62,7 @@ def test_flux_txt2img_with_a_scheduled_lora(
         # backend choice (native or the diffusers fallback) and trigger words
         expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
-        # (the negative prompt's "unused at CFG scale 1" label after a switch is
-        # test_ui_family_browser's check; here a page-load event racing the switch can leave it
-        # stale: see the closing note of issue 18)
+        expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
         expect(page.locator("#txt2img-lora-backend")).to_be_visible()
         expect(page.locator("#txt2img-trigger-words")).to_be_visible()
 

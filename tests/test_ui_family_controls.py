@@ -5,6 +5,7 @@ steps; sizes in 8s and 16s)."""
 
 from __future__ import annotations
 
+import gradio as gr
 import pytest
 
 from webui.arch import Arch, FluxVariant, Prediction
@@ -15,6 +16,7 @@ from webui.ui.family_controls import (
     NEGATIVE_UNUSED_LABEL,
     TRUE_CFG_INFO,
     family_updates,
+    negative_update,
 )
 
 SD1 = ModelKind(Arch.SD1, Prediction.EPSILON)
@@ -27,8 +29,8 @@ NAMES = (
 )
 
 
-def updates(kind: ModelKind, shown=None, cfg: float = 7.0) -> dict:
-    return dict(zip(NAMES, family_updates(controls_for(kind), shown, cfg), strict=True))
+def updates(kind: ModelKind, shown=None) -> dict:
+    return dict(zip(NAMES, family_updates(controls_for(kind), shown), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -67,14 +69,24 @@ def test_sd_keeps_every_sampler_and_flux_offers_only_euler() -> None:
 
 
 def test_switching_between_sd_models_keeps_the_users_values() -> None:
-    u = updates(SDXL, shown=controls_for(SD1), cfg=5.5)
+    u = updates(SDXL, shown=controls_for(SD1))
     assert all("value" not in u[name] for name in ("sampler", "steps", "cfg", "distilled"))
-    assert u["negative"]["label"] == NEGATIVE_LABEL
+
+
+def test_the_negative_label_changes_only_with_the_family() -> None:
+    """A page that already shows the family keeps its label: the CFG change event owns it
+    there (a label from the CFG the event was fired with could contradict the CFG shown)."""
+    dev = controls_for(DEV)
+    assert updates(DEV, shown=dev)["negative"] == gr.update()
+    assert updates(SDXL, shown=controls_for(SD1))["negative"] == gr.update()
+    # a switch sets CFG and the label together: FLUX's 1 (unused), back on SD its 7 (used)
+    assert updates(DEV, shown=controls_for(SD1))["negative"]["label"] == NEGATIVE_UNUSED_LABEL
+    back = updates(SD1, shown=dev)
+    assert (back["cfg"]["value"], back["negative"]["label"]) == (7.0, NEGATIVE_LABEL)
 
 
 def test_flux_negative_prompt_counts_above_cfg_1() -> None:
     dev = controls_for(DEV)
-    assert updates(DEV, shown=dev, cfg=1.0)["negative"]["label"] == NEGATIVE_UNUSED_LABEL
-    assert updates(DEV, shown=dev, cfg=2.0)["negative"]["label"] == NEGATIVE_LABEL
-    # back to SD from FLUX: SD's values again
-    assert updates(SD1, shown=dev, cfg=1.0)["cfg"]["value"] == 7.0
+    assert negative_update(dev, 1.0)["label"] == NEGATIVE_UNUSED_LABEL
+    assert negative_update(dev, 2.0)["label"] == NEGATIVE_LABEL
+    assert negative_update(controls_for(SD1), 1.0)["label"] == NEGATIVE_LABEL

@@ -146,13 +146,12 @@ def build_ui(engine: Engine) -> gr.Blocks:
             names, value = picker_values(engine)
             return gr.update(choices=names, value=value)
 
-        def family(shown: Any, cfg: float) -> list[Any]:
-            return family_updates(engine.generation_controls(), shown, cfg)
+        def family(shown: Any) -> list[Any]:
+            return family_updates(engine.generation_controls(), shown)
 
         def on_select(
             name: str,
             shown: Any,
-            cfg: float,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
         ) -> tuple[Any, ...]:
             try:
@@ -163,19 +162,18 @@ def build_ui(engine: Engine) -> gr.Blocks:
             ) as exc:  # one line under the picker, which names the model still loaded
                 message = html.escape(user_message(exc))
                 status_line = f"<span class='lw-warnings'>{message}</span>"
-                return picker(), status_line, *family(shown, cfg)
-            return picker(), _model_status(engine), *family(shown, cfg)
+                return picker(), status_line, *family(shown)
+            return picker(), _model_status(engine), *family(shown)
 
         def load_picked(
             name: str,
             shown: Any,
-            cfg: float,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
         ) -> tuple[Any, ...]:
             """The checkpoint a paste picked, loaded; nothing changes when it is loaded already."""
             if engine.model is not None and engine.model.name == name:
                 return (gr.update(),) * (2 + len(txt2img.family))
-            return on_select(name, shown, cfg, progress)
+            return on_select(name, shown, progress)
 
         paste_outputs = [tabs, txt2img.warnings, model, *txt2img.paste_targets]
         sources = [
@@ -202,7 +200,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             )
             event.then(
                 load_picked,
-                inputs=[model, *txt2img.family_inputs()],
+                inputs=[model, txt2img.shown_family],
                 outputs=[model, status, *txt2img.family],
                 concurrency_id="gpu",
                 show_progress_on=[model, status],
@@ -219,12 +217,12 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 *checkpoint_values(engine),
                 trigger_words_update(engine),
                 *current_values(engine),
-                *family(None, 0.0),  # a new page: the loaded family's defaults
+                *family(None),  # a new page: the loaded family's defaults
             )
 
         model.input(
             on_select,
-            inputs=[model, *txt2img.family_inputs()],
+            inputs=[model, txt2img.shown_family],
             outputs=[model, status, *txt2img.family],
             concurrency_id="gpu",
             show_progress_on=[model, status],

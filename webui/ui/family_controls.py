@@ -40,14 +40,18 @@ def negative_update(controls: GenerationControls, cfg: float) -> Any:
     return gr.update(label=NEGATIVE_LABEL, info=NEGATIVE_INFO, elem_classes=[])
 
 
-def family_updates(
-    controls: GenerationControls, shown: GenerationControls | None, cfg: float
-) -> list[Any]:
+def family_updates(controls: GenerationControls, shown: GenerationControls | None) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
     backend's row, the trigger words' row, the hires-fix accordion, negative prompt, shown):
     the controls that apply to `controls`' family shown, the others hidden. Values go back to
     the family's defaults only when the page showed other controls (`shown`), so a switch
-    between two SD models keeps the user's settings."""
+    between two SD models keeps the user's settings.
+
+    The negative prompt's label changes here only with the family, from the CFG this update
+    sets. The page's CFG is not an input: what the browser sent when the event fired can be
+    stale by the time it returns (a page load answered during a model switch sets it), and a
+    label from it would contradict the CFG shown. Between family changes, txt2img's CFG change
+    event keeps the label in step."""
     reset = controls != shown
     defaults = controls.defaults
 
@@ -73,6 +77,6 @@ def family_updates(
         gr.update(visible=controls.loras),
         gr.update(visible=controls.trigger_words),
         gr.update(visible=controls.hires),
-        negative_update(controls, defaults.cfg_scale if reset else cfg),
+        negative_update(controls, defaults.cfg_scale) if reset else gr.update(),
         controls,
     ]

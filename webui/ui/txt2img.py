@@ -87,7 +87,6 @@ class Txt2ImgControls:
     gallery: gr.Gallery
     trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
     family: list[Any]  # the outputs of `family_updates`, the shown-controls State last
-    cfg: gr.Slider
     send_to_png_info: gr.Button
     gallery_state: list[Any]  # (the run's GalleryItems, the selected index)
     # Send to txt2img: the buttons that paste, the controls in `paste_params.PASTE_FIELDS` order
@@ -96,9 +95,10 @@ class Txt2ImgControls:
     paste_targets: list[Any]
     warnings: gr.HTML
 
-    def family_inputs(self) -> list[Any]:
-        """The page's shown controls and CFG: what `family_updates` compares against."""
-        return [self.family[-1], self.cfg]
+    @property
+    def shown_family(self) -> Any:
+        """The State holding the `GenerationControls` the page shows: `family_updates`' input."""
+        return self.family[-1]
 
 
 def trigger_words_update(engine: Engine) -> Any:
@@ -441,8 +441,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         *(hires.accordion, negative, shown_family),
     ]
 
-    def follow_family(shown: Any, cfg_value: float) -> list[Any]:
-        return family_updates(engine.generation_controls(), shown, cfg_value)
+    def follow_family(shown: Any) -> list[Any]:
+        return family_updates(engine.generation_controls(), shown)
 
     for trigger in (generate.click, prompt.submit):
         # a generation may have loaded the model, or an API call switched it: controls follow
@@ -454,9 +454,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             concurrency_id="gpu",
             show_progress_on=gallery,
         )
-        generated.then(
-            follow_family, inputs=[shown_family, cfg], outputs=family, show_progress="hidden"
-        )
+        generated.then(follow_family, inputs=shown_family, outputs=family, show_progress="hidden")
     cfg.change(
         # the engine's family, not the page's State: a model switch sets both CFG and the State
         lambda value: negative_update(engine.generation_controls(), value),
@@ -517,7 +515,6 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         gallery,
         trigger_words,
         family,
-        cfg,
         send_to_png_info,
         [items, selected],
         paste,
