@@ -25,7 +25,7 @@ DEV = ModelKind(Arch.FLUX1, None, variant=FluxVariant.DEV)
 SCHNELL = ModelKind(Arch.FLUX1, None, variant=FluxVariant.SCHNELL)
 NAMES = (
     *("sampler", "steps", "width", "height", "cfg", "distilled", "clip_skip", "lora_row"),
-    *("trigger_row", "hires", "negative", "shown"),
+    *("trigger_row", "hires", "hr_distilled", "negative", "shown"),
 )
 
 
@@ -52,6 +52,8 @@ def test_a_new_page_shows_the_family_defaults(
     assert u["width"]["step"] == u["height"]["step"] == size_step
     assert u["distilled"]["visible"] is distilled
     assert u["distilled"]["value"] == 3.5
+    assert u["hr_distilled"]["visible"] is distilled  # the hires pass's, beside the first's
+    assert u["hr_distilled"]["value"] == 3.5
     assert u["negative"]["label"] == negative_label
     # FLUX.1 has no clip skip (hidden); its LoRAs have both backends, so their row shows
     assert u["clip_skip"]["visible"] is (kind is SD1)

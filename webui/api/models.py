@@ -91,6 +91,10 @@ class Txt2ImgRequest(BaseModel):
     hr_negative_prompt: str = Field("", description="hires negative prompt")
     hr_sampler_name: str | None = Field(None, description="hires sampler (default: sampler)")
     hr_cfg: float | None = Field(None, description="hires CFG scale, Forge's (default: cfg_scale)")
+    hr_distilled_cfg: float | None = Field(
+        None,
+        description="hires Distilled CFG Scale, Forge's (FLUX.1 dev; default: distilled_cfg_scale)",
+    )
     restore_faces: bool | None = Field(None, description="accepted, ignored")
     tiling: bool | None = Field(None, description="accepted, ignored")
     override_settings: Options | None = None
@@ -171,6 +175,7 @@ class Txt2ImgRequest(BaseModel):
             negative_prompt=self.hr_negative_prompt,
             sampler=self.hr_sampler_name or "",
             cfg_scale=self.hr_cfg,
+            distilled_cfg_scale=self.hr_distilled_cfg,
         )
 
     @property

@@ -26,6 +26,7 @@ from webui.networks.library import Embedding
 # VAE downscale 8, then 2x2 latent patches per transformer token
 SIZE_MULTIPLE: Final = 16
 DISTILLED_CFG_KEY: Final = "Distilled CFG Scale"  # Forge's infotext name
+HIRES_DISTILLED_CFG_KEY: Final = "Hires Distilled CFG Scale"  # Forge's, its hires pass's
 # Forge's "Module N" fields list the separate files: the VAE, then the text encoders
 MODULE_ORDER: Final = ("vae", "text_encoder", "text_encoder_2")
 
@@ -132,6 +133,10 @@ class FluxRecipe:
         fields = {"Sampler": FLOW_MATCH_EULER.name, "CFG scale": f"{request.cfg_scale:g}"}
         if self.guided:
             fields[DISTILLED_CFG_KEY] = f"{request.distilled_cfg_scale:g}"
+        if self.guided and request.hires is not None:
+            # as Forge: written with every hires image of a model that takes distilled CFG
+            hires_value = request.hires.distilled_cfg(request.distilled_cfg_scale)
+            fields[HIRES_DISTILLED_CFG_KEY] = f"{hires_value:g}"
         return fields
 
     def module_fields(self, parts: Mapping[str, Path]) -> dict[str, str]:

@@ -650,6 +650,7 @@ class Engine:
             request,
             sampler=hires.sampler or request.sampler,
             cfg_scale=cfg,
+            distilled_cfg_scale=hires.distilled_cfg(request.distilled_cfg_scale),
             steps=schedule.steps,
             negative_prompt=negative,
         )

@@ -73,7 +73,8 @@ class HiresSize:
 class HiresFix:
     """A1111's hires-fix fields. `resize_x`/`resize_y` (0: unset) win over `scale`; `steps` 0
     is the first pass's step count; empty `prompt`, `negative_prompt`, `sampler` and a None
-    `cfg_scale` are the first pass's."""
+    `cfg_scale` or `distilled_cfg_scale` (Forge's, for families with a distilled-guidance
+    input; others ignore it) are the first pass's."""
 
     scale: float = 2.0
     resize_x: int = 0
@@ -85,6 +86,11 @@ class HiresFix:
     negative_prompt: str = ""
     sampler: str = ""
     cfg_scale: float | None = None
+    distilled_cfg_scale: float | None = None
+
+    def distilled_cfg(self, first_pass: float) -> float:
+        """The second pass's Distilled CFG Scale: its own, else the first pass's."""
+        return first_pass if self.distilled_cfg_scale is None else self.distilled_cfg_scale
 
     def size(self, width: int, height: int, multiple: int = LATENT_FACTOR) -> HiresSize:
         """A1111's target resolution (`calculate_target_resolution`), each side floored to a
@@ -136,6 +142,11 @@ class HiresFix:
             (
                 "hr_cfg",
                 self.cfg_scale is None or 0.0 <= self.cfg_scale <= 30.0,
+                "must be between 0 and 30",
+            ),
+            (
+                "hr_distilled_cfg",
+                self.distilled_cfg_scale is None or 0.0 <= self.distilled_cfg_scale <= 30.0,
                 "must be between 0 and 30",
             ),
         ]

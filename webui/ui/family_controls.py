@@ -42,8 +42,8 @@ def negative_update(controls: GenerationControls, cfg: float) -> Any:
 
 def family_updates(controls: GenerationControls, shown: GenerationControls | None) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
-    backend's row, the trigger words' row, the hires-fix accordion, negative prompt, shown):
-    the controls that apply to `controls`' family shown, the others hidden. Values go back to
+    backend's row, the trigger words' row, the hires-fix accordion, its distilled cfg, negative
+    prompt, shown): the controls that apply to `controls`' family shown, the others hidden. Values go back to
     the family's defaults only when the page showed other controls (`shown`), so a switch
     between two SD models keeps the user's settings.
 
@@ -77,6 +77,7 @@ def family_updates(controls: GenerationControls, shown: GenerationControls | Non
         gr.update(visible=controls.loras),
         gr.update(visible=controls.trigger_words),
         gr.update(visible=controls.hires),
+        gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
         negative_update(controls, defaults.cfg_scale) if reset else gr.update(),
         controls,
     ]

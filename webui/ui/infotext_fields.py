@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from webui.engine.flux_recipe import DISTILLED_CFG_KEY
+from webui.engine.flux_recipe import DISTILLED_CFG_KEY, HIRES_DISTILLED_CFG_KEY
 from webui.engine.hires import UPSCALER_NAMES, HiresFix
 from webui.engine.infotext import parse_infotext
 from webui.engine.samplers import UnknownSamplerError, get_sampler
@@ -131,6 +131,7 @@ def _hires(params: Mapping[str, str], number, problems: list[str]) -> HiresFix |
         negative_prompt=params.get("Hires negative prompt", ""),
         sampler=_sampler(params, "Hires sampler", problems) or "",
         cfg_scale=number("Hires CFG Scale", float),
+        distilled_cfg_scale=number(HIRES_DISTILLED_CFG_KEY, float),
     )
 
 

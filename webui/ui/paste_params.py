@@ -21,6 +21,7 @@ PASTE_FIELDS = (
     *("seed", "width", "height", "clip_skip", "extra_seed", "subseed", "subseed_strength"),
     *("enable_hr", "hr_upscaler", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_steps"),
     *("denoising_strength", "hr_cfg", "hr_sampler", "hr_prompt", "hr_negative_prompt"),
+    "hr_distilled_cfg",
 )
 SAME_SAMPLER = "Use same sampler"  # A1111's hires sampler choice meaning the first pass's
 
@@ -70,9 +71,12 @@ def paste_updates(values: FieldValues) -> list[Any]:
             hr.sampler or SAME_SAMPLER,
             hr.prompt,
             hr.negative_prompt,
+            hr.distilled_cfg_scale
+            if hr.distilled_cfg_scale is not None
+            else values.distilled_cfg_scale,  # None: first pass's
         ]
         if hr is not None
-        else [None] * 10
+        else [None] * 11
     )
     return [_value(v) for v in [*first, *hires]]
 

@@ -404,7 +404,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             auto_trigger_words=trigger_mode_limit(tw) if tw else None,
             subseed=int(sub if extra and sub is not None else -1),
             subseed_strength=float(sub_s or 0) if extra else 0.0,
-            hires=hires_fix(*values[17:], first_cfg=float(c)),
+            hires=hires_fix(*values[17:], first_cfg=float(c), first_distilled_cfg=float(dc)),
         )
         return request
 
@@ -438,7 +438,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     )
     family = [
         *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, trigger_row),
-        *(hires.accordion, negative, shown_family),
+        *(hires.accordion, hires.distilled_cfg, negative, shown_family),
     ]
 
     def follow_family(shown: Any) -> list[Any]:

@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.hires import UPSCALER_NAMES, HiresFix
+from webui.engine.request import DEFAULT_DISTILLED_CFG
 from webui.engine.samplers import sampler_names
 from webui.ui.paste_params import SAME_SAMPLER
 
@@ -42,6 +43,7 @@ class HiresControls:
     sampler: gr.Dropdown
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
+    distilled_cfg: gr.Slider  # shown by `family_updates` for the families that take it
 
     @property
     def values(self) -> list[Any]:
@@ -49,6 +51,7 @@ class HiresControls:
         return [
             *(self.enable, self.upscaler, self.scale, self.resize_x, self.resize_y, self.steps),
             *(self.denoising_strength, self.cfg, self.sampler, self.prompt, self.negative_prompt),
+            self.distilled_cfg,
         ]
 
 
@@ -172,6 +175,16 @@ def build_hires_controls() -> HiresControls:
                 info="the second pass's sampler",
                 elem_id="txt2img-hr-sampler",
             )
+            distilled_cfg = gr.Slider(
+                0,
+                30,
+                value=DEFAULT_DISTILLED_CFG,
+                step=0.1,
+                label="Hires Distilled CFG Scale",
+                info="the second pass's distilled CFG (FLUX.1 [dev]'s guidance input)",
+                visible=False,  # shown by `family_updates` for the families that take it
+                elem_id="txt2img-hr-distilled-cfg",
+            )
         prompt = gr.Textbox(
             "", label="Hires prompt", lines=2, info="the second pass's prompt (LoRA tags too)", placeholder="empty: the prompt",
             elem_id="txt2img-hr-prompt",
@@ -182,7 +195,7 @@ def build_hires_controls() -> HiresControls:
         )  # fmt: skip
     return HiresControls(
         accordion, enable, upscaler, scale, resize_x, resize_y, steps, strength, cfg, sampler,
-        prompt, negative,
+        prompt, negative, distilled_cfg,
     )  # fmt: skip
 
 
@@ -198,10 +211,14 @@ def hires_fix(
     sampler: str | None,
     prompt: str | None,
     negative: str | None,
+    distilled_cfg: float | None = None,
+    *,
     first_cfg: float,
+    first_distilled_cfg: float | None = None,
 ) -> HiresFix | None:
     """The request's hires fix from the accordion's values (None while it is off). A hires CFG
-    equal to the first pass's is left unset, so the infotext writes none, as A1111's does."""
+    equal to the first pass's is left unset, so the infotext writes none, as A1111's does; so is
+    a hires Distilled CFG Scale equal to the first pass's (the same value runs either way)."""
     if not enable:
         return None
     return HiresFix(
@@ -215,4 +232,12 @@ def hires_fix(
         negative_prompt=negative or "",
         sampler="" if not sampler or sampler == SAME_SAMPLER else sampler,
         cfg_scale=None if cfg is None or float(cfg) == float(first_cfg) else float(cfg),
+        distilled_cfg_scale=_unless_equal(distilled_cfg, first_distilled_cfg),
     )
+
+
+def _unless_equal(value: float | None, first_pass: float | None) -> float | None:
+    """A hires value, or None (the first pass's) when it is unset or the same."""
+    if value is None or (first_pass is not None and float(value) == float(first_pass)):
+        return None
+    return float(value)
