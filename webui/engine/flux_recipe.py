@@ -3,7 +3,7 @@
 distilled guidance input ([dev] only), true CFG with the negative prompt only when `cfg_scale` > 1
 (Forge's rule; 1 = off), sizes in multiples of 16; LoRAs through the native patcher (every
 FLUX.1 format, `te1` = CLIP-L, `te2` = T5), no embeddings yet; hires fix through
-FluxImg2ImgPipeline on the unpacked latents."""
+FluxImg2ImgPipeline on the unpacked latents, with its own distilled guidance (Forge's)."""
 
 from __future__ import annotations
 
