@@ -43,9 +43,9 @@ def negative_update(controls: GenerationControls, cfg: float) -> Any:
 def family_updates(controls: GenerationControls, shown: GenerationControls | None) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
     backend's row, the trigger words' row, the hires-fix accordion, its distilled cfg, negative
-    prompt, shown): the controls that apply to `controls`' family shown, the others hidden. Values go back to
-    the family's defaults only when the page showed other controls (`shown`), so a switch
-    between two SD models keeps the user's settings.
+    prompt, shown): the controls that apply to `controls`' family shown, the others hidden.
+    Values go back to the family's defaults only when the page showed other controls (`shown`),
+    so a switch between two SD models keeps the user's settings.
 
     The negative prompt's label changes here only with the family, from the CFG this update
     sets. The page's CFG is not an input: what the browser sent when the event fired can be

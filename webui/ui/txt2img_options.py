@@ -231,7 +231,7 @@ def hires_fix(
         prompt=prompt or "",
         negative_prompt=negative or "",
         sampler="" if not sampler or sampler == SAME_SAMPLER else sampler,
-        cfg_scale=None if cfg is None or float(cfg) == float(first_cfg) else float(cfg),
+        cfg_scale=_unless_equal(cfg, first_cfg),
         distilled_cfg_scale=_unless_equal(distilled_cfg, first_distilled_cfg),
     )
 
