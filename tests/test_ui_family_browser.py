@@ -63,6 +63,9 @@ def test_controls_follow_the_model_family(
         expect(distilled).to_be_visible()
         expect(distilled.locator("input[type='number']")).to_have_value("3.5")
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+        # the hires pass's CFG too: 7 there would run true CFG on FLUX's second pass
+        page.locator("#txt2img-hires").get_by_text("Hires. fix").first.click()  # renders it
+        expect(page.locator("#txt2img-hr-cfg input[type='number']")).to_have_value("1")
         expect(page.locator("#txt2img-sampler input")).to_have_value("Euler")
         expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
         assert picker_value(page) == "flux1-dev"

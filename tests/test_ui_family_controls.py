@@ -25,7 +25,7 @@ DEV = ModelKind(Arch.FLUX1, None, variant=FluxVariant.DEV)
 SCHNELL = ModelKind(Arch.FLUX1, None, variant=FluxVariant.SCHNELL)
 NAMES = (
     *("sampler", "steps", "width", "height", "cfg", "distilled", "clip_skip", "lora_row"),
-    *("trigger_row", "hires", "hr_distilled", "negative", "shown"),
+    *("trigger_row", "hires", "hr_cfg", "hr_sampler", "hr_distilled", "negative", "shown"),
 )
 
 
@@ -52,6 +52,10 @@ def test_a_new_page_shows_the_family_defaults(
     assert u["width"]["step"] == u["height"]["step"] == size_step
     assert u["distilled"]["visible"] is distilled
     assert u["distilled"]["value"] == 3.5
+    # the hires pass's CFG starts where the first pass's does (Forge's FLUX preset: 1 for both):
+    # 7 there would run FLUX's second pass with true CFG, twice as slow, unasked
+    assert u["hr_cfg"]["value"] == cfg
+    assert u["hr_sampler"]["value"] == "Use same sampler"
     assert u["hr_distilled"]["visible"] is distilled  # the hires pass's, beside the first's
     assert u["hr_distilled"]["value"] == 3.5
     assert u["negative"]["label"] == negative_label
@@ -67,12 +71,15 @@ def test_sd_keeps_every_sampler_and_flux_offers_only_euler() -> None:
     assert len(updates(SD1)["sampler"]["choices"]) > 10
     assert "DPM++ 2M Karras" in updates(SD1)["sampler"]["choices"]
     assert updates(DEV)["sampler"]["choices"] == ["Euler"]
+    assert updates(DEV)["hr_sampler"]["choices"] == ["Use same sampler", "Euler"]
+    assert "DPM++ 2M Karras" in updates(SD1)["hr_sampler"]["choices"]
     assert updates(DEV)["cfg"]["info"] == TRUE_CFG_INFO
 
 
 def test_switching_between_sd_models_keeps_the_users_values() -> None:
     u = updates(SDXL, shown=controls_for(SD1))
-    assert all("value" not in u[name] for name in ("sampler", "steps", "cfg", "distilled"))
+    kept = ("sampler", "steps", "cfg", "distilled", "hr_cfg", "hr_sampler", "hr_distilled")
+    assert all("value" not in u[name] for name in kept)
 
 
 def test_the_negative_label_changes_only_with_the_family() -> None:

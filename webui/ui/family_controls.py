@@ -10,12 +10,15 @@ import gradio as gr
 
 from webui.engine.generation_controls import GenerationControls
 from webui.engine.request import DEFAULT_DISTILLED_CFG
+from webui.ui.paste_params import SAME_SAMPLER
 
 SAMPLER_INFO = "A1111's sampler names; Karras/exponential variants change the noise schedule"
 FLOW_SAMPLER_INFO = "flow matching: this model family takes Euler only"
 CFG_INFO = "how closely the image follows the prompt; 1 or less turns guidance off"
 TRUE_CFG_INFO = "above 1: real CFG with the negative prompt, twice as slow"
 DISTILLED_CFG_INFO = "FLUX.1 [dev]'s guidance input: how closely the image follows the prompt"
+HIRES_CFG_INFO = "the second pass's CFG"
+HIRES_TRUE_CFG_INFO = "the second pass's; above 1: real CFG with the negative prompt, twice as slow"
 NEGATIVE_LABEL = "Negative prompt"
 NEGATIVE_INFO = "what the image should not show (LoRA tags here are ignored)"
 NEGATIVE_UNUSED_LABEL = "Negative prompt (unused at CFG scale 1)"
@@ -42,8 +45,8 @@ def negative_update(controls: GenerationControls, cfg: float) -> Any:
 
 def family_updates(controls: GenerationControls, shown: GenerationControls | None) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
-    backend's row, the trigger words' row, the hires-fix accordion, its distilled cfg, negative
-    prompt, shown): the controls that apply to `controls`' family shown, the others hidden.
+    backend's row, the trigger words' row, the hires-fix accordion, its cfg, sampler and
+    distilled cfg, negative prompt, shown): the controls that apply to `controls`' family shown, the others hidden.
     Values go back to the family's defaults only when the page showed other controls (`shown`),
     so a switch between two SD models keeps the user's settings.
 
@@ -77,6 +80,12 @@ def family_updates(controls: GenerationControls, shown: GenerationControls | Non
         gr.update(visible=controls.loras),
         gr.update(visible=controls.trigger_words),
         gr.update(visible=controls.hires),
+        # the second pass's CFG and sampler: the family's too (Forge's FLUX preset sets both)
+        gr.update(
+            info=HIRES_TRUE_CFG_INFO if controls.negative_needs_cfg else HIRES_CFG_INFO,
+            **value(defaults.cfg_scale),
+        ),
+        gr.update(choices=[SAME_SAMPLER, *controls.samplers], **value(SAME_SAMPLER)),
         gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
         negative_update(controls, defaults.cfg_scale) if reset else gr.update(),
         controls,

@@ -438,7 +438,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     )
     family = [
         *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, trigger_row),
-        *(hires.accordion, hires.distilled_cfg, negative, shown_family),
+        *(hires.accordion, hires.cfg, hires.sampler, hires.distilled_cfg, negative, shown_family),
     ]
 
     def follow_family(shown: Any) -> list[Any]:

@@ -11,6 +11,7 @@ import gradio as gr
 from webui.engine.hires import UPSCALER_NAMES, HiresFix
 from webui.engine.request import DEFAULT_DISTILLED_CFG
 from webui.engine.samplers import sampler_names
+from webui.ui.family_controls import HIRES_CFG_INFO
 from webui.ui.paste_params import SAME_SAMPLER
 
 RANDOM = "\U0001f3b2\ufe0f"  # 🎲️
@@ -165,7 +166,7 @@ def build_hires_controls() -> HiresControls:
                 value=7,
                 step=0.5,
                 label="Hires CFG Scale",
-                info="the second pass's CFG",
+                info=HIRES_CFG_INFO,
                 elem_id="txt2img-hr-cfg",
             )
             sampler = gr.Dropdown(
