@@ -27,7 +27,7 @@ UNUSED_CLASS = "lw-unused"
 
 
 def width_info(step: int) -> str:
-    return f"pixels, a multiple of {step}; best near the model's size (SD1 512, SDXL 1024)"
+    return f"pixels, a multiple of {step}; best near the model's (SD1 512, SDXL and FLUX.1 1024)"
 
 
 def height_info(step: int) -> str:
