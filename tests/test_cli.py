@@ -1,4 +1,5 @@
-"""`python app.py generate` end to end, in a subprocess, as a user runs it."""
+"""`python app.py generate` end to end: once in a subprocess, as a user runs it from the shell;
+the other cases through `app.main` in this process (same output, without the ~10 s of imports)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+from app_in_process import run_app
 from lora_files import write_kohya_lora
 from PIL import Image
 
@@ -19,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "lora-webui-test-cli-cache"  # never the repo's .cache
 
 
-def run_app(*args: str) -> subprocess.CompletedProcess[str]:
+def run_app_process(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "app.py", "--cache-dir", str(CACHE), *args],
         cwd=ROOT,
@@ -29,10 +32,15 @@ def run_app(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def cli(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_app(capfd, "--cache-dir", str(CACHE), *args)
+
+
 def test_generate_writes_pngs_with_infotext(tiny_checkpoint_factory, tmp_path: Path) -> None:
+    """The one real `python app.py generate` from the shell (the others run in this process)."""
     model = tiny_checkpoint_factory(Arch.SDXL)
     out = tmp_path / "out" / "fox.png"
-    done = run_app(
+    done = run_app_process(
         "generate", "--model", str(model), "--prompt", "a fox", "--negative", "blurry",
         "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
         "--sampler", "DPM++ 2M Karras", "--batch-size", "2", "--out", str(out), "--device", "cpu",
@@ -51,21 +59,21 @@ def test_generate_writes_pngs_with_infotext(tiny_checkpoint_factory, tmp_path: P
         assert parsed.params["Steps"] == "3"
 
 
-def test_generate_reports_a_non_checkpoint_without_traceback(tmp_path: Path) -> None:
+def test_generate_reports_a_non_checkpoint_without_traceback(tmp_path: Path, capfd) -> None:
     bogus = tmp_path / "notes.safetensors"
     bogus.write_bytes(b"hello")
-    done = run_app(
-        "generate", "--model", str(bogus), "--prompt", "x", "--out", str(tmp_path / "x.png")
+    done = cli(
+        capfd, "generate", "--model", str(bogus), "--prompt", "x", "--out", str(tmp_path / "x.png")
     )
     assert done.returncode == 2
     assert "notes.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_generate_prints_tag_warnings(tmp_path: Path) -> None:
+def test_generate_prints_tag_warnings(tmp_path: Path, capfd) -> None:
     out = tmp_path / "x.png"
-    done = run_app(
-        "generate", "--model", "demo", "--prompt", "a fox <lora:nothere:1>", "--steps", "1",
+    done = cli(
+        capfd, "generate", "--model", "demo", "--prompt", "a fox <lora:nothere:1>", "--steps", "1",
         "--width", "64", "--height", "64", "--loras-dir", str(tmp_path), "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -73,15 +81,15 @@ def test_generate_prints_tag_warnings(tmp_path: Path) -> None:
     assert out.is_file()
 
 
-def test_generate_shows_lora_progress_then_steps(tmp_path: Path) -> None:
+def test_generate_shows_lora_progress_then_steps(tmp_path: Path, capfd) -> None:
     write_kohya_lora(tmp_path / "ink.safetensors", Arch.SD1)
-    done = run_app(
-        "generate", "--model", "demo", "--prompt", "a fox <lora:ink:1>", "--steps", "2",
+    done = cli(
+        capfd, "generate", "--model", "demo", "--prompt", "a fox <lora:ink:1>", "--steps", "2",
         "--width", "64", "--height", "64", "--loras-dir", str(tmp_path),
         "--out", str(tmp_path / "x.png"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    # text mode reads the progress line's carriage returns as line ends
+    # splitlines() reads the progress line's carriage returns as line ends
     shown = [line.strip() for line in done.stderr.splitlines()]
     progress = [line for line in shown if line.startswith(("Applying LoRAs:", "Step "))]
     loras = [line for line in progress if line.startswith("Applying LoRAs:")]

@@ -7,13 +7,12 @@ LoRA back; the CLI and the Tools tab run the same code."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from app_in_process import run_app
 from diffusers import DiffusionPipeline
 from lora_files import BASE_MODEL_VERSION, write_kohya_layers
 from safetensors import safe_open
@@ -37,7 +36,6 @@ from webui.networks.apply.patcher import NetworkPatcher
 from webui.networks.apply.strengths import Strengths
 from webui.networks.format.network import load_network
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 SOURCE_RANK = 4
@@ -234,7 +232,9 @@ def test_refusals_name_the_problem(tiny_checkpoint_factory, combination, tmp_pat
 
 
 @pytest.mark.parametrize("combination", [Arch.SD1], ids=["SD1"], indirect=True)
-def test_cli_extracts_a_combination_and_explains_bad_arguments(combination, tmp_path: Path) -> None:
+def test_cli_extracts_a_combination_and_explains_bad_arguments(
+    combination, tmp_path: Path, capfd
+) -> None:
     """Through `app.py extract` (the CLI wiring is the same for every architecture)."""
     _, model, loras = combination
     out = tmp_path / "cli.safetensors"
@@ -243,24 +243,17 @@ def test_cli_extracts_a_combination_and_explains_bad_arguments(combination, tmp_
         ["extract", "--model", str(model), *lora_args, "--energy", "0.9", "--out", str(out)],
         ["extract", "--model", str(model), *lora_args, "--rank", "0", "--out", str(out) + "2"],
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "app.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        for argv in commands
-    ]  # fmt: skip
-    (ok_out, ok_err), (_, bad_err) = (p.communicate(timeout=300) for p in procs)
+    ok, bad = [run_app(capfd, *argv) for argv in commands]
 
-    assert procs[0].returncode == 0, ok_err
-    assert "loading tiny-sd1" in ok_err and "factors computed" in ok_err
-    assert "relative error: overall" in ok_out and ok_out.strip().splitlines()[-1] == str(out)
+    assert ok.returncode == 0, ok.stderr
+    assert "loading tiny-sd1" in ok.stderr and "factors computed" in ok.stderr
+    assert "relative error: overall" in ok.stdout and ok.stdout.strip().splitlines()[-1] == str(out)
     with safe_open(str(out), framework="pt") as handle:
         recorded = json.loads(handle.metadata()[EXTRACTION_METADATA_KEY])
     assert recorded["rule"]["energy"] == 0.9
     # energy 0.9 keeps at least 90% of each delta's energy: error at most sqrt(0.1)
     assert max(m["relative_error"] for m in recorded["modules"].values()) <= 0.1**0.5 + 1e-6
-    assert procs[1].returncode == 2 and bad_err.strip() == "error: rank must be at least 1 (got 0)"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: rank must be at least 1 (got 0)"
 
 
 # How a `<lora:...>` tag writes these strengths (te1/te2 default to te, in/mid/out to unet).

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from app_in_process import run_app
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from lora_files import (
     BASE_MODEL_VERSION,
@@ -38,28 +37,8 @@ from webui.networks.apply.patcher import NetworkPatcher
 from webui.networks.format.inspection import format_text, inspect_network
 from webui.networks.format.network import load_network
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-
-
-def run_apps(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Run several `app.py` command lines at once (each pays the torch/diffusers import)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "app.py", *argv],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for argv in commands
-    ]
-    done = []
-    for argv, proc in zip(commands, procs, strict=True):
-        stdout, stderr = proc.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
-    return done
 
 
 def load(path: Path) -> LoadedModel:
@@ -168,7 +147,7 @@ def test_merged_single_file_loads_in_diffusers_with_patched_weights(
 
 
 def test_merge_cli_keeps_source_tensors_it_does_not_convert(
-    tiny_checkpoint_factory, tmp_path: Path
+    tiny_checkpoint_factory, tmp_path: Path, capfd
 ) -> None:
     """Through `app.py merge`, from a source carrying a tensor no conversion produces (like SD2's
     24th text layer or an EMA copy): it is written back unchanged."""
@@ -182,7 +161,9 @@ def test_merge_cli_keeps_source_tensors_it_does_not_convert(
     lora = write_kohya_lora(load(source).pipe, Arch.SD1, tmp_path / "style.safetensors", seed=3)
     out = tmp_path / "merged.safetensors"
 
-    (done,) = run_apps(["merge", "--model", str(model), "--lora", f"{lora}:0.5", "--out", str(out)])
+    done = run_app(
+        capfd, "merge", "--model", str(model), "--lora", f"{lora}:0.5", "--out", str(out)
+    )
 
     assert done.returncode == 0, done.stderr
     assert "loading" in done.stderr and "applying" in done.stderr and "saving" in done.stderr
@@ -270,14 +251,12 @@ def lycoris_lora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_inspect_lora_reports_a_lycoris_file(
-    lycoris_lora: Path, tiny_checkpoint_factory, tmp_path: Path
+    lycoris_lora: Path, tiny_checkpoint_factory, tmp_path: Path, capfd
 ) -> None:
     model = tiny_checkpoint_factory(Arch.SD1)
     prefixes = file_prefixes(lycoris_lora)
-    text_run, json_run = run_apps(
-        ["inspect-lora", str(lycoris_lora)],
-        ["inspect-lora", str(lycoris_lora), "--model", str(model), "--json"],
-    )
+    text_run = run_app(capfd, "inspect-lora", str(lycoris_lora))
+    json_run = run_app(capfd, "inspect-lora", str(lycoris_lora), "--model", str(model), "--json")
 
     assert text_run.returncode == 0, text_run.stderr
     text = text_run.stdout
@@ -321,15 +300,12 @@ def test_inspection_text_reports_the_fit_on_a_model(
     assert "warning: lyco-fox: made for SD1" in text
 
 
-def test_bad_inputs_get_one_line_errors(tiny_checkpoint_factory, tmp_path: Path) -> None:
+def test_bad_inputs_get_one_line_errors(tiny_checkpoint_factory, tmp_path: Path, capfd) -> None:
     model = tiny_checkpoint_factory(Arch.SD1)
     not_lora = tmp_path / "embedding.safetensors"
     save_file({"emb_params": torch.zeros(2, 8)}, str(not_lora))
 
-    runs = run_apps(
-        ["inspect-lora", str(not_lora)],
-        ["inspect-lora", str(model)],
-    )
+    runs = [run_app(capfd, "inspect-lora", str(path)) for path in (not_lora, model)]
 
     expected = [
         ("embedding.safetensors", "not a LoRA"),

@@ -47,6 +47,8 @@ def server(tmp_path: Path, tiny_checkpoint_factory):
     models.mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "tiny.safetensors")
     port = free_port()
+    # a real process: the one test of the server entry point as the README starts it (the other
+    # CLI tests call app.main in-process; the browser tests skip without Chromium)
     process = subprocess.Popen(
         [
             sys.executable,

@@ -4,19 +4,17 @@ it), `/sd-models` listing FLUX files, and `python app.py generate` on a FLUX fil
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 import webuiapi
+from app_in_process import run_app
 from conftest import RunningServer, folders
 from flux_models import write_flux_models
 
 from webui.engine.infotext import parse_infotext, read_image_parameters
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 5, "cfg_scale": 1}
 
 
@@ -53,15 +51,14 @@ def test_distilled_cfg_scale_field_and_bad_size(server: RunningServer) -> None:
     )
 
 
-def test_cli_generates_a_flux_image(tmp_path: Path) -> None:
+def test_cli_generates_a_flux_image(tmp_path: Path, capfd) -> None:
     names = write_flux_models(tmp_path / "models")
     out = tmp_path / "out.png"
     model = tmp_path / "models" / f"{names[next(iter(names))]}.safetensors"
-    done = subprocess.run(
-        [sys.executable, "app.py", "--cache-dir", str(tmp_path / "cache"), "generate",
-         "--model", str(model), "--prompt", "a fox", "--steps", "2",
-         "--width", "64", "--height", "64", "--seed", "3", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    done = run_app(
+        capfd, "--cache-dir", str(tmp_path / "cache"), "generate",
+        "--model", str(model), "--prompt", "a fox", "--steps", "2",
+        "--width", "64", "--height", "64", "--seed", "3", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     from PIL import Image

@@ -5,14 +5,12 @@ same seed; the infotext names the LoRA and the distilled CFG."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webuiapi
+from app_in_process import run_app
 from conftest import RunningServer, folders
 from flux_lora_files import write_flux_lora
 from flux_models import write_flux_models
@@ -21,7 +19,6 @@ from PIL import Image
 from webui.engine.generate import Engine, GenerationRequest
 from webui.engine.infotext import parse_infotext, read_image_parameters
 
-ROOT = Path(__file__).resolve().parents[2]
 SEED, STEPS, DISTILLED = 21, 4, 4.5
 SCHEDULED = "a fox <lora:foxstyle:0@0,1@0.5>"  # off for the first half, full for the second
 # LoRA Block Weight's FLUX order: CLIP, T5, IN, D00..D18, S00..S37, OUT; D00 off
@@ -118,19 +115,17 @@ def test_flux_block_weights_through_the_api(server: RunningServer, local: Engine
 
 
 def test_cli_renders_the_scheduled_block_weighted_lora_as_the_engine_does(
-    server: RunningServer, local: Engine, tmp_path: Path
+    server: RunningServer, local: Engine, tmp_path: Path, capfd
 ) -> None:
     settings = server.engine.settings
     out = tmp_path / "fox.png"
-    done = subprocess.run(
-        [sys.executable, "app.py", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-         "--loras-dir", str(settings.loras_dir), "generate",
-         "--model", str(settings.models_dir / "flux1-dev.safetensors"),
-         "--prompt", SCHEDULED_BLOCKS,
-         "--steps", str(STEPS), "--width", "64", "--height", "64", "--seed", str(SEED),
-         "--distilled-cfg", str(DISTILLED), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    done = run_app(
+        capfd, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--loras-dir", str(settings.loras_dir), "generate",
+        "--model", str(settings.models_dir / "flux1-dev.safetensors"),
+        "--prompt", SCHEDULED_BLOCKS,
+        "--steps", str(STEPS), "--width", "64", "--height", "64", "--seed", str(SEED),
+        "--distilled-cfg", str(DISTILLED), "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stderr.lower(), done.stderr
