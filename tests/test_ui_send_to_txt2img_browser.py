@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context, set_number
-from tests.test_ui_browser import running_app
 from tests.test_ui_infotext_fields import A1111_TEXT
 from webui.arch import Arch
 
