@@ -12,8 +12,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.test_server import ROOT, free_port, wait_for
+
+if TYPE_CHECKING:
+    from webui.engine.generate import Engine
 
 
 def app_arguments(tmp: Path, port: int) -> list[str]:
@@ -60,7 +64,20 @@ def running_app(tmp: Path) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         warming.join(timeout=120)  # a model load left running would slow the next test
+        _stop_jobs(engine)
         assert not thread.is_alive(), "the app did not stop"
+
+
+def _stop_jobs(engine: Engine, timeout: float = 60) -> None:
+    """Interrupt what the engine still runs (a failed test's long generation, on a thread of its
+    own) until its queue is empty: it would take the next tests' CPU, then abort the exit."""
+    from webui.engine.jobs import JobQueue
+
+    jobs = JobQueue.for_engine(engine)
+    deadline = time.monotonic() + timeout
+    while jobs.status().job_count and time.monotonic() < deadline:
+        jobs.interrupt()
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -231,7 +231,10 @@ def test_counter_panel_grid_and_escape(server: str, server_folder: Path, chromiu
         set_number(page, "txt2img-batch-count", "50")
         set_number(page, "txt2img-steps", "150")
         page.locator("#txt2img-generate").click()
-        page.wait_for_timeout(1500)
+        # a step of this run (50 x 150 steps) done, not the last run's bar fading out: the
+        # job Esc must stop is running
+        running = re.compile(r"\b[1-9][\d.]*k?/7\.5k steps")
+        expect(page.locator(".progress-text").first).to_contain_text(running)
         page.locator("body").press("Escape")
         expect(page.locator("#txt2img-infotext")).to_contain_text("(interrupted)")
         text = page.locator("#txt2img-infotext").inner_text()
