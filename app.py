@@ -19,9 +19,10 @@ from webui.settings import DeviceChoice, DtypeChoice, LoraBackend, Settings
 
 if TYPE_CHECKING:
     import torch
+    from fastapi import FastAPI
 
     from webui.api.auth import Credential
-    from webui.engine.generate import Progress
+    from webui.engine.generate import Engine, Progress
     from webui.networks.format import ModelCheck, Network
 
 log = logging.getLogger("app")
@@ -479,14 +480,13 @@ def run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_server(args: argparse.Namespace) -> int:
-    import threading
-
+def server_app(args: argparse.Namespace) -> tuple[Engine, FastAPI]:
+    """What `python app.py` serves: an engine over the saved settings and the app over it (the
+    browser tests serve the same in-process)."""
     from webui.engine.generate import Engine
-    from webui.server import Access, build_app, serve
+    from webui.server import Access, build_app
     from webui.settings import SettingsFile
 
-    quiet_progress_bars(args.verbose)
     start = settings_from(args)
     saved = SettingsFile(start.settings_file)
     settings = saved.apply(start)  # the Settings tab's options, as last saved
@@ -500,9 +500,19 @@ def run_server(args: argparse.Namespace) -> int:
         log.warning("--listen without --auth: anyone on the network can use the UI")
     if settings.listen and not access.api_credentials:
         log.warning("--listen without --auth/--api-auth: anyone on the network can use the API")
+    return engine, build_app(engine, access)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import threading
+
+    from webui.server import serve
+
+    quiet_progress_bars(args.verbose)
+    engine, served = server_app(args)
     # warm the default model while the page loads; errors surface on first use
-    threading.Thread(target=_load_quietly, args=(engine,), daemon=True).start()
-    serve(build_app(engine, access), settings.host, settings.port, verbose=args.verbose)
+    threading.Thread(target=load_default_quietly, args=(engine,), daemon=True).start()
+    serve(served, engine.settings.host, engine.settings.port, verbose=args.verbose)
     return 0
 
 
@@ -529,9 +539,10 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_quietly(engine: object) -> None:
+def load_default_quietly(engine: Engine) -> None:
+    """Load the default model, logging (not raising) a failure: run on a thread at start."""
     try:
-        engine.load_default()  # type: ignore[attr-defined]
+        engine.load_default()
     except Exception as exc:  # the UI reports it again when the user generates
         log.warning("could not load the default model: %s", exc)
 

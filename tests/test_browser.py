@@ -13,8 +13,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ import torch
 from lora_files import write_kohya_lora
 from PIL import Image, ImageDraw
 
-from tests.chromium import CHROMIUM, CHROMIUM_ARGS, browser_context, set_number  # noqa: F401
-from tests.test_server import ROOT, free_port, wait_for
+from tests.app_server import running_app
+from tests.chromium import CHROMIUM, browser_context, set_number
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -81,39 +80,10 @@ def server_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(server_folder: Path):
+def server(server_folder: Path) -> Iterator[str]:
     """One app for this file's tests, in order (the last one changes the LoRA folder)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = (server_folder / "server.log").open("w")  # a file, not a pipe: a full pipe would block
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "app.py",
-            "--port",
-            str(port),
-            *("--models-dir", str(server_folder / "models")),
-            *("--loras-dir", str(server_folder / "loras")),
-            "--device",
-            "cpu",
-            *("--outputs-dir", str(server_folder / "outputs")),
-            *("--cache-dir", str(server_folder / "cache")),
-            *("--settings-file", str(server_folder / "config.json")),
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, process)
+    with running_app(server_folder) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-        print((server_folder / "server.log").read_text()[-6000:])  # shown when a test fails
 
 
 def test_networks_tab_in_a_browser(server: str, chromium, tmp_path: Path) -> None:
@@ -261,7 +231,10 @@ def test_counter_panel_grid_and_escape(server: str, server_folder: Path, chromiu
         set_number(page, "txt2img-batch-count", "50")
         set_number(page, "txt2img-steps", "150")
         page.locator("#txt2img-generate").click()
-        page.wait_for_timeout(1500)
+        # a step of this run (50 x 150 steps) done, not the last run's bar fading out: the
+        # job Esc must stop is running
+        running = re.compile(r"\b[1-9][\d.]*k?/7\.5k steps")
+        expect(page.locator(".progress-text").first).to_contain_text(running)
         page.locator("body").press("Escape")
         expect(page.locator("#txt2img-infotext")).to_contain_text("(interrupted)")
         text = page.locator("#txt2img-infotext").inner_text()

@@ -17,8 +17,9 @@ import pytest
 from flux_lora_files import write_flux_lora
 from lora_files import write_kohya_lora
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context
-from tests.test_ui_browser import choose, running_app, set_number
+from tests.test_ui_browser import choose, set_number
 from tests.test_ui_family_browser import write_flux_dev
 from webui.arch import Arch
 

@@ -9,60 +9,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.app_server import app_process, running_app
 from tests.chromium import CHROMIUM, set_number
 from tests.test_browser import write_lora_folder
-from tests.test_server import ROOT, free_port, wait_for
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR", "/tmp/h5-ui-shots"))
-
-
-@contextmanager
-def running_app(tmp: Path) -> Iterator[str]:
-    """`python app.py` on the folders under `tmp` (models, loras, outputs, cache, settings file):
-    nothing is written into the repository."""
-    port = free_port()
-    log = (tmp / "server.log").open("a")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "app.py",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            *("--models-dir", str(tmp / "models"), "--loras-dir", str(tmp / "loras")),
-            *("--outputs-dir", str(tmp / "outputs"), "--cache-dir", str(tmp / "cache")),
-            *("--settings-file", str(tmp / "config.json")),
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
-        print((tmp / "server.log").read_text()[-4000:])  # shown when the test fails
 
 
 def api(url: str, route: str, body: dict | None = None) -> dict:
@@ -168,11 +126,11 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
 
         # a wide image is shown whole; image 3 of a batch shows its own infotext
         prompt.fill("a wide fox")
-        set_number(page, "txt2img-width", "1024")
-        set_number(page, "txt2img-height", "256")
+        set_number(page, "txt2img-width", "512")
+        set_number(page, "txt2img-height", "128")
         set_number(page, "txt2img-seed", "100")
         page.locator("#txt2img-generate").click()
-        expect(info).to_contain_text("Size: 1024x256")
+        expect(info).to_contain_text("Size: 512x128")
         thumb = page.locator("#txt2img-gallery img").first
         # the element is there before its pixels: wait until the image has its natural size
         thumb.evaluate("img => img.decode()")
@@ -209,7 +167,9 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         shutil.copy(tiny, models / "0-baked.safetensors")
         page.close()  # an open page would hold the server's shutdown
 
-    with running_app(folders) as url:  # restart: model and settings kept
+    # restart, as a user does (the one `python app.py` of the browser tests): model and
+    # settings kept
+    with app_process(folders) as url:
         page = chromium.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(60_000)
         page.goto(url)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context, set_number
-from tests.test_ui_browser import choose, picker_value, running_app
+from tests.test_ui_browser import choose, picker_value
 from webui.arch import Arch, FluxVariant
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context, set_number
-from tests.test_ui_browser import running_app
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -45,7 +45,7 @@ def test_one_progress_bar_and_gallery_buttons(
 
         # a slow run: count the bars while it goes
         page.locator("#txt2img-prompt textarea").fill("a fox")
-        for name, value in (("steps", "40"), ("width", "256"), ("height", "256")):
+        for name, value in (("steps", "40"), ("width", "192"), ("height", "192")):
             set_number(page, f"txt2img-{name}", value)
         page.locator("#txt2img-generate").click()
         expect(page.locator(PROGRESS).first).to_be_visible()

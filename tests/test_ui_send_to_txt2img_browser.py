@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context, set_number
-from tests.test_ui_browser import running_app
 from tests.test_ui_infotext_fields import A1111_TEXT
 from webui.arch import Arch
 
@@ -67,6 +68,15 @@ def read_controls(page) -> dict:
     }
 
 
+def settled_controls(page, expected: dict, timeout: float = 10) -> dict:
+    """The controls once they read `expected` (the rest of an update lands a moment after its
+    first field), or as they read after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (got := read_controls(page)) != expected and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    return got
+
+
 def choose(page, elem: str, label: str) -> None:
     page.locator(f"#{elem} input").first.click()
     page.get_by_role("option", name=label, exact=True).click()
@@ -95,7 +105,7 @@ def test_send_to_txt2img_fills_every_field(
         page.locator("#txt2img-prompt textarea").fill("a fox, (red:1.2)")
         page.locator("#txt2img-negative textarea").fill("ugly")
         for name, value in (
-            *(("steps", "40"), ("width", "256"), ("height", "264"), ("cfg", "5.5")),
+            *(("steps", "24"), ("width", "128"), ("height", "136"), ("cfg", "5.5")),
             *(("seed", "77"), ("clip-skip", "2")),
         ):
             set_number(page, f"txt2img-{name}", value)
@@ -118,8 +128,8 @@ def test_send_to_txt2img_fills_every_field(
         assert made == {
             "prompt": "a fox, (red:1.2)",
             "negative": "ugly",
-            **{"steps": 40, "sampler": "DPM++ 2M Karras", "cfg": 5.5, "seed": 77},
-            **{"width": 256, "height": 264, "clip_skip": 2, "extra": True},
+            **{"steps": 24, "sampler": "DPM++ 2M Karras", "cfg": 5.5, "seed": 77},
+            **{"width": 128, "height": 136, "clip_skip": 2, "extra": True},
             **{"subseed": 99, "subseed_strength": 0.25, "enable_hr": True},
             **{"hr_upscaler": "Latent (bicubic)", "hr_scale": 1.5, "hr_steps": 2},
             **{"denoising": 0.55, "hr_cfg": 4.5, "hr_sampler": "DPM++ 2M"},
@@ -145,8 +155,7 @@ def test_send_to_txt2img_fills_every_field(
         expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
         expect(page.locator("#txt2img-enable-hr input")).to_be_checked()
         expect(page.locator("#txt2img-subseed")).to_be_visible()
-        page.wait_for_timeout(500)  # the rest of the same update
-        assert read_controls(page) == made
+        assert settled_controls(page, made) == made
         warnings = page.locator("#txt2img-warnings")
         assert "checkpoint" not in warnings.inner_text()  # found by its hash
 
@@ -157,8 +166,7 @@ def test_send_to_txt2img_fills_every_field(
         expect(page.locator("#png-info-text textarea")).to_have_value(re.compile("Seed: 77"))
         page.locator("#png-info-send-to-txt2img").click()
         expect(page.locator("#txt2img-prompt textarea")).to_have_value(made["prompt"])
-        page.wait_for_timeout(500)
-        assert read_controls(page) == made
+        assert settled_controls(page, made) == made
 
         # A1111 1.10's infotext, pasted into the prompt box and read with ↙️
         page.locator("#txt2img-prompt textarea").fill(A1111_TEXT)
@@ -167,9 +175,7 @@ def test_send_to_txt2img_fills_every_field(
             "masterpiece, <lora:ink:0.8>"
         )
         expect(warnings).to_contain_text("sd_xl_base_1.0")
-        page.wait_for_timeout(500)
-        got = read_controls(page)
-        assert got == {
+        pasted = {
             "prompt": "masterpiece, <lora:ink:0.8>",
             "negative": "blurry",
             "steps": 28,
@@ -192,5 +198,6 @@ def test_send_to_txt2img_fills_every_field(
             "hr_prompt": "",
             "hr_negative": "",
         }
+        assert settled_controls(page, pasted) == pasted
         expect(warnings).to_contain_text("LoRA ink (hash 7ab3c2e1f0aa) is not in")
         expect(page.locator("#model-select input").first).to_have_value("sd")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context, set_number
-from tests.test_ui_browser import choose, running_app
+from tests.test_ui_browser import choose
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
