@@ -99,3 +99,22 @@ def test_flux_negative_prompt_counts_above_cfg_1() -> None:
     assert negative_update(dev, 1.0)["label"] == NEGATIVE_UNUSED_LABEL
     assert negative_update(dev, 2.0)["label"] == NEGATIVE_LABEL
     assert negative_update(controls_for(SD1), 1.0)["label"] == NEGATIVE_LABEL
+
+
+def test_a_paste_that_switches_family_keeps_the_pasted_values() -> None:
+    """Send to txt2img with an SD image's parameters while FLUX.1 is loaded: the paste set the
+    infotext's sampler, steps and CFG, then the switch to its checkpoint must not put SD's
+    defaults over them (A1111 and Forge keep the pasted values); controls and labels follow."""
+    pasted = dict(
+        zip(
+            NAMES, family_updates(controls_for(SD1), controls_for(DEV), pasted_cfg=5.0), strict=True
+        )
+    )
+    kept = ("sampler", "steps", "cfg", "distilled", "hr_cfg", "hr_sampler", "hr_distilled")
+    assert all("value" not in pasted[name] for name in kept)
+    assert "DPM++ 2M Karras" in pasted["sampler"]["choices"]  # SD's list, for the pasted value
+    assert pasted["clip_skip"]["visible"] is True
+    assert pasted["negative"]["label"] == NEGATIVE_LABEL
+    # a FLUX image's parameters pasted on an SD page: its CFG 1 marks the negative unused
+    to_flux = family_updates(controls_for(DEV), controls_for(SD1), pasted_cfg=1.0)
+    assert dict(zip(NAMES, to_flux, strict=True))["negative"]["label"] == NEGATIVE_UNUSED_LABEL

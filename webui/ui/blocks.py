@@ -146,13 +146,11 @@ def build_ui(engine: Engine) -> gr.Blocks:
             names, value = picker_values(engine)
             return gr.update(choices=names, value=value)
 
-        def family(shown: Any) -> list[Any]:
-            return family_updates(engine.generation_controls(), shown)
+        def family(shown: Any, pasted_cfg: float | None = None) -> list[Any]:
+            return family_updates(engine.generation_controls(), shown, pasted_cfg=pasted_cfg)
 
-        def on_select(
-            name: str,
-            shown: Any,
-            progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+        def switch(
+            name: str, shown: Any, progress: gr.Progress, pasted_cfg: float | None = None
         ) -> tuple[Any, ...]:
             try:
                 progress(0, desc=f"Loading {name}…")
@@ -162,18 +160,27 @@ def build_ui(engine: Engine) -> gr.Blocks:
             ) as exc:  # one line under the picker, which names the model still loaded
                 message = html.escape(user_message(exc))
                 status_line = f"<span class='lw-warnings'>{message}</span>"
-                return picker(), status_line, *family(shown)
-            return picker(), _model_status(engine), *family(shown)
+                return picker(), status_line, *family(shown, pasted_cfg)
+            return picker(), _model_status(engine), *family(shown, pasted_cfg)
 
-        def load_picked(
+        def on_select(
             name: str,
             shown: Any,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
         ) -> tuple[Any, ...]:
-            """The checkpoint a paste picked, loaded; nothing changes when it is loaded already."""
+            return switch(name, shown, progress)
+
+        def load_picked(
+            name: str,
+            shown: Any,
+            cfg: float,
+            progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects it
+        ) -> tuple[Any, ...]:
+            """The checkpoint a paste picked, loaded, keeping the values the paste set (CFG `cfg`
+            among them); nothing changes when it is loaded already."""
             if engine.model is not None and engine.model.name == name:
                 return (gr.update(),) * (2 + len(txt2img.family))
-            return on_select(name, shown, progress)
+            return switch(name, shown, progress, pasted_cfg=cfg)
 
         paste_outputs = [tabs, txt2img.warnings, model, *txt2img.paste_targets]
         sources = [
@@ -200,7 +207,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             )
             event.then(
                 load_picked,
-                inputs=[model, txt2img.shown_family],
+                inputs=[model, txt2img.shown_family, txt2img.cfg],
                 outputs=[model, status, *txt2img.family],
                 concurrency_id="gpu",
                 show_progress_on=[model, status],

@@ -43,19 +43,26 @@ def negative_update(controls: GenerationControls, cfg: float) -> Any:
     return gr.update(label=NEGATIVE_LABEL, info=NEGATIVE_INFO, elem_classes=[])
 
 
-def family_updates(controls: GenerationControls, shown: GenerationControls | None) -> list[Any]:
+def family_updates(
+    controls: GenerationControls,
+    shown: GenerationControls | None,
+    *,
+    pasted_cfg: float | None = None,
+) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
     backend's row, the trigger words' row, the hires-fix accordion, its cfg, sampler and
-    distilled cfg, negative prompt, shown): the controls that apply to `controls`' family shown, the others hidden.
-    Values go back to the family's defaults only when the page showed other controls (`shown`),
-    so a switch between two SD models keeps the user's settings.
+    distilled cfg, negative prompt, shown): the controls that apply to `controls`' family
+    shown, the others hidden. Values go back to the family's defaults only when the page showed
+    other controls (`shown`), so a switch between two SD models keeps the user's settings, and
+    never after a paste (`pasted_cfg` given: the page holds the infotext's values, CFG
+    `pasted_cfg` among them, and a switch the paste asked for must not overwrite them).
 
-    The negative prompt's label changes here only with the family, from the CFG this update
-    sets. The page's CFG is not an input: what the browser sent when the event fired can be
-    stale by the time it returns (a page load answered during a model switch sets it), and a
-    label from it would contradict the CFG shown. Between family changes, txt2img's CFG change
-    event keeps the label in step."""
-    reset = controls != shown
+    Otherwise the negative prompt's label changes here only with the family, from the CFG this
+    update sets. The page's CFG is no input then: what the browser sent when the event fired
+    can be stale by the time it returns (a page load answered during a model switch sets it),
+    and a label from it would contradict the CFG shown. Between family changes, txt2img's CFG
+    change event keeps the label in step."""
+    reset = controls != shown and pasted_cfg is None
     defaults = controls.defaults
 
     def value(default: Any) -> dict[str, Any]:
@@ -87,6 +94,12 @@ def family_updates(controls: GenerationControls, shown: GenerationControls | Non
         ),
         gr.update(choices=[SAME_SAMPLER, *controls.samplers], **value(SAME_SAMPLER)),
         gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
-        negative_update(controls, defaults.cfg_scale) if reset else gr.update(),
+        _negative(controls, defaults.cfg_scale if reset else pasted_cfg),
         controls,
     ]
+
+
+def _negative(controls: GenerationControls, cfg: float | None) -> Any:
+    """The negative prompt's label for the CFG the page shows after the update (None: unknown
+    here, the label stays)."""
+    return gr.update() if cfg is None else negative_update(controls, cfg)

@@ -87,6 +87,7 @@ class Txt2ImgControls:
     gallery: gr.Gallery
     trigger_words: gr.Dropdown  # per page; a new page starts from the server-wide setting
     family: list[Any]  # the outputs of `family_updates`, the shown-controls State last
+    cfg: gr.Slider
     send_to_png_info: gr.Button
     gallery_state: list[Any]  # (the run's GalleryItems, the selected index)
     # Send to txt2img: the buttons that paste, the controls in `paste_params.PASTE_FIELDS` order
@@ -515,6 +516,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         gallery,
         trigger_words,
         family,
+        cfg,
         send_to_png_info,
         [items, selected],
         paste,

@@ -1,0 +1,72 @@
+"""Pasting an infotext whose checkpoint is of another family (headless Chromium): the paste picks
+that checkpoint, and the switch it causes keeps the infotext's values instead of putting the new
+family's defaults over them, as A1111 and Forge keep them. Here: an SD1 image's parameters
+pasted (↙️) while a FLUX.1 dev model is loaded, then a FLUX image's pasted back on SD."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.app_server import running_app
+from tests.chromium import CHROMIUM, browser_context
+from tests.test_ui_browser import choose
+from tests.test_ui_family_browser import write_flux_dev
+from webui.arch import Arch
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
+
+SD_INFOTEXT = (
+    "a red fox\nNegative prompt: blurry\nSteps: 27, Sampler: DPM++ 2M Karras, CFG scale: 5.5, "
+    "Seed: 7, Size: 512x512, Model: a-sd1"
+)
+FLUX_INFOTEXT = (
+    "a blue fox\nSteps: 13, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 4.5, Seed: 8, "
+    "Size: 512x512, Model: flux1-dev"
+)
+
+
+def number(page, elem: str) -> str:
+    return page.locator(f"#{elem} input[type='number']").input_value()
+
+
+def test_a_paste_that_switches_family_keeps_its_values(
+    tmp_path: Path, tiny_checkpoint_factory, chromium
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "loras").mkdir()
+    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
+    write_flux_dev(models / "flux1-dev.safetensors")
+    with running_app(tmp_path) as url, browser_context(chromium) as context:
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        expect(page.locator("#model-status")).to_contain_text("a-sd1")
+        choose(page, "model-select", "flux1-dev")
+        expect(page.locator("#model-status")).to_contain_text("FLUX")
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+
+        page.locator("#txt2img-prompt textarea").fill(SD_INFOTEXT)
+        page.locator("#txt2img-paste").click()
+        expect(page.locator("#model-status")).to_contain_text("SD1")
+        expect(page.locator("#txt2img-clip-skip")).to_be_visible()  # SD's controls shown
+        expect(page.locator("#txt2img-sampler input")).to_have_value("DPM++ 2M Karras")
+        expect(page.locator("#txt2img-steps input[type='number']")).to_have_value("27")
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("5.5")
+        expect(page.locator("#txt2img-negative")).not_to_contain_text("unused")
+
+        page.locator("#txt2img-prompt textarea").fill(FLUX_INFOTEXT)
+        page.locator("#txt2img-paste").click()
+        expect(page.locator("#model-status")).to_contain_text("FLUX")
+        expect(page.locator("#txt2img-distilled-cfg")).to_be_visible()
+        expect(page.locator("#txt2img-steps input[type='number']")).to_have_value("13")
+        expect(page.locator("#txt2img-distilled-cfg input[type='number']")).to_have_value("4.5")
+        expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
+        expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
+        assert number(page, "txt2img-steps") == "13"  # still, once every event has returned
