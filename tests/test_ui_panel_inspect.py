@@ -3,15 +3,14 @@ it), then the details. Tiny files built in code; module counts taken from the fi
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 
+from tests.app_in_process import run_app
 from tests.lora_files import write_kohya_lora
-from tests.test_server import ROOT
 from webui.arch import Arch
 from webui.networks.format.inspection import format_text, inspect_network, verdict
 from webui.networks.format.network import read_network
@@ -66,18 +65,12 @@ def test_verdict_of_a_plain_sd1_kohya_file(tmp_path: Path) -> None:
     assert first_line(unknown) == f"LoRA of unknown base, kohya format, {len(modules)} modules"
 
 
-def test_verdict_of_a_flux_file(tmp_path: Path) -> None:
+def test_verdict_of_a_flux_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """FLUX.1 runs since issue 18: its files read like any other family's."""
     path = tmp_path / "flux.safetensors"
     flux_kohya(path)
     assert verdict(inspect_network(read_network(path))) == ("FLUX.1 LoRA, kohya format, 1 module")
-    run = subprocess.run(
-        [sys.executable, "app.py", "inspect-lora", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_app(capfd, "inspect-lora", str(path))  # app.py's own main, in this process
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "FLUX.1 LoRA, kohya format, 1 module"

@@ -12,7 +12,12 @@ import torch
 from torch import Tensor
 
 from webui.networks.format.modules import NetworkModule
-from webui.networks.format.modules.base import LowRankModule, WeightDecompose, WeightDelta
+from webui.networks.format.modules.base import (
+    LowRankFactors,
+    LowRankModule,
+    WeightDecompose,
+    WeightDelta,
+)
 
 Rows = tuple[tuple[int, int], ...]
 
@@ -56,6 +61,16 @@ class RowPiece(NetworkModule):
         if expected is not None and expected[0] != self.fused_rows:
             return False
         return super().accepts(weight_shape)
+
+    def low_rank_factors(self, weight: Tensor, multiplier: float) -> LowRankFactors | None:
+        """A low-rank inner module's factors with up's rows taken (down is shared): the fused
+        delta is then never built, once for each piece of the fused weight."""
+        self.check_shape(weight.shape)
+        fused = weight.new_empty(()).expand(self.fused_rows, *weight.shape[1:])  # shape only
+        factors = self.inner.low_rank_factors(fused, multiplier)
+        if factors is None:
+            return None
+        return replace(factors, up=take_rows(factors.up, self.rows))
 
     def weight_delta(
         self, original_weight: Tensor, multiplier: float, original_bias: Tensor | None = None
