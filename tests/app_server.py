@@ -1,12 +1,9 @@
 """The app under test over a scratch folder (models, loras, outputs, cache, settings file): served
 in this process (what `python app.py` builds, under uvicorn on a thread: no second start of
-torch, diffusers and Gradio), or as a real `python app.py` child process."""
+torch, diffusers and Gradio). tests/test_server.py starts the real `python app.py` process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tests.test_server import ROOT, free_port, wait_for
+from tests.test_server import free_port
 
 if TYPE_CHECKING:
     from webui.engine.generate import Engine
@@ -78,30 +75,3 @@ def _stop_jobs(engine: Engine, timeout: float = 60) -> None:
     while jobs.status().job_count and time.monotonic() < deadline:
         jobs.interrupt()
         time.sleep(0.1)
-
-
-@contextmanager
-def app_process(tmp: Path) -> Iterator[str]:
-    """`python app.py` as a user starts it (README), on the folders under `tmp`; its URL."""
-    port = free_port()
-    log = (tmp / "server.log").open("a")  # a file, not a pipe: a full pipe would block
-    process = subprocess.Popen(
-        [sys.executable, "app.py", *app_arguments(tmp, port)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
-        print((tmp / "server.log").read_text()[-4000:])  # shown when the test fails

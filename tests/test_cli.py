@@ -36,13 +36,17 @@ def cli(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedPr
     return run_app(capfd, "--cache-dir", str(CACHE), *args)
 
 
-def test_generate_writes_pngs_with_infotext(tiny_checkpoint_factory, tmp_path: Path) -> None:
-    """The one real `python app.py generate` from the shell (the others run in this process)."""
+def test_generate_writes_pngs_with_infotext_and_prints_few_lines(
+    tiny_checkpoint_factory, tmp_path: Path
+) -> None:
+    """The one real `python app.py generate` from the shell (the others run in this process):
+    PNGs with their infotext, and a quiet console (a fresh process shows the libraries' import
+    warnings): at most 10 lines, no progress bar, no warning from the libraries."""
     model = tiny_checkpoint_factory(Arch.SDXL)
     out = tmp_path / "out" / "fox.png"
     done = run_app_process(
         "generate", "--model", str(model), "--prompt", "a fox", "--negative", "blurry",
-        "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+        "--steps", "2", "--seed", "11", "--width", "64", "--height", "64",
         "--sampler", "DPM++ 2M Karras", "--batch-size", "2", "--out", str(out), "--device", "cpu",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -56,7 +60,12 @@ def test_generate_writes_pngs_with_infotext(tiny_checkpoint_factory, tmp_path: P
         assert parsed.negative_prompt == "blurry"
         assert parsed.params["Seed"] == seed
         assert parsed.params["Sampler"] == "DPM++ 2M Karras"
-        assert parsed.params["Steps"] == "3"
+        assert parsed.params["Steps"] == "2"
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) <= 10, lines  # 8 today: 2 paths, 2 model lines, a blank, 2 steps, a total
+    assert not any("it/s" in line or "Warning" in line for line in lines), lines
+    assert any(line.startswith("model loaded: ") for line in lines)
+    assert any(line.startswith("generated 2 image(s) in ") for line in lines)
 
 
 def test_generate_reports_a_non_checkpoint_without_traceback(tmp_path: Path, capfd) -> None:

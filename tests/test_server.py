@@ -72,7 +72,9 @@ def server(tmp_path: Path, tiny_checkpoint_factory):
     try:
         yield url, wait_for(url, process)
     finally:
-        process.terminate()
+        # killed, not stopped: nothing to flush, and a graceful stop waits out its 5 s timeout
+        # on the Gradio client's heartbeat stream, which closing the client does not end
+        process.kill()
         process.wait(timeout=30)
 
 
@@ -80,11 +82,14 @@ def test_serves_the_page_and_generates(server) -> None:
     url, page = server
     assert "LoRA WebUI" in page  # the page title, set through Gradio's config
     client = Client(url, verbose=False)
-    gallery, infotext, warnings, *_ = generate_via_ui(
-        client,
-        **{"Prompt": "a cat", "Negative prompt": "", "Sampler": "Euler", "Steps": 2},
-        **{"Width": 64, "Height": 64, "CFG scale": 7, "Seed (-1 = random)": 5},
-    )
+    try:
+        gallery, infotext, warnings, *_ = generate_via_ui(
+            client,
+            **{"Prompt": "a cat", "Negative prompt": "", "Sampler": "Euler", "Steps": 2},
+            **{"Width": 64, "Height": 64, "CFG scale": 7, "Seed (-1 = random)": 5},
+        )
+    finally:
+        client.close()  # its heartbeat thread
     assert len(gallery) == 1
     assert "Seed: 5" in infotext and "Model: tiny" in infotext
     assert warnings == ""

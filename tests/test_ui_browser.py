@@ -2,7 +2,8 @@
 names the loaded model after reloads, refreshes and restarts; the trigger-word mode is each
 page's own; settings survive a restart; keyboard shortcuts; a LoRA deleted after the page loaded
 is a warning and the image is still made; the gallery shows whole images and the infotext of the
-selected one. Several checks share one page: the browser is slow here."""
+selected one. Several checks share one page: the browser is slow here. The restart is in-process
+(a new engine and app from the same settings file); test_server.py starts `python app.py`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import app_process, running_app
+from tests.app_server import running_app
 from tests.chromium import CHROMIUM, set_number
 from tests.test_browser import write_lora_folder
 from webui.arch import Arch
@@ -167,9 +168,9 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         shutil.copy(tiny, models / "0-baked.safetensors")
         page.close()  # an open page would hold the server's shutdown
 
-    # restart, as a user does (the one `python app.py` of the browser tests): model and
-    # settings kept
-    with app_process(folders) as url:
+    # restart: a new engine and app over the same folders and settings file, as `python app.py`
+    # builds them (test_server.py starts the real process): model and settings kept
+    with running_app(folders) as url:
         page = chromium.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(60_000)
         page.goto(url)

@@ -1,18 +1,15 @@
 """Server-wide settings saved to a file, the model that loads by default, per-request trigger
-words, A1111's output numbering, and a quiet console."""
+words, A1111's output numbering (the quiet console: tests/test_cli.py's subprocess test)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from engine_settings import cpu_settings
 from lora_files import write_kohya_lora
 
-from tests.test_server import ROOT
 from webui.arch import Arch
 from webui.engine.generate import (
     DEMO_MODEL_NAME,
@@ -111,23 +108,6 @@ def test_output_numbers_follow_a1111(tmp_path: Path) -> None:
     for name in ("00000-5.png", "00007-9.png", "notes.txt", "x-00012.png"):
         (tmp_path / name).write_bytes(b"")
     assert next_image_number(tmp_path) == 8  # one past the highest, gaps not reused
-
-
-def test_generate_prints_few_lines(tmp_path: Path) -> None:
-    """Starting the app and making one image: at most 10 lines, no progress bar, no warning
-    from the libraries; --verbose shows more."""
-    command = [
-        *(sys.executable, "app.py", "generate", "--model", "demo", "--prompt", "a fox"),
-        *("--steps", "2", "--width", "64", "--height", "64", "--out", str(tmp_path / "x.png")),
-        *("--cache-dir", str(tmp_path / "cache")),
-    ]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    lines = (run.stdout + run.stderr).splitlines()
-    assert len(lines) <= 10, lines
-    assert not any("it/s" in line or "Warning" in line for line in lines), lines
-    assert any(line.startswith("model loaded: ") for line in lines)
-    assert any(line.startswith("generated 1 image(s) in ") for line in lines)
 
 
 def test_live_preview_setting_is_applied_and_saved(tmp_path: Path) -> None:
