@@ -4,7 +4,6 @@ each LoRA, and the model exactly restored afterwards."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lora_files import (
     write_lycoris,
     write_peft,
 )
+from pipeline_copies import pipeline_copy
 
 import app
 from webui.arch import Arch
@@ -54,11 +54,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_factory) -
         )
         with pytest.MonkeyPatch.context() as monkeypatch:
             preset = register_preset(monkeypatch, "engine-backends")
-            write_lycoris(copy.deepcopy(pipe), loras / "locon.safetensors", preset=preset,
+            write_lycoris(pipeline_copy(pipe), loras / "locon.safetensors", preset=preset,
                           algo="locon", conv_dim=8, conv_alpha=2, std=0.05)  # fmt: skip
-            write_lycoris(copy.deepcopy(pipe), loras / "loha.safetensors", preset=preset,
+            write_lycoris(pipeline_copy(pipe), loras / "loha.safetensors", preset=preset,
                           algo="loha", std=0.05)  # fmt: skip
-        peft = write_peft(copy.deepcopy(pipe), root / "peft")
+        peft = write_peft(pipeline_copy(pipe), root / "peft")
         shutil.copy(peft, loras / "peft.safetensors")
     return root
 
