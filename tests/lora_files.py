@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -310,13 +311,29 @@ def write_kohya_layers(
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "q_proj", "v_proj")
 
 
+@cache
+def _built_tiny_pipeline(arch: Arch) -> tuple[DiffusionPipeline, Tensor]:
+    """`build_pipeline(ModelSpec(arch))` once per process (only read: never handed out), and the
+    global RNG state building it leaves."""
+    pipeline = build_pipeline(ModelSpec(arch))
+    return pipeline, torch.get_rng_state()
+
+
+def tiny_pipeline_to_read(arch: Arch) -> DiffusionPipeline:
+    """What a fresh `build_pipeline(ModelSpec(arch))` gives a reader, global RNG state included
+    (building reseeds it), without building it again: for writing LoRA files, never to patch."""
+    pipeline, rng_state = _built_tiny_pipeline(arch)
+    torch.set_rng_state(rng_state)
+    return pipeline
+
+
 def write_kohya_lora(path: Path, arch: Arch, metadata: dict[str, str] | None = None) -> None:
     """A kohya-format LoRA over the attention projections of a fresh tiny model's UNet and text
     encoder(s), with random values (names built from the modules' diffusers paths, as kohya
     does)."""
     write_kohya_layers(
         path,
-        build_pipeline(ModelSpec(arch)),
+        tiny_pipeline_to_read(arch),
         arch,
         include=lambda component, module_path: (
             module_path.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from app_in_process import run_app
 from diffusers import DiffusionPipeline
 from lora_files import BASE_MODEL_VERSION, write_kohya_layers
+from pipeline_copies import pipeline_copy
 from safetensors import safe_open
 
 from webui.arch import Arch
@@ -42,8 +45,17 @@ SOURCE_RANK = 4
 STRENGTHS = (0.7, -0.4)
 
 
-def load(path: Path) -> LoadedModel:
+@cache
+def _loaded(path: Path) -> LoadedModel:
+    # keyed by path: no test writes a second checkpoint at a path it loaded
     return load_checkpoint(checkpoint_from_path(path), CPU, torch.float32)
+
+
+def load(path: Path) -> LoadedModel:
+    """The checkpoint at `path` as `load_checkpoint` gives it: a fresh copy of the one loaded
+    the first time (tests patch what they get)."""
+    loaded = _loaded(path)
+    return replace(loaded, pipe=pipeline_copy(loaded.pipe))
 
 
 def weights(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
@@ -66,6 +78,12 @@ def assert_close(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tens
 
 def diffusers_fused(model: Path, loras: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
     """The weights plain diffusers gives: each file as an adapter, weighted, fused once."""
+    return dict(_diffusers_fused(model, tuple(loras)))  # callers only read the tensors
+
+
+@cache
+def _diffusers_fused(model: Path, loras: tuple[tuple[Path, float], ...]) -> dict[str, torch.Tensor]:
+    # keyed by paths: no test rewrites a LoRA file or checkpoint at a path it read
     pipe = load(model).pipe
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras, strict=True):

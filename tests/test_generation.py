@@ -30,9 +30,11 @@ def make_engine(tmp_path: Path, checkpoint: Path) -> Engine:
     return engine
 
 
-@pytest.fixture
-def sd1_engine(tmp_path, tiny_checkpoint_factory) -> Engine:
-    return make_engine(tmp_path, tiny_checkpoint_factory(Arch.SD1))
+@pytest.fixture(scope="module")
+def sd1_engine(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_factory) -> Engine:
+    """One loaded engine for the module, as a server keeps one: no test here patches the model,
+    and each request clears an earlier interrupt."""
+    return make_engine(tmp_path_factory.mktemp("sd1-engine"), tiny_checkpoint_factory(Arch.SD1))
 
 
 def pixels(result) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from engine_settings import cpu_settings
-from lora_files import ATTENTION_PROJECTIONS, write_kohya_layers
+from lora_files import ATTENTION_PROJECTIONS, tiny_pipeline_to_read, write_kohya_layers
 from PIL import Image, ImageChops
 
 from webui.arch import Arch
@@ -18,7 +18,6 @@ from webui.engine.generate import Engine
 from webui.engine.infotext import parse_infotext, read_image_parameters
 from webui.engine.jobs import GenerationRequest, JobQueue
 from webui.engine.lora_backends import LoraBackends
-from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.engine.xyz_grid import BACKGROUND
 from webui.engine.xyz_plot import PLOT_FIELD, AxisKind, AxisSpec
 from webui.engine.xyz_run import prepare_plot, run_plot
@@ -32,7 +31,7 @@ def engine(tmp_path: Path, tiny_checkpoint_factory) -> Engine:
     models.mkdir()
     loras.mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "tiny.safetensors")
-    pipeline = build_pipeline(ModelSpec(Arch.SD1))
+    pipeline = tiny_pipeline_to_read(Arch.SD1)
     for name, seed in (("ink", 1), ("oil", 2)):
         write_kohya_layers(
             loras / f"{name}.safetensors",

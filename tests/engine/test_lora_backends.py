@@ -4,7 +4,6 @@ each LoRA, and the model exactly restored afterwards."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -15,10 +14,12 @@ from engine_settings import cpu_settings
 from lora_files import (
     one_torch_thread,
     register_preset,
+    tiny_pipeline_to_read,
     write_kohya_layers,
     write_lycoris,
     write_peft,
 )
+from pipeline_copies import pipeline_copy
 
 import app
 from webui.arch import Arch
@@ -26,7 +27,6 @@ from webui.engine.generate import Engine, GenerationRequest, GenerationResult, P
 from webui.engine.infotext import Infotext, parse_infotext
 from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import NativeFit, choose_backend, native_fit, native_problem
-from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.apply.diffusers_backend import has_peft_layers
 from webui.networks.apply.keys import KeyMap
 from webui.networks.format.network import load_network
@@ -44,7 +44,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_factory) -
     loras.mkdir()
     shutil.copy(tiny_checkpoint_factory(Arch.SD1), root / "models" / "tiny.safetensors")
     with one_torch_thread():
-        pipe = build_pipeline(ModelSpec(Arch.SD1))
+        pipe = tiny_pipeline_to_read(Arch.SD1)  # the LyCORIS writers patch copies of it
         write_kohya_layers(
             loras / "ink.safetensors",
             pipe,
@@ -54,11 +54,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_factory) -
         )
         with pytest.MonkeyPatch.context() as monkeypatch:
             preset = register_preset(monkeypatch, "engine-backends")
-            write_lycoris(copy.deepcopy(pipe), loras / "locon.safetensors", preset=preset,
+            write_lycoris(pipeline_copy(pipe), loras / "locon.safetensors", preset=preset,
                           algo="locon", conv_dim=8, conv_alpha=2, std=0.05)  # fmt: skip
-            write_lycoris(copy.deepcopy(pipe), loras / "loha.safetensors", preset=preset,
+            write_lycoris(pipeline_copy(pipe), loras / "loha.safetensors", preset=preset,
                           algo="loha", std=0.05)  # fmt: skip
-        peft = write_peft(copy.deepcopy(pipe), root / "peft")
+        peft = write_peft(pipeline_copy(pipe), root / "peft")
         shutil.copy(peft, loras / "peft.safetensors")
     return root
 
@@ -221,8 +221,8 @@ def test_choose_backend_rules() -> None:
 def test_native_problem_names_unmatched_modules(folders: Path) -> None:
     """An SD1 file on an SDXL model: native maps none of its UNet modules."""
     with one_torch_thread():
-        keymap = KeyMap.from_pipeline(build_pipeline(ModelSpec(Arch.SDXL)))
-        sd1 = KeyMap.from_pipeline(build_pipeline(ModelSpec(Arch.SD1)))
+        keymap = KeyMap.from_pipeline(tiny_pipeline_to_read(Arch.SDXL))
+        sd1 = KeyMap.from_pipeline(tiny_pipeline_to_read(Arch.SD1))
     network = load_network(folders / "loras" / "locon.safetensors")
     assert native_problem(network, sd1) is None
     problem = native_problem(network, keymap)

@@ -6,7 +6,6 @@ is diffusers' own `load_lora_weights`."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from lora_files import (
     write_peft,
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
+from pipeline_copies import pipeline_copy
 
 from webui.arch import Arch
 from webui.engine.model_factory import ModelSpec, build_pipeline
@@ -97,12 +97,12 @@ def files(base: DiffusionPipeline, tmp_path_factory: pytest.TempPathFactory) -> 
             ("ia3", "ia3", {}),
             ("oft", "diag-oft", {}),
         ):
-            target = copy.deepcopy(base)
+            target = pipeline_copy(base)
             out[name] = folder / f"{name}.safetensors"
             write_lycoris(target, out[name], preset=preset, algo=algo, std=0.05, **options)
     out["locon-ldm"] = folder / "locon-ldm.safetensors"
     rename_to_ldm(base.unet, out["locon"], out["locon-ldm"])
-    out["peft"] = write_peft(copy.deepcopy(base), folder / "peft")
+    out["peft"] = write_peft(pipeline_copy(base), folder / "peft")
     out["kohya-te-qv"] = folder / "kohya-te-qv.safetensors"  # text encoder q/v only
     write_kohya_lora(out["kohya-te-qv"], ARCH)
     return out
@@ -110,13 +110,19 @@ def files(base: DiffusionPipeline, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def native_pipe(base: DiffusionPipeline) -> Iterator[tuple[DiffusionPipeline, NetworkPatcher]]:
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     yield pipe, NetworkPatcher(pipe, ARCH)
+
+
+@pytest.fixture(scope="module")
+def plain(base: DiffusionPipeline) -> np.ndarray:
+    """The base model's image: what every fresh `fallback` pipeline renders before a LoRA."""
+    return render(pipeline_copy(base))
 
 
 @pytest.fixture
 def fallback(base: DiffusionPipeline) -> tuple[DiffusionPipeline, DiffusersBackend]:
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     return pipe, DiffusersBackend(pipe, ARCH)
 
 
@@ -162,12 +168,16 @@ def assert_same_weights(pipe: DiffusionPipeline, expected: dict[str, torch.Tenso
 @pytest.mark.parametrize("strength", list(STRENGTHS))
 @pytest.mark.parametrize("kind", ["kohya", "locon", "peft"])
 def test_images_agree_with_native(
-    kind: str, strength: str, files: dict[str, Path], native_pipe: Any, fallback: Any
+    kind: str,
+    strength: str,
+    files: dict[str, Path],
+    native_pipe: Any,
+    fallback: Any,
+    plain: np.ndarray,
 ) -> None:
     network, strengths = load_network(files[kind]), STRENGTHS[strength]
     reference = native_image(native_pipe, network, strengths)
     pipe, backend = fallback
-    plain = render(pipe)
     report = backend.apply([(network, strengths)])
     assert report.warnings == []
     image = render(pipe)
@@ -246,7 +256,7 @@ def test_key_check_agrees_with_diffusers(
     (raises, or wraps other layers than the file has, or drops DoRA's magnitudes)."""
     network = load_network(files[kind])
     reason = refusal_reason(network, ARCH)
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     try:
         pipe.load_lora_weights(str(files[kind]), adapter_name="probe_adapter")
         placed = sum(1 for m in (pipe.unet, pipe.text_encoder) for _ in tuner_layers(m))
@@ -336,7 +346,7 @@ def test_trap_fuse_scale_does_not_compound(
 ) -> None:
     """`fuse_lora(lora_scale=s)` multiplies the adapter scales in place, again on each fuse; the
     backend fuses at scale 1 with the strengths already in the adapters."""
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     original = weights(pipe)
     backend = DiffusersBackend(pipe, ARCH, fuse=True)
     kohya, locon = load_network(files["kohya"]), load_network(files["locon"])
@@ -392,7 +402,7 @@ def test_trap_adapter_names_never_match_inside_module_names(
         assert name.startswith(ADAPTER_PREFIX) and "." not in name
         assert not any(name in path for path in paths)
         assert not any(name in other for other in names if other != name)
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     DiffusersBackend(pipe, ARCH).apply([(networks[0], 1.0)])
     reference = native_image(native_pipe, networks[0], Strengths.uniform(1.0))
     assert float(np.abs(render(pipe) - reference).max()) <= MAX_PIXEL_DIFF
@@ -432,10 +442,10 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[DiffusionPipeline, d
         include=lambda component, path: component != "unet" or ".attentions." in path,
         std=0.15,
     )
-    out["peft"] = write_peft(copy.deepcopy(pipe), folder / "peft")
+    out["peft"] = write_peft(pipeline_copy(pipe), folder / "peft")
     with pytest.MonkeyPatch.context() as monkeypatch:
         preset = register_preset(monkeypatch, "diffusers-backend-sdxl")
-        write_lycoris(copy.deepcopy(pipe), out["locon"], preset=preset, algo="locon", std=0.05)
+        write_lycoris(pipeline_copy(pipe), out["locon"], preset=preset, algo="locon", std=0.05)
     return pipe, out
 
 
@@ -444,9 +454,9 @@ def test_sdxl_text_encoders_and_blocks_agree_with_native(kind: str, sdxl: Any) -
     base, files = sdxl
     network = load_network(files[kind])
     strengths = Strengths(te=1.0, te1=0.3, te2=0.8, unet=1.0, in_blocks=0.5, mid=0.0, out=1.0)
-    native = copy.deepcopy(base)
+    native = pipeline_copy(base)
     NetworkPatcher(native, Arch.SDXL).apply([(network, strengths)])
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     report = DiffusersBackend(pipe, Arch.SDXL).apply([(network, strengths)])
     assert report.warnings == []
     difference = float(np.abs(render(pipe) - render(native)).max())
@@ -458,7 +468,7 @@ def test_sdxl_partial_load_is_refused(sdxl: Any) -> None:
     """diffusers' converter drops SDXL's add_embedding layers without an error; the backend
     counts the layers it placed and refuses rather than apply part of the file."""
     base, files = sdxl
-    pipe = copy.deepcopy(base)
+    pipe = pipeline_copy(base)
     network = load_network(files["locon"])
     assert refusal_reason(network, Arch.SDXL) is None
     report = DiffusersBackend(pipe, Arch.SDXL).apply([(network, 1.0)])

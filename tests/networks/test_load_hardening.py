@@ -4,16 +4,21 @@ under an mmap), never a huge allocation, never an exception type the engine does
 from __future__ import annotations
 
 import json
+import os
 import struct
-import subprocess
-import sys
-import textwrap
+import threading
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
+from app_in_process import run_app
 from safetensors.torch import save_file
 
+from webui.networks.format import files
 from webui.networks.format.files import NetworkFileError, load_tensors, read_header
 from webui.networks.format.network import load_network
 
@@ -36,14 +41,26 @@ def raw_safetensors(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(body)) + body + data
 
 
-def run_isolated(script: str) -> subprocess.CompletedProcess[str]:
-    """Run `script` in a fresh interpreter, so a SIGBUS fails the test instead of pytest."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def run_isolated(body: Callable[[], str]) -> tuple[int, str]:
+    """Run `body` in a forked child (no second interpreter to import torch into), so a SIGBUS
+    kills only the child and fails the test instead of pytest. Returns the child's wait status
+    and what `body` returned, or the child's traceback."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's cleanups
+        status = 0
+        try:
+            message = body()
+        except BaseException:
+            message, status = traceback.format_exc(), 1
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(message)
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return status, message
 
 
 def test_file_truncated_while_the_loader_holds_it_does_not_kill_the_process(
@@ -52,36 +69,40 @@ def test_file_truncated_while_the_loader_holds_it_does_not_kill_the_process(
     # safetensors' own loader maps the file; truncating it after the map is made used to
     # raise SIGBUS at the first tensor read. The file is cut at the moment it is opened.
     path = write_lora(tmp_path / "big.safetensors", out=1024, rank=64, width=1024)
-    result = run_isolated(
-        f"""
-        import os, safetensors, safetensors.torch as st
-        from webui.networks.format import files
-        path = {str(path)!r}
-        real_open = st.safe_open
+
+    def load_while_cut() -> str:
+        real_open = safetensors.torch.safe_open
+
         class CuttingOpen:
-            def __init__(self, *a, **k): self.inner = real_open(*a, **k)
-            def __enter__(self):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.inner = real_open(*args, **kwargs)
+
+            def __enter__(self) -> Any:
                 handle = self.inner.__enter__()
                 os.truncate(path, 200)
                 return handle
-            def __exit__(self, *a): return self.inner.__exit__(*a)
-        st.safe_open = CuttingOpen
-        real_read = files._read_whole if hasattr(files, "_read_whole") else None
+
+            def __exit__(self, *args: Any) -> Any:
+                return self.inner.__exit__(*args)
+
+        safetensors.torch.safe_open = CuttingOpen  # type: ignore[misc]  (the child's copy)
+        real_read = getattr(files, "_read_whole", None)
         if real_read is not None:
-            def cutting_read(p, max_bytes):
+
+            def cutting_read(p: Path, max_bytes: int) -> bytes:
                 data = real_read(p, max_bytes)
                 os.truncate(path, 200)  # too late to matter: the bytes are ours
                 return data
-            files._read_whole = cutting_read
+
+            files._read_whole = cutting_read  # type: ignore[attr-defined]
         try:
-            tensors = files.load_tensors(path)
-            print("loaded", sorted(tensors))
+            return f"loaded {sorted(files.load_tensors(path))}"
         except files.NetworkFileError as error:
-            print("error", error)
-        """
-    )
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.startswith(("loaded", "error"))
+            return f"error {error}"
+
+    status, message = run_isolated(load_while_cut)
+    assert status == 0, (os.waitstatus_to_exitcode(status), message[-2000:])
+    assert message.startswith(("loaded", "error"))
 
 
 def test_file_overwritten_in_place_while_loading_gives_only_file_errors(tmp_path: Path) -> None:
@@ -89,19 +110,17 @@ def test_file_overwritten_in_place_while_loading_gives_only_file_errors(tmp_path
     path = write_lora(tmp_path / "flip.safetensors", out=512, rank=32, width=512)
     small = write_lora(tmp_path / "small.safetensors", out=8, rank=1, width=8).read_bytes()
     large = path.read_bytes()
-    result = run_isolated(
-        f"""
-        import threading
-        from webui.networks.format.files import NetworkFileError, load_tensors
-        path = {str(path)!r}
-        small, large = {small!r}, open(path, "rb").read()
+
+    def load_while_rewritten() -> str:
         stop = threading.Event()
-        def rewrite():
+
+        def rewrite() -> None:
             while not stop.is_set():
                 for data in (small, large):
                     with open(path, "r+b") as handle:
                         handle.truncate(0)
                         handle.write(data)
+
         writer = threading.Thread(target=rewrite)
         writer.start()
         outcomes = set()
@@ -116,11 +135,11 @@ def test_file_overwritten_in_place_while_loading_gives_only_file_errors(tmp_path
         finally:
             stop.set()
             writer.join()
-        print(sorted(outcomes))
-        """
-    )
+        return str(sorted(outcomes))
+
     assert len(large) > len(small)
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    status, message = run_isolated(load_while_rewritten)
+    assert status == 0, (os.waitstatus_to_exitcode(status), message[-2000:])
 
 
 def test_data_cut_after_the_header_names_the_file(tmp_path: Path) -> None:
@@ -264,19 +283,14 @@ def test_well_formed_variants_still_load(tmp_path: Path) -> None:
         assert list(network.modules) == [PREFIX], name
 
 
-def test_inspect_lora_reports_a_zero_dim_tensor_without_a_traceback(tmp_path: Path) -> None:
+def test_inspect_lora_reports_a_zero_dim_tensor_without_a_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     path = _module_file(
         tmp_path / "scalar.safetensors",
         {"lora_up.weight": torch.tensor(1.0), "lora_down.weight": torch.tensor(2.0)},
     )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, str(root / "app.py"), "inspect-lora", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-    )
+    result = run_app(capfd, "inspect-lora", str(path))  # an uncaught exception fails the test
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert str(path) in result.stderr and "lora_up has shape ()" in result.stderr

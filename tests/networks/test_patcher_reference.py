@@ -32,6 +32,7 @@ from lora_files import (
     write_peft,
 )
 from lycoris.kohya import LycorisNetworkKohya
+from pipeline_copies import pipeline_copy
 from safetensors import safe_open
 from torch import Tensor
 
@@ -209,7 +210,7 @@ def written(row: Row, arch: Arch, directory: Path) -> Written:
     if key not in _written:
         torch.manual_seed(zlib.crc32(f"{row.name}-{arch.value}".encode()))
         if row.writer is Writer.PEFT:
-            pipe = copy.deepcopy(base_pipeline(arch))
+            pipe = pipeline_copy(base_pipeline(arch))
             path = write_peft(pipe, directory)
             prefixes = {prefix for prefix, _ in file_keys(path, row.writer)}
             _written[key] = Written({Naming.DIFFUSERS: path}, {}, prefixes)
@@ -241,7 +242,7 @@ def reference(arch: Arch, written: Written, strength: float) -> dict[str, Tensor
     if strength in written.references:
         return written.references[strength]
     if written.network is None:
-        pipe = copy.deepcopy(base_pipeline(arch))
+        pipe = pipeline_copy(base_pipeline(arch))
         pipe.load_lora_weights(str(written.files[Naming.DIFFUSERS]))
         components = [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
         pipe.fuse_lora(components=components, lora_scale=strength)

@@ -7,7 +7,6 @@ of every variant is checked against the trainers in test_patcher_reference.py.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from lora_files import BASE_MODEL_VERSION, one_torch_thread, write_kohya_layers
+from pipeline_copies import pipeline_copy
 from torch import Tensor, nn
 
 from webui.arch import Arch
@@ -49,7 +49,7 @@ def base_pipeline(arch: Arch) -> DiffusionPipeline:
 @pytest.fixture
 def pipe(request: pytest.FixtureRequest) -> DiffusionPipeline:
     """A fresh copy of the tiny pipeline of the test's `arch` parameter."""
-    return copy.deepcopy(base_pipeline(request.node.callspec.params["arch"]))
+    return pipeline_copy(base_pipeline(request.node.callspec.params["arch"]))
 
 
 def snapshot(pipe: Any) -> dict[str, Tensor]:
@@ -162,7 +162,7 @@ def touched(pipe: Any, network: Network) -> set[tuple[Component, str]]:
 
 def fresh_apply(arch: Arch, entries: list[tuple[Network, Any]]) -> dict[str, Tensor]:
     """The weights a brand-new patcher gives a brand-new model for `entries`."""
-    other = copy.deepcopy(base_pipeline(arch))
+    other = pipeline_copy(base_pipeline(arch))
     NetworkPatcher(other, arch).apply(entries)
     return snapshot(other)
 
@@ -374,7 +374,7 @@ def test_network_for_another_base_is_not_applied(
     lora_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     arch = Arch.SD1
-    pipe = copy.deepcopy(base_pipeline(arch))
+    pipe = pipeline_copy(base_pipeline(arch))
     path = lora_dir / "made-for-sdxl.safetensors"
     # SD1 keys, but the trainer's metadata says SDXL: metadata wins, and the keys do not fit.
     write_kohya_layers(
@@ -403,10 +403,10 @@ def test_network_for_another_base_is_not_applied(
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp16_model_patches_in_fp32_and_restores_exactly(arch: Arch, nets: Networks) -> None:
-    half = copy.deepcopy(base_pipeline(arch)).to(dtype=torch.float16)
+    half = pipeline_copy(base_pipeline(arch)).to(dtype=torch.float16)
     base = snapshot(half)
     # The same fp16 values in an fp32 model: the patcher's fp32 math, without the final cast.
-    full = copy.deepcopy(half).to(dtype=torch.float32)
+    full = pipeline_copy(half).to(dtype=torch.float32)
     entries = [(nets.a, 0.8), (nets.b, Strengths(te=0.5, unet=1.0))]
 
     patcher = NetworkPatcher(half, arch)
@@ -546,7 +546,7 @@ def test_a_spare_that_no_longer_fits_is_not_used(arch: Arch, pipe: Any, nets: Ne
     assert patcher.spare_bytes > 0
     pipe.to(dtype=torch.float16)
     base = snapshot(pipe)
-    half = copy.deepcopy(base_pipeline(arch)).to(dtype=torch.float16)
+    half = pipeline_copy(base_pipeline(arch)).to(dtype=torch.float16)
     NetworkPatcher(half, arch).apply([(nets.a, 0.8)])
     patcher.apply([(nets.a, 0.8)])
     assert differing(pipe, snapshot(half)) == []
