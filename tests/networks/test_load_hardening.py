@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import struct
 import threading
 import traceback
@@ -41,6 +43,9 @@ def raw_safetensors(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(body)) + body + data
 
 
+CHILD_TIMEOUT_S = 300
+
+
 def run_isolated(body: Callable[[], str]) -> tuple[int, str]:
     """Run `body` in a forked child (no second interpreter to import torch into), so a SIGBUS
     kills only the child and fails the test instead of pytest. Returns the child's wait status
@@ -57,6 +62,13 @@ def run_isolated(body: Callable[[], str]) -> tuple[int, str]:
             pipe.write(message)
         os._exit(status)
     os.close(write_end)
+    # a child stuck on a lock another thread held at the fork must fail the test, not hang CI
+    ready, _, _ = select.select([read_end], [], [], CHILD_TIMEOUT_S)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        pytest.fail(f"the forked child gave no answer in {CHILD_TIMEOUT_S} s")
     with os.fdopen(read_end) as pipe:
         message = pipe.read()
     _, status = os.waitpid(pid, 0)
