@@ -31,6 +31,15 @@ def write_flux_dev(path: Path) -> None:
     save_single_file(pipe, kind, path, embed_configs=True, with_parts=True)
 
 
+def write_sd_and_flux_folders(tmp: Path, tiny_checkpoint_factory) -> None:
+    """`models/` with a tiny SD1 file (`a-sd1`, the default) and a FLUX.1 dev one, `loras/` empty."""
+    models = tmp / "models"
+    models.mkdir()
+    (tmp / "loras").mkdir()
+    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
+    write_flux_dev(models / "flux1-dev.safetensors")
+
+
 def slider_value(page, elem: str) -> str:
     return page.locator(f"#{elem} input[type='number']").input_value()
 
@@ -41,11 +50,7 @@ def test_controls_follow_the_model_family(
     from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
-    models = tmp_path / "models"
-    models.mkdir()
-    (tmp_path / "loras").mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
-    write_flux_dev(models / "flux1-dev.safetensors")
+    write_sd_and_flux_folders(tmp_path, tiny_checkpoint_factory)
     with (
         running_app(tmp_path) as url,
         browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context,

@@ -5,7 +5,6 @@ pasted (↙️) while a FLUX.1 dev model is loaded, then a FLUX image's pasted b
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context
 from tests.test_ui_browser import choose
-from tests.test_ui_family_browser import write_flux_dev
-from webui.arch import Arch
+from tests.test_ui_family_browser import write_sd_and_flux_folders
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 
@@ -38,11 +36,7 @@ def test_a_paste_that_switches_family_keeps_its_values(
     from playwright.sync_api import expect
 
     expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
-    models = tmp_path / "models"
-    models.mkdir()
-    (tmp_path / "loras").mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
-    write_flux_dev(models / "flux1-dev.safetensors")
+    write_sd_and_flux_folders(tmp_path, tiny_checkpoint_factory)
     with running_app(tmp_path) as url, browser_context(chromium) as context:
         page = context.new_page()
         page.set_default_timeout(120_000)
