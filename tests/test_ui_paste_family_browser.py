@@ -20,6 +20,12 @@ SD_INFOTEXT = (
     "a red fox\nNegative prompt: blurry\nSteps: 27, Sampler: DPM++ 2M Karras, CFG scale: 5.5, "
     "Seed: 7, Size: 512x512, Model: a-sd1"
 )
+# an SD image whose checkpoint this app lacks, pasted on FLUX.1: the model stays, so does the
+# pasted SD sampler, which FLUX.1 replaces with Euler, saying so
+FOREIGN_SD_INFOTEXT = (
+    "a green fox\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 1, Seed: 9, Size: 64x64, "
+    "Model: not-here"
+)
 FLUX_INFOTEXT = (
     "a blue fox\nSteps: 13, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 4.5, Seed: 8, "
     "Size: 512x512, Model: flux1-dev"
@@ -64,3 +70,12 @@ def test_a_paste_that_switches_family_keeps_its_values(
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
         expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
         assert number(page, "txt2img-steps") == "13"  # still, once every event has returned
+
+        page.locator("#txt2img-prompt textarea").fill(FOREIGN_SD_INFOTEXT)
+        page.locator("#txt2img-paste").click()
+        expect(page.locator("#txt2img-warnings")).to_contain_text("not-here")
+        expect(page.locator("#txt2img-steps input[type='number']")).to_have_value("2")
+        page.locator("#txt2img-generate").click()
+        infotext = page.locator("#txt2img-infotext .lw-infotext")
+        expect(infotext).to_contain_text("Sampler: Euler,")
+        expect(page.locator("#txt2img-warnings")).to_contain_text("not available for FLUX.1")

@@ -249,6 +249,9 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 label="Sampler",
                 info=SAMPLER_INFO,
                 elem_id="txt2img-sampler",
+                # a pasted sampler the family lacks reaches the engine, which names it and
+                # uses the family's own (Gradio would refuse the whole generation instead)
+                allow_custom_value=True,
             )
             steps = gr.Slider(
                 1,

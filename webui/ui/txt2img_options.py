@@ -175,6 +175,7 @@ def build_hires_controls() -> HiresControls:
                 label="Hires sampler",
                 info="the second pass's sampler",
                 elem_id="txt2img-hr-sampler",
+                allow_custom_value=True,  # as txt2img's sampler: the engine names a foreign one
             )
             distilled_cfg = gr.Slider(
                 0,
