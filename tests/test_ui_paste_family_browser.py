@@ -12,7 +12,7 @@ import pytest
 from tests.app_server import running_app
 from tests.chromium import CHROMIUM, browser_context
 from tests.test_ui_browser import choose
-from tests.test_ui_family_browser import write_sd_and_flux_folders
+from tests.test_ui_family_browser import slider_value, write_sd_and_flux_folders
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 
@@ -30,10 +30,6 @@ FLUX_INFOTEXT = (
     "a blue fox\nSteps: 13, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 4.5, Seed: 8, "
     "Size: 512x512, Model: flux1-dev"
 )
-
-
-def number(page, elem: str) -> str:
-    return page.locator(f"#{elem} input[type='number']").input_value()
 
 
 def test_a_paste_that_switches_family_keeps_its_values(
@@ -69,7 +65,7 @@ def test_a_paste_that_switches_family_keeps_its_values(
         expect(page.locator("#txt2img-distilled-cfg input[type='number']")).to_have_value("4.5")
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")
         expect(page.locator("#txt2img-negative")).to_contain_text("unused at CFG scale 1")
-        assert number(page, "txt2img-steps") == "13"  # still, once every event has returned
+        assert slider_value(page, "txt2img-steps") == "13"  # still, once every event has returned
 
         page.locator("#txt2img-prompt textarea").fill(FOREIGN_SD_INFOTEXT)
         page.locator("#txt2img-paste").click()
