@@ -181,6 +181,7 @@ def test_pixels_equal_the_upcast_at_load_model(
 ) -> None:
     path = files[FP8]
     stored, upcast = loaded(path), loaded(path, stored=False)
+    assert stored.transformer.x_embedder.weight.dtype == FP8  # the two really differ in memory
     if with_lora:
         lora = tmp_path / "kohya.safetensors"
         write_flux_lora(lora, path)
@@ -293,10 +294,15 @@ def test_a_delta_failing_part_way_gives_back_the_very_fp8_tensors(
 
     calls["at"] = 10**9
     patcher.apply([(a, 0.8)])
+    applied = stored_tensors(pipe)
+    assert applied["transformer_blocks.0.attn.to_q.weight"][1] == torch.float32
     calls["n"], calls["at"] = 0, 4
     with pytest.raises(NetworkApplyError, match="delta failed"):
         patcher.apply([(b, 0.6), (kohya, 0.5)])  # a failed switch: a's weights again
     assert [n.name for n, _ in patcher.current_set] == [a.name]
+    now = stored_tensors(pipe)
+    for name, (_, dtype, data) in applied.items():
+        assert now[name][1] == dtype and torch.equal(now[name][2], data), name
     patcher.restore()
     assert_very_same(pipe, before)
 
