@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_settings import cpu_settings
 from flux_lora_files import write_flux_lora
 from lora_files import one_torch_thread
 from safetensors.torch import save_file
@@ -33,6 +34,7 @@ from webui.engine.checkpoints import (
     load_checkpoint,
     save_single_file,
 )
+from webui.engine.generate import Engine
 from webui.engine.model_factory import ModelSpec, build_pipeline
 from webui.networks.apply.apply_errors import NetworkApplyError
 from webui.networks.apply.diffusers_backend import DiffusersBackend
@@ -328,6 +330,18 @@ def test_the_diffusers_fallback_refuses_an_fp8_stored_model(
 
 
 # -- the setting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("choice", "kept"), [(Fp8Storage.ON, True), (Fp8Storage.AUTO, False), (Fp8Storage.OFF, False)]
+)
+def test_the_engine_loads_by_the_setting(
+    files: dict[torch.dtype, Path], tmp_path: Path, choice: Fp8Storage, kept: bool
+) -> None:
+    settings = cpu_settings(tmp_path, tmp_path, tmp_path, fp8_storage=choice, save_outputs=False)
+    model = Engine(settings).load_path(files[FP8])
+    weight = model.pipe.transformer.x_embedder.weight
+    assert weight.dtype == (FP8 if kept else torch.float32)  # auto on the CPU: upcast at load
 
 
 def test_fp8_storage_setting_auto_is_on_for_cuda_only() -> None:
