@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from webui.settings import DeviceChoice, DtypeChoice, LoraBackend, Settings
+from webui.settings import DeviceChoice, DtypeChoice, Fp8Storage, LoraBackend, Settings
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,13 @@ def _common_options(parser: argparse.ArgumentParser, *, in_subcommand: bool = Fa
         default=default or "auto",
         help="apply LoRAs natively, through diffusers/PEFT, or per LoRA (auto: native where it "
         "maps every module, diffusers for what it cannot)",
+    )
+    parser.add_argument(
+        "--fp8-storage",
+        choices=[c.value for c in Fp8Storage],
+        default=default or "auto",
+        help="keep a FLUX.1 transformer's fp8 weights fp8 in memory, upcast per layer as it runs "
+        "(auto: on a GPU; off on the CPU, where upcasting once at load is faster)",
     )
 
 
@@ -264,6 +271,7 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         device=DeviceChoice(args.device),
         dtype=DtypeChoice(args.dtype),
         lowvram=args.lowvram,
+        fp8_storage=Fp8Storage(args.fp8_storage),
         lora_backend=LoraBackend(args.lora_backend),
         listen=getattr(args, "listen", False),
         port=getattr(args, "port", 7860),

@@ -44,6 +44,22 @@ class LoraBackend(StrEnum):
     DIFFUSERS = "diffusers"
 
 
+class Fp8Storage(StrEnum):
+    """Whether a FLUX.1 transformer's fp8 weights stay fp8 in memory, upcast per layer as it
+    runs (about half the memory of bf16), or are upcast once at load. auto: on for CUDA, where
+    memory is the limit; off on the CPU, where upcasting once at load is faster."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    def keeps_fp8(self, device: torch.device) -> bool:
+        """Whether fp8 weights stay fp8 on `device`."""
+        if self is Fp8Storage.AUTO:
+            return device.type == "cuda"
+        return self is Fp8Storage.ON
+
+
 _DTYPES = {
     DtypeChoice.FP32: torch.float32,
     DtypeChoice.FP16: torch.float16,
@@ -76,6 +92,7 @@ class Settings:
     device: DeviceChoice = DeviceChoice.AUTO
     dtype: DtypeChoice = DtypeChoice.AUTO
     lowvram: bool = False
+    fp8_storage: Fp8Storage = Fp8Storage.AUTO
     listen: bool = False
     port: int = 7860
     save_outputs: bool = True

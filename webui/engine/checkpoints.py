@@ -34,6 +34,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from webui.arch import Arch, FluxVariant, Prediction
+from webui.engine.fp8_storage import FP8_DTYPES, keep_fp8
 from webui.engine.model_factory import FLUX_COMPONENTS, config_folder, flux_pipeline
 from webui.engine.samplers import ZERO_SNR, build_scheduler, zero_snr_config
 from webui.families.flux1 import model as flux1
@@ -506,11 +507,14 @@ def load_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     lowvram: bool = False,
+    *,
+    fp8_storage: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint fully offline onto `device` in `dtype`. Raises CheckpointError with the
     file name for anything that is not a usable SD1/SD2/SDXL/FLUX.1 checkpoint. A FLUX.1 file
     without text encoders or VAE takes them from `text_encoders/` and `vae/` beside it or in a
-    folder above (the `models/` folder)."""
+    folder above (the `models/` folder). `fp8_storage`: a FLUX.1 transformer's fp8 Linear
+    weights stay fp8 and are upcast to `dtype` per layer as it runs (else upcast at load)."""
     if checkpoint.format is CheckpointFormat.DIFFUSERS:
         pipe = _load_diffusers_folder(checkpoint, dtype)
         kind = _kind_of_pipeline(pipe)
@@ -520,7 +524,8 @@ def load_checkpoint(
     # families built component by component (FLUX.1) load through their own table entry
     parts: dict[str, Path] = {}
     if checkpoint.format is not CheckpointFormat.DIFFUSERS and kind.arch in _COMPONENT_LOADERS:
-        pipe = _COMPONENT_LOADERS[kind.arch](checkpoint.path, header, kind, dtype, parts)
+        loader = _COMPONENT_LOADERS[kind.arch]
+        pipe = loader(checkpoint.path, header, kind, dtype, parts, fp8_storage)
     elif checkpoint.format is not CheckpointFormat.DIFFUSERS:
         folder = _config_folder_for(kind, header.metadata, checkpoint.path.name)
         extra: dict[str, Any] = {}
@@ -709,11 +714,15 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def _read_prefixed(path: Path, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix` (stripped), upcast to `dtype` (fp8 -> fp32/bf16 is exact)."""
+def _read_prefixed(
+    path: Path, prefix: str, dtype: torch.dtype, keep: frozenset[torch.dtype] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (stripped), upcast to `dtype` (fp8 -> fp32/bf16 is exact),
+    except those stored in a dtype of `keep`."""
     with safetensors.safe_open(str(path), framework="pt") as handle:
         keys = [k for k in handle.keys() if k.startswith(prefix)]  # noqa: SIM118 - not iterable
-        return {k.removeprefix(prefix): _cast(handle.get_tensor(k), dtype) for k in keys}
+        tensors = {k.removeprefix(prefix): handle.get_tensor(k) for k in keys}
+    return {k: t if t.dtype in keep else _cast(t, dtype) for k, t in tensors.items()}
 
 
 def _materialise(
@@ -820,15 +829,17 @@ def _load_flux(
     kind: ModelKind,
     dtype: torch.dtype,
     parts: dict[str, Path],
+    fp8_storage: bool = False,
 ) -> DiffusionPipeline:
     """A FluxPipeline from a transformer file (BFL or diffusers layout, any prefix) and the
-    parts it holds or that lie in `text_encoders/` and `vae/` (recorded in `parts`)."""
+    parts it holds or that lie in `text_encoders/` and `vae/` (recorded in `parts`); with
+    `fp8_storage` the transformer's fp8 Linear weights stay fp8 (`fp8_storage.keep_fp8`)."""
     source = path.name
     found = flux_transformer(header)
     assert found is not None and kind.variant is not None
     folder = config_folder(Arch.FLUX1, kind.variant)
     embedded = _file_configs(header, source)
-    state = _read_prefixed(path, found.prefix, dtype)
+    state = _read_prefixed(path, found.prefix, dtype, FP8_DTYPES if fp8_storage else frozenset())
     if found.prefix == "":  # a bare transformer file: keep only transformer keys
         state = {k: v for k, v in state.items() if not k.startswith(("text_encoders.", "vae."))}
     try:
@@ -847,9 +858,10 @@ def _load_flux(
         )
     with init_empty_weights(include_buffers=False):
         transformer = FluxTransformer2DModel.from_config(_clean(config))
-    components: dict[str, Any] = {
-        "transformer": _materialise(transformer, state, f"{source}: transformer")
-    }
+    transformer = _materialise(transformer, state, f"{source}: transformer")
+    if fp8_storage and keep_fp8(transformer, dtype):
+        log.info("%s: the transformer's fp8 weights stay fp8 (computed in %s)", source, dtype)
+    components: dict[str, Any] = {"transformer": transformer}
     missing: list[flux1.Part] = []
     for part in flux1.PARTS:
         if any(part.prefix + m in header.shapes for m in part.markers):
@@ -877,7 +889,7 @@ def _load_flux(
             f"{source} is a FLUX.1 {kind.variant.value} transformer without its other parts; "
             f"missing: {needed}"
         )
-    return flux_pipeline(folder, **components)  # tensors are already in `dtype`
+    return flux_pipeline(folder, **components)  # tensors are in `dtype` (or kept fp8)
 
 
 _COMPONENT_LOADERS = {Arch.FLUX1: _load_flux}
@@ -918,19 +930,18 @@ _STORED_DTYPES: Mapping[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_FP8 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 
 
 def merged_dtype(stored: torch.dtype) -> torch.dtype:
     """The dtype a changed tensor stored as `stored` is written in: its own, except fp8, which
     becomes bf16 (a LoRA's delta rounded to fp8 would mostly vanish; bf16 holds fp8 exactly)."""
-    return torch.bfloat16 if stored in _FP8 else stored
+    return torch.bfloat16 if stored in FP8_DTYPES else stored
 
 
 def exact_dtype(path: Path, wanted: torch.dtype | None = None) -> torch.dtype:
     """The narrowest dtype that holds every floating tensor of a `.safetensors` file (and
     `wanted`) exactly: fp8 fits bf16 and fp16; bf16 and fp16 together need fp32."""
-    kinds = {torch.bfloat16 if d in _FP8 else d for d in stored_dtypes(path).values()}
+    kinds = {torch.bfloat16 if d in FP8_DTYPES else d for d in stored_dtypes(path).values()}
     kinds |= {wanted} if wanted is not None else set()
     if len(kinds) == 1 and kinds <= {torch.bfloat16, torch.float16}:
         return kinds.pop()
@@ -991,7 +1002,7 @@ def save_flux_in_layout(
                 continue
             was = stored.get(key, new[key].dtype)
             target = dtype or merged_dtype(was)
-            widened += was in _FP8 and target not in _FP8
+            widened += was in FP8_DTYPES and target not in FP8_DTYPES
             state[key] = new[key].detach().to("cpu", target).contiguous()
     write_safetensors(out, state, metadata)
     return widened

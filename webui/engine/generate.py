@@ -275,7 +275,13 @@ class Engine:
                         f"no checkpoint named {name!r} in {self.settings.models_dir}"
                     )
                 self._unload()
-                loaded = load_checkpoint(matches[0], device, dtype, self.settings.lowvram)
+                loaded = load_checkpoint(
+                    matches[0],
+                    device,
+                    dtype,
+                    self.settings.lowvram,
+                    fp8_storage=self.settings.fp8_storage.keeps_fp8(device),
+                )
             self._model = loaded
             self._networks = None
             self._on_loaded(loaded, remember=True)
@@ -286,11 +292,13 @@ class Engine:
         checkpoint = checkpoint_from_path(path)
         with self._lock:
             self._unload()
+            device = self.settings.torch_device()
             self._model = load_checkpoint(
                 checkpoint,
-                self.settings.torch_device(),
+                device,
                 self.settings.torch_dtype(),
                 self.settings.lowvram,
+                fp8_storage=self.settings.fp8_storage.keeps_fp8(device),
             )
             self._on_loaded(self._model, remember=False)
             return self._model

@@ -64,6 +64,7 @@ from webui.networks.apply.diffusers_adapters import (
 from webui.networks.apply.keys import Component, KeyMap
 from webui.networks.apply.patcher import PatchReport
 from webui.networks.apply.strengths import Strengths
+from webui.networks.apply.writing import UpcastOnForward
 from webui.networks.format.base_detection import fits
 from webui.networks.format.network import Network
 
@@ -107,6 +108,10 @@ class DiffusersBackend:
         self._scales: dict[tuple[str, Component], object] = {}
         self._fused: _FusedState | None = None
         self._keymap = KeyMap.from_pipeline(pipe)  # where each file prefix should land
+        denoiser = getattr(pipe, "transformer", None)
+        self._fp8_stored = denoiser is not None and any(
+            isinstance(m, UpcastOnForward) for m in denoiser.modules()
+        )
         unet = getattr(pipe, "unet", None)
         self._blocks: dict[str, UnetBlock] = unet_blocks(unet.config) if unet is not None else {}
 
@@ -217,6 +222,8 @@ class DiffusersBackend:
 
     def _load(self, network: Network) -> _Loaded:
         reason = refusal_reason(network, self.arch)
+        if self._fp8_stored:  # PEFT would cast its layers to the base weight's fp8
+            reason = "the model keeps its weights in fp8 (fp8 storage); use the native backend"
         if reason is not None:
             raise DiffusersLoadError(f"{network.path.name}: diffusers cannot load it: {reason}")
         name = adapter_name(network)

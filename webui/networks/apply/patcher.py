@@ -1,7 +1,7 @@
 """Apply a set of (Network, strength) to a diffusers pipeline's weights, natively.
 
 - The deltas of every network on one module are summed in fp32 on the weight's device and
-  written once, in the weight's dtype.
+  written once, in the weight's dtype (a weight stored in fp8: in its layer's compute dtype).
 - A touched weight (or bias) is given a new tensor and its original tensor is kept untouched
   as the backup: no copy is made, and `restore()` hands the originals back (bit-exact).
 - Applying a new set recomputes only the modules whose (network, strength) list changed.
@@ -41,7 +41,14 @@ from webui.networks.apply.planning import (
 )
 from webui.networks.apply.reports import ModuleDelta, ModuleProgress, NetworkReport, PatchReport
 from webui.networks.apply.strengths import Strengths
-from webui.networks.apply.writing import Patched, Scratch, Spare, patch, put_back_tensor
+from webui.networks.apply.writing import (
+    Patched,
+    Scratch,
+    Spare,
+    held_dtype,
+    patch,
+    put_back_tensor,
+)
 from webui.networks.format.network import Network
 
 log = logging.getLogger(__name__)
@@ -209,7 +216,8 @@ class NetworkPatcher:
             record = Patched(weight.detach(), None if bias is None else bias.detach())
             self._patched[key] = record
         record.contributions = None
-        patch(weight, bias, record, contributions, self._scratch, self._spares.pop(key, None))
+        spare = self._spares.pop(key, None)
+        patch(weight, bias, record, contributions, self._scratch, spare, held_dtype(key.module))
         record.contributions = tuple(contributions)
 
     def _roll_back(
@@ -261,7 +269,10 @@ class NetworkPatcher:
         its spare. Safe to repeat: a module holding its originals lets go of nothing."""
         weight, bias = weight_of(key.module), bias_of(key.module)
         record.contributions = None  # a failure between weight and bias leaves it half done
-        spare = Spare(put_back_tensor(weight, record.weight), put_back_tensor(bias, record.bias))
+        held = held_dtype(key.module)
+        spare = Spare(
+            put_back_tensor(weight, record.weight, held), put_back_tensor(bias, record.bias, held)
+        )
         del self._patched[key]
         if self.keep_spares and any(
             t is not None and t.device.type == "cpu" for t in (spare.weight, spare.bias)

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -15,6 +16,21 @@ from webui.networks.apply.apply_errors import NetworkApplyError
 from webui.networks.apply.planning import NOT_A_NETWORK_FAULT, Contribution
 from webui.networks.format.modules import LowRankFactors, NetworkModule, WeightDelta
 from webui.networks.format.network import Network
+
+
+@runtime_checkable
+class UpcastOnForward(Protocol):
+    """A layer that stores its weights narrower (fp8) and upcasts them to `compute_dtype` for
+    each forward (`engine/fp8_storage.py`): its patched weights are held in `compute_dtype`."""
+
+    compute_dtype: torch.dtype
+
+
+def held_dtype(module: object) -> torch.dtype | None:
+    """The dtype a module's patched tensors are held in: a layer that upcasts on forward, its
+    compute dtype (a delta rounded to fp8 would mostly vanish); None for the others: the dtype
+    their tensors have."""
+    return module.compute_dtype if isinstance(module, UpcastOnForward) else None
 
 
 @dataclass
@@ -42,22 +58,25 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
-def _writable(param: Tensor, original: Tensor, spare: Tensor | None = None) -> Tensor:
-    """Where `param`'s patched values go: while it still holds the original (the backup must
-    stay untouched), the spare its module had before if it fits, else a new tensor; otherwise its
-    own tensor, written in place."""
-    if not _same_memory(param, original):
+def _writable(
+    param: Tensor, original: Tensor, held: torch.dtype | None, spare: Tensor | None = None
+) -> Tensor:
+    """Where `param`'s patched values go, in `held` (None: param's dtype): while it still holds
+    the original (the backup must stay untouched) or a dtype too narrow, the spare its module had
+    before if it fits, else a new tensor; otherwise its own tensor, written in place."""
+    dtype = held or param.dtype
+    if not _same_memory(param, original) and param.dtype == dtype:
         return param.detach()
-    if spare is not None and _fits(spare, param):
+    if spare is not None and _fits(spare, param, dtype):
         return spare
-    return torch.empty_like(param)
+    return torch.empty_like(param, dtype=dtype)
 
 
-def _fits(spare: Tensor, param: Tensor) -> bool:
+def _fits(spare: Tensor, param: Tensor, dtype: torch.dtype) -> bool:
     return (
         spare.shape == param.shape
         and spare.stride() == param.stride()
-        and spare.dtype == param.dtype
+        and spare.dtype == dtype
         and spare.device == param.device
     )
 
@@ -68,17 +87,23 @@ def _install(param: Tensor, values: Tensor) -> None:
         param.data = values
 
 
-def put_back_tensor(param: Tensor | None, original: Tensor | None) -> Tensor | None:
-    """Give `param` its original values: the original tensor itself, or a copy of its values when
-    the module has been moved to another device or dtype since. Returns the patched tensor the
-    parameter let go of, if any."""
+def put_back_tensor(
+    param: Tensor | None, original: Tensor | None, held: torch.dtype | None = None
+) -> Tensor | None:
+    """Give `param` its original values: the original tensor itself (also when the patch was
+    `held` in a wider dtype than an fp8 original), or a copy of its values when the module has
+    been moved to another device or dtype since. Returns the patched tensor the parameter let go
+    of, if any."""
     if param is None or original is None:
         return None
-    if param.device == original.device and param.dtype == original.dtype:
+    if param.device == original.device and param.dtype in (original.dtype, held):
         released = param.detach()
         param.data = original
         return None if _same_memory(released, original) else released
-    param.copy_(original)
+    if param.dtype == held:  # a weight stored narrower, moved since: stored so again, there
+        param.data = original.to(param.device)
+    else:
+        param.copy_(original)
     return None
 
 
@@ -131,10 +156,11 @@ def patch(
     contributions: Sequence[Contribution],
     scratch: Scratch,
     spare: Spare | None = None,
+    held: torch.dtype | None = None,
 ) -> None:
     """weight = original + sum of deltas, computed in fp32 and written once, in the weight's
-    dtype, into the weight's own tensor (a new one at its first patch: the original is the
-    backup).
+    dtype (or `held`: the compute dtype of a weight stored in fp8), into the weight's own tensor
+    (a new one at its first patch: the original is the backup).
 
     Low-rank deltas (LoRA, LoCon) are never built full-size on their own: their factors are
     gathered into fp32 buffers, each network's scale on its rows of `down`, and multiplied once
@@ -156,7 +182,7 @@ def patch(
     if factors:
         up, down = _gathered_factors(factors, scratch, device)
     spare_weight = None if spare is None else spare.weight
-    target = _writable(weight, backup.weight, spare_weight)
+    target = _writable(weight, backup.weight, held, spare_weight)
     # brand-new memory: the module still holds its original and had no spare that fits
     fresh = _same_memory(weight, backup.weight) and target is not spare_weight
     deltas: list[WeightDelta] = []
@@ -185,11 +211,12 @@ def patch(
         patched_bias = backup.bias.to(device, torch.float32)
         for delta_bias in bias_deltas:
             patched_bias = patched_bias + delta_bias.reshape(patched_bias.shape)
-        bias_target = _writable(bias, backup.bias, None if spare is None else spare.bias)
+        bias_spare = None if spare is None else spare.bias
+        bias_target = _writable(bias, backup.bias, held, bias_spare)
         bias_target.copy_(patched_bias)
         _install(bias, bias_target)
     else:
-        put_back_tensor(bias, backup.bias)
+        put_back_tensor(bias, backup.bias, held)
     _install(weight, target)
 
 
