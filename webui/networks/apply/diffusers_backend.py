@@ -223,7 +223,10 @@ class DiffusersBackend:
     def _load(self, network: Network) -> _Loaded:
         reason = refusal_reason(network, self.arch)
         if self._fp8_stored:  # PEFT would cast its layers to the base weight's fp8
-            reason = "the model keeps its weights in fp8 (fp8 storage); use the native backend"
+            reason = (
+                "the model keeps its weights in fp8 (--fp8-storage); use the native backend "
+                "or load the model with --fp8-storage off"
+            )
         if reason is not None:
             raise DiffusersLoadError(f"{network.path.name}: diffusers cannot load it: {reason}")
         name = adapter_name(network)
