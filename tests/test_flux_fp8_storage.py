@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
+import logging
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -42,6 +43,7 @@ from webui.networks.apply.patcher import NetworkPatcher
 from webui.networks.format.modules import LoraModule
 from webui.networks.format.network import Network, read_network
 from webui.settings import Fp8Storage, Settings
+from webui.ui.blocks import _model_status
 
 CPU = torch.device("cpu")
 FP8 = torch.float8_e4m3fn
@@ -336,12 +338,24 @@ def test_the_diffusers_fallback_refuses_an_fp8_stored_model(
     ("choice", "kept"), [(Fp8Storage.ON, True), (Fp8Storage.AUTO, False), (Fp8Storage.OFF, False)]
 )
 def test_the_engine_loads_by_the_setting(
-    files: dict[torch.dtype, Path], tmp_path: Path, choice: Fp8Storage, kept: bool
+    files: dict[torch.dtype, Path],
+    tmp_path: Path,
+    choice: Fp8Storage,
+    kept: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """...and says so where the user looks: the console's load line and the model status."""
     settings = cpu_settings(tmp_path, tmp_path, tmp_path, fp8_storage=choice, save_outputs=False)
-    model = Engine(settings).load_path(files[FP8])
+    engine = Engine(settings)
+    with caplog.at_level(logging.INFO, logger="webui"):
+        model = engine.load_path(files[FP8])
     weight = model.pipe.transformer.x_embedder.weight
     assert weight.dtype == (FP8 if kept else torch.float32)  # auto on the CPU: upcast at load
+    said = "float32, fp8 weights" if kept else "float32"
+    assert [r.getMessage() for r in caplog.records if "model loaded" in r.getMessage()] == [
+        f"model loaded: {model.name} (FLUX.1 dev, cpu, {said})"
+    ]
+    assert ("fp8 weights" in _model_status(engine)) is kept
 
 
 def test_fp8_storage_setting_auto_is_on_for_cuda_only() -> None:

@@ -34,7 +34,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from webui.arch import Arch, FluxVariant, Prediction
-from webui.engine.fp8_storage import FP8_DTYPES, keep_fp8
+from webui.engine.fp8_storage import FP8_DTYPES, fp8_stored, keep_fp8
 from webui.engine.model_factory import FLUX_COMPONENTS, config_folder, flux_pipeline
 from webui.engine.samplers import ZERO_SNR, build_scheduler, zero_snr_config
 from webui.families.flux1 import model as flux1
@@ -153,6 +153,14 @@ class LoadedModel:
     dtype: torch.dtype
     # components read from separate files (FLUX.1 parts), by diffusers component name
     parts: Mapping[str, Path] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        """The precision the user is told: the compute dtype, and "fp8 weights" when a FLUX.1
+        transformer keeps its fp8 weights (`fp8_storage`)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        kept = fp8_stored(getattr(self.pipe, "transformer", None))
+        return f"{dtype}, fp8 weights" if kept else dtype
 
 
 def find_checkpoints(models_dir: Path) -> list[CheckpointFile]:
@@ -555,7 +563,7 @@ def load_checkpoint(
         kind = ModelKind(kind.arch, prediction, kind.zero_snr)
         _set_prediction(pipe, kind)
     place_pipeline(pipe, device, lowvram)
-    log.info("loaded %s (%s) on %s in %s", checkpoint.name, kind.label, device, dtype)
+    log.debug("loaded %s (%s) on %s in %s", checkpoint.name, kind.label, device, dtype)
     return LoadedModel(pipe, kind, checkpoint.name, checkpoint.path, device, dtype, parts)
 
 
@@ -860,7 +868,7 @@ def _load_flux(
         transformer = FluxTransformer2DModel.from_config(_clean(config))
     transformer = _materialise(transformer, state, f"{source}: transformer")
     if fp8_storage and keep_fp8(transformer, dtype):
-        log.info("%s: the transformer's fp8 weights stay fp8 (computed in %s)", source, dtype)
+        log.debug("%s: the transformer's fp8 weights stay fp8 (computed in %s)", source, dtype)
     components: dict[str, Any] = {"transformer": transformer}
     missing: list[flux1.Part] = []
     for part in flux1.PARTS:

@@ -64,3 +64,8 @@ def keep_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
                 tensor.data = tensor.data.to(compute_dtype)
     log.debug("%d Linear layers keep their fp8 weights (computing in %s)", kept, compute_dtype)
     return kept
+
+
+def fp8_stored(model: nn.Module | None) -> bool:
+    """Whether `model` keeps fp8 weights with `keep_fp8` (what the model's load line says)."""
+    return model is not None and any(isinstance(m, UpcastLinear) for m in model.modules())

@@ -327,9 +327,12 @@ class Engine:
         """One log line; no diffusers progress bar (the UI and CLI show their own); the model
         remembered for the next start when it is one of `models/`."""
         model.pipe.set_progress_bar_config(disable=True)
-        dtype = str(model.dtype).removeprefix("torch.")
         log.info(
-            "model loaded: %s (%s, %s, %s)", model.name, model.kind.label, model.device.type, dtype
+            "model loaded: %s (%s, %s, %s)",
+            model.name,
+            model.kind.label,
+            model.device.type,
+            model.precision,
         )
         if remember and self.settings_file is not None:
             self.settings_file.save(last_model=model.name)

@@ -61,7 +61,7 @@ def _model_status(engine: Engine) -> str:
         )
     return (
         f"<span class='lw-model-status'>Loaded <b>{html.escape(model.name)}</b> · {model.kind.label} · "
-        f"{model.device.type} · {str(model.dtype).removeprefix('torch.')}</span>"
+        f"{model.device.type} · {model.precision}</span>"
     )
 
 
