@@ -34,6 +34,7 @@ CSS = (
 .lw-warnings { border-left: 4px solid #e0a000; padding: 4px 10px; background: rgba(224,160,0,0.08); }
 .lw-warnings ul { margin: 0; padding-left: 1.2em; }
 .lw-model-status { font-size: 0.9em; opacity: 0.85; }
+#model-refresh { align-self: flex-end; flex-grow: 0; max-height: 2.7em; margin-bottom: 10px; }
 .lw-token-counter { text-align: right; font-size: 0.8em; opacity: 0.75; margin-top: -6px; }
 .lw-tokens-chunked { color: #c07000; }
 .lw-unused textarea { opacity: 0.5; }

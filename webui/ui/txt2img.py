@@ -240,7 +240,10 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 "Generate", variant="primary", size="lg", elem_id="txt2img-generate"
             )
             interrupt = gr.Button("Interrupt", variant="stop", elem_id="txt2img-interrupt")
-            paste = gr.Button("\u2199\ufe0f", size="sm", elem_id="txt2img-paste")  # ↙️
+            with gr.Row():  # A1111's row of small tool buttons under Generate
+                paste = gr.Button(
+                    "\u2199\ufe0f", size="sm", scale=0, min_width=44, elem_id="txt2img-paste"
+                )  # ↙️
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             sampler = gr.Dropdown(
