@@ -4,6 +4,8 @@ torch, diffusers and Gradio). tests/test_server.py starts the real `python app.p
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,19 @@ def app_arguments(tmp: Path, port: int) -> list[str]:
         *("--outputs-dir", str(tmp / "outputs"), "--cache-dir", str(tmp / "cache")),
         *("--settings-file", str(tmp / "config.json")),
     ]
+
+
+def write_app_folder(
+    tmp: Path, checkpoint: Path | None = None, settings: dict | None = None
+) -> None:
+    """The folders `app_arguments` names under `tmp`: models/ (with `checkpoint` copied in as
+    `sd.safetensors`), an empty loras/, and `settings` as the settings file."""
+    (tmp / "models").mkdir()
+    (tmp / "loras").mkdir()
+    if checkpoint is not None:
+        shutil.copy(checkpoint, tmp / "models" / "sd.safetensors")
+    if settings is not None:
+        (tmp / "config.json").write_text(json.dumps(settings))
 
 
 @contextmanager

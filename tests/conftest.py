@@ -55,7 +55,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def chromium():
     """One headless system Chromium per test process; each test opens its own context
-    (`tests.chromium.browser_context`). Skips the test where /usr/bin/chromium is missing."""
+    (`tests.chromium.browser_context`, or `app_page` for the app's page). Skips the test where /usr/bin/chromium is missing."""
     from tests.chromium import CHROMIUM, CHROMIUM_ARGS
 
     if not CHROMIUM.exists():

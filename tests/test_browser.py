@@ -23,7 +23,7 @@ from lora_files import write_kohya_lora
 from PIL import Image, ImageDraw
 
 from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.chromium import CHROMIUM, app_page, set_number
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -89,10 +89,7 @@ def server(server_folder: Path) -> Iterator[str]:
 def test_networks_tab_in_a_browser(server: str, chromium, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    with browser_context(chromium, viewport={"width": 1400, "height": 1000}) as context:
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(server)
+    with app_page(chromium, server, timeout_s=30, viewport={"width": 1400, "height": 1000}) as page:
         page.get_by_role("tab", name="Networks").click()
         grid = page.locator("#networks-grid")
         cards = grid.locator(".lw-card")
@@ -140,9 +137,7 @@ def test_networks_tab_in_a_browser(server: str, chromium, tmp_path: Path) -> Non
         # generate with the tag: tiny image, two steps
         page.get_by_role("tab", name="txt2img").click()
         for slider, value in (("steps", "2"), ("width", "64"), ("height", "64")):
-            box = page.locator(f"#txt2img-{slider} input[type='number']")
-            box.fill(value)
-            box.press("Enter")
+            set_number(page, f"txt2img-{slider}", value)
         page.locator("#txt2img-generate").click()
         expect(page.locator("#txt2img-gallery img").first).to_be_visible(timeout=60_000)
         info = page.locator("#txt2img-infotext .lw-infotext")
@@ -154,11 +149,8 @@ def test_networks_tab_in_a_browser(server: str, chromium, tmp_path: Path) -> Non
 def test_networks_panel_inserts_and_removes_tags(server: str, chromium) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=60_000)  # a shared 2-core machine
-    with browser_context(chromium, viewport={"width": 1400, "height": 1100}) as context:
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(server)
+    # a shared 2-core machine
+    with app_page(chromium, server, timeout_s=60, viewport={"width": 1400, "height": 1100}) as page:
         prompt = page.locator("#txt2img-prompt textarea")
         prompt.fill("a cat, sumi-e")
         card = page.locator("#txt2img-networks-grid .lw-card[data-lora='styles/ink_wash']")
@@ -185,12 +177,9 @@ def test_networks_panel_inserts_and_removes_tags(server: str, chromium) -> None:
 def test_counter_panel_grid_and_escape(server: str, server_folder: Path, chromium) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=90_000)  # a shared 2-core machine
     loras = server_folder / "loras"
-    with browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context:
-        page = context.new_page()
-        page.set_default_timeout(90_000)
-        page.goto(server)
+    # a shared 2-core machine
+    with app_page(chromium, server, timeout_s=90, viewport={"width": 1400, "height": 1200}) as page:
         counter = page.locator("#txt2img-token-counter .lw-tokens")
         expect(counter).to_have_text("0/75")
         prompt = page.locator("#txt2img-prompt textarea")

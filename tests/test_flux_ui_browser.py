@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,9 @@ from flux_lora_files import write_flux_lora
 from lora_files import write_kohya_lora
 
 from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context
+from tests.chromium import CHROMIUM, app_page
 from tests.test_ui_browser import choose, set_number
-from tests.test_ui_family_browser import write_flux_dev
+from tests.test_ui_family_browser import write_sd_and_flux_folders
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -35,23 +34,21 @@ def test_flux_txt2img_with_a_scheduled_lora(
 ) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
+    write_sd_and_flux_folders(tmp_path, tiny_checkpoint_factory)
     models, loras = tmp_path / "models", tmp_path / "loras"
-    models.mkdir()
-    loras.mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), models / "a-sd1.safetensors")
-    write_flux_dev(models / "flux1-dev.safetensors")
     write_flux_lora(loras / "inkfox.safetensors", models / "flux1-dev.safetensors")
     (loras / "inkfox.json").write_text(json.dumps({"activation text": "inkfox, sketch"}))
     write_kohya_lora(loras / "sd_ink.safetensors", Arch.SD1, {"ss_base_model_version": "sd_v1"})
     with (
         running_app(tmp_path) as url,
-        browser_context(chromium, viewport={"width": 1400, "height": 1100}) as context,
+        app_page(
+            chromium,
+            url,
+            timeout_s=120,  # model loads on a shared 2-core machine
+            ready="a-sd1",
+            viewport={"width": 1400, "height": 1100},
+        ) as page,
     ):
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("a-sd1")
         page.reload()
         # SD's controls first: a switch racing the page's own load would see them late
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")

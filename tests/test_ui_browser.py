@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from tests.app_server import running_app
-from tests.chromium import CHROMIUM, set_number
+from tests.chromium import CHROMIUM, app_page, set_number
 from tests.test_browser import write_lora_folder
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
 SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR", "/tmp/h5-ui-shots"))
+# generations on a shared 2-core machine
+PAGE = {"timeout_s": 60, "viewport": {"width": 1400, "height": 1100}}
 
 
 def api(url: str, route: str, body: dict | None = None) -> dict:
@@ -53,13 +55,9 @@ def folders(tmp_path: Path) -> Path:
 def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=60_000)  # generations on a shared 2-core machine
     tiny = tiny_checkpoint_factory(Arch.SD1)
     models = folders / "models"
-    with running_app(folders) as url:
-        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.goto(url)
+    with running_app(folders) as url, app_page(chromium, url, **PAGE) as page:
         # the empty models folder: the demo model loads in the background
         expect(page.locator("#model-status")).to_contain_text("Demo model")
         page.reload()
@@ -94,21 +92,18 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
             set_number(page, f"txt2img-{name}", value)
         choose(page, "txt2img-trigger-words", "All words")
-        other = chromium.new_page(viewport={"width": 1400, "height": 1100})
-        other.set_default_timeout(60_000)
-        other.goto(url)
-        expect(other.locator("#txt2img-trigger-words input")).to_have_value("Off")
-        other.locator("#txt2img-prompt textarea").fill("a fox <lora:styles/ink_wash:1>")
-        for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
-            set_number(other, f"txt2img-{name}", value)
-        prompt.press("Control+Enter")  # Ctrl+Enter generates
-        info = page.locator("#txt2img-infotext .lw-infotext")
-        expect(info).to_contain_text('Trigger words: "ink wash, monochrome"')
-        other.locator("#txt2img-generate").click()
-        other_info = other.locator("#txt2img-infotext .lw-infotext")
-        expect(other_info).to_contain_text("Size: 64x64")
-        assert "Trigger words" not in other_info.inner_text()
-        other.close()
+        with app_page(chromium, url, **PAGE) as other:
+            expect(other.locator("#txt2img-trigger-words input")).to_have_value("Off")
+            other.locator("#txt2img-prompt textarea").fill("a fox <lora:styles/ink_wash:1>")
+            for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
+                set_number(other, f"txt2img-{name}", value)
+            prompt.press("Control+Enter")  # Ctrl+Enter generates
+            info = page.locator("#txt2img-infotext .lw-infotext")
+            expect(info).to_contain_text('Trigger words: "ink wash, monochrome"')
+            other.locator("#txt2img-generate").click()
+            other_info = other.locator("#txt2img-infotext .lw-infotext")
+            expect(other_info).to_contain_text("Size: 64x64")
+            assert "Trigger words" not in other_info.inner_text()
         # the image went to the outputs folder, A1111's naming, and the UI says where
         saved = list((folders / "outputs" / "txt2img-images").glob("*/00000-*.png"))
         assert len(saved) >= 1
@@ -166,15 +161,10 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         expect(page.locator("#model-status")).to_contain_text("Loaded beta")
         # a bake writes a new file that sorts first: it must not become the default
         shutil.copy(tiny, models / "0-baked.safetensors")
-        page.close()  # an open page would hold the server's shutdown
 
     # restart: a new engine and app over the same folders and settings file, as `python app.py`
     # builds them (test_server.py starts the real process): model and settings kept
-    with running_app(folders) as url:
-        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("Loaded beta")
+    with running_app(folders) as url, app_page(chromium, url, ready="Loaded beta", **PAGE) as page:
         assert picker_value(page) == "beta"
         expect(page.locator("#txt2img-trigger-words input")).to_have_value("First word")
         page.get_by_role("tab", name="Tools").click()
@@ -187,4 +177,3 @@ def test_ui_tells_the_truth(folders: Path, tiny_checkpoint_factory, chromium) ->
         settings = json.loads((folders / "config.json").read_text())
         assert settings["sd_model_checkpoint"] == "alpha"
         assert settings["auto_trigger_words"] == 1
-        page.close()

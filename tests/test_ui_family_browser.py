@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.chromium import CHROMIUM, app_page, set_number
 from tests.test_ui_browser import choose, picker_value
 from webui.arch import Arch, FluxVariant
 
@@ -49,16 +49,17 @@ def test_controls_follow_the_model_family(
 ) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
     write_sd_and_flux_folders(tmp_path, tiny_checkpoint_factory)
     with (
         running_app(tmp_path) as url,
-        browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context,
+        app_page(
+            chromium,
+            url,
+            timeout_s=120,  # model loads on a shared 2-core machine
+            ready="a-sd1",
+            viewport={"width": 1400, "height": 1200},
+        ) as page,
     ):
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("a-sd1")
         page.reload()  # the page that loads after the model: SD's controls
         distilled = page.locator("#txt2img-distilled-cfg")
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("7")

@@ -6,15 +6,13 @@ its parameters; Copy parameters puts the infotext on the clipboard. Screenshots 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.app_server import running_app, write_app_folder
+from tests.chromium import CHROMIUM, app_page, set_number
 from webui.arch import Arch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
@@ -28,21 +26,18 @@ def test_one_progress_bar_and_gallery_buttons(
 ) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # a shared 2-core machine
-    (tmp_path / "models").mkdir()
-    (tmp_path / "loras").mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"save_outputs": False}))
+    write_app_folder(tmp_path, tiny_checkpoint_factory(Arch.SD1), {"save_outputs": False})
     with (
         running_app(tmp_path) as url,
-        browser_context(chromium, viewport={"width": 1400, "height": 1200}) as context,
+        app_page(
+            chromium,
+            url,
+            timeout_s=120,  # a shared 2-core machine
+            ready="Loaded",
+            permissions=("clipboard-read", "clipboard-write"),
+            viewport={"width": 1400, "height": 1200},
+        ) as page,
     ):
-        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("Loaded")
-
         # a slow run: count the bars while it goes
         page.locator("#txt2img-prompt textarea").fill("a fox")
         for name, value in (("steps", "40"), ("width", "192"), ("height", "192")):

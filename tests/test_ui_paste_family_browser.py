@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context
+from tests.chromium import CHROMIUM, app_page
 from tests.test_ui_browser import choose
 from tests.test_ui_family_browser import slider_value, write_sd_and_flux_folders
 
@@ -37,13 +37,12 @@ def test_a_paste_that_switches_family_keeps_its_values(
 ) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # model loads on a shared 2-core machine
     write_sd_and_flux_folders(tmp_path, tiny_checkpoint_factory)
-    with running_app(tmp_path) as url, browser_context(chromium) as context:
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("a-sd1")
+    with (
+        running_app(tmp_path) as url,
+        # model loads on a shared 2-core machine
+        app_page(chromium, url, timeout_s=120, ready="a-sd1") as page,
+    ):
         choose(page, "model-select", "flux1-dev")
         expect(page.locator("#model-status")).to_contain_text("FLUX")
         expect(page.locator("#txt2img-cfg input[type='number']")).to_have_value("1")

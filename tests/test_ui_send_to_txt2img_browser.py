@@ -7,16 +7,14 @@ the engine's live preview above the gallery (Settings: every step)."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.app_server import running_app, write_app_folder
+from tests.chromium import CHROMIUM, app_page, set_number
 from tests.test_ui_infotext_fields import A1111_TEXT
 from webui.arch import Arch
 
@@ -87,21 +85,18 @@ def test_send_to_txt2img_fills_every_field(
 ) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # a shared 2-core machine
-    (tmp_path / "models").mkdir()
-    (tmp_path / "loras").mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
     settings = {"save_outputs": False, "live_preview_every": 1}
-    (tmp_path / "config.json").write_text(json.dumps(settings))
+    write_app_folder(tmp_path, tiny_checkpoint_factory(Arch.SD1), settings)
     with (
         running_app(tmp_path) as url,
-        browser_context(chromium, viewport={"width": 1400, "height": 1400}) as context,
+        app_page(
+            chromium,
+            url,
+            timeout_s=120,  # a shared 2-core machine
+            ready="Loaded",
+            viewport={"width": 1400, "height": 1400},
+        ) as page,
     ):
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("Loaded")
-
         page.locator("#txt2img-prompt textarea").fill("a fox, (red:1.2)")
         page.locator("#txt2img-negative textarea").fill("ugly")
         for name, value in (

@@ -4,13 +4,12 @@ the axes."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.app_server import running_app
-from tests.chromium import CHROMIUM, browser_context, set_number
+from tests.app_server import running_app, write_app_folder
+from tests.chromium import CHROMIUM, app_page, set_number
 from tests.test_ui_browser import choose
 from webui.arch import Arch
 
@@ -20,18 +19,13 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chrom
 def test_generate_plot_fills_the_gallery(tmp_path: Path, tiny_checkpoint_factory, chromium) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=120_000)  # a shared 2-core machine
-    (tmp_path / "models").mkdir()
-    (tmp_path / "loras").mkdir()
-    shutil.copy(tiny_checkpoint_factory(Arch.SD1), tmp_path / "models" / "sd.safetensors")
+    write_app_folder(tmp_path, tiny_checkpoint_factory(Arch.SD1))
     with (
         running_app(tmp_path) as url,
-        browser_context(chromium, viewport={"width": 1400, "height": 1400}) as context,
+        app_page(
+            chromium, url, timeout_s=120, ready="Loaded", viewport={"width": 1400, "height": 1400}
+        ) as page,
     ):
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        expect(page.locator("#model-status")).to_contain_text("Loaded")
         page.locator("#txt2img-prompt textarea").fill("a fox")
         for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):
             set_number(page, f"txt2img-{name}", value)

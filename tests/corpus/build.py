@@ -283,6 +283,13 @@ SIMPLETUNER = (
     "https://github.com/Comfy-Org/ComfyUI/issues/4347 ('lora key not loaded' log of a SimpleTuner "
     "FLUX_LORA_TARGET=all+ffs file: transformer.base_model.model. + diffusers names)"
 )
+THELASTBEN = (
+    "https://github.com/kohya-ss/sd-scripts/issues/1463 (TheLastBen, 2024-08-16) and "
+    "https://github.com/Comfy-Org/ComfyUI/issues/4347 (TheLastBen, 2024-08-14): 'lora key not "
+    "loaded' logs of a FLUX.1 LoRA trained with sd-scripts' networks on diffusers' FluxTransformer"
+    "2DModel: lora_unet_ + the diffusers module path flattened, a trailing '_', alpha per module; "
+    "only the module names those logs show"
+)
 _DOUBLE_BFL = (
     "img_mod.lin",
     "txt_mod.lin",
@@ -441,6 +448,38 @@ def listed_flux() -> dict[str, dict]:
             linears[f"single_transformer_blocks.0.{m}"],
         )
 
+    # TheLastBen: every name the logs show, double blocks at block 10 (the one shown), single
+    # blocks at 0 and 1
+    thelastben: Shapes = {}
+    shown = [
+        "context_embedder",
+        "norm_out.linear",
+        "proj_out",
+        *(
+            f"time_text_embed.{e}_embedder.linear_{i}"
+            for e in ("guidance", "text", "timestep")
+            for i in (1, 2)
+        ),
+        *(
+            f"transformer_blocks.10.{m}"
+            for m in (
+                "attn.to_k",
+                "attn.to_out.0",
+                "attn.to_q",
+                "attn.to_v",
+                "ff_context.net.0.proj",
+                "ff_context.net.2",
+            )
+        ),
+        *(
+            f"single_transformer_blocks.{i}.{m}"
+            for i in (0, 1)
+            for m in ("attn.to_k", "attn.to_q", "attn.to_v", "norm.linear", "proj_mlp", "proj_out")
+        ),
+    ]
+    for path in shown:
+        thelastben |= _lora(f"lora_unet_{path.replace('.', '_')}_", linears[path])
+
     flux = "FLUX.1"
     return {
         "flux-lora-onetrainer-omi-format": {
@@ -479,6 +518,12 @@ def listed_flux() -> dict[str, dict]:
             "trainer": "fal (Kontext trainer)",
             "family": flux,
             "keys": fal,
+        },
+        "flux-lora-thelastben-format": {
+            "source": THELASTBEN,
+            "trainer": "TheLastBen (sd-scripts networks, diffusers names)",
+            "family": flux,
+            "keys": thelastben,
         },
         "flux-lora-simpletuner-nested-prefix-format": {
             "source": SIMPLETUNER,
@@ -579,7 +624,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--invokeai", type=Path, help="git dir of an invoke-ai/InvokeAI clone")
     args = parser.parse_args()
-    for arch in Arch:
+    for arch in (Arch.SD1, Arch.SD2, Arch.SDXL):  # FLUX.1's listings are `listed_flux`'s
         for name, (source, keys) in generated_sd(arch).items():
             trainer = TRAINERS[name]
             _write(

@@ -3,8 +3,8 @@ weights that change are exactly the ones an independent reference changes, and e
 1e-5 relative; `restore` gives the base back bit-exact.
 
 References, never our own mapping: kohya, XLabs, OneTrainer, BFL/fal and ComfyUI files against
-each format's math on the fused BFL weight, split by rows by hand here (`_bfl_rows`); PEFT files
-against diffusers' `load_lora_weights` + `fuse_lora`; LyCORIS files (LoKr, LoHa, full, DoRA)
+each format's math on the fused BFL weight, split by rows by hand here (`_bfl_rows`); PEFT files,
+and TheLastBen's under their PEFT names, against diffusers' `load_lora_weights` + `fuse_lora`; LyCORIS files (LoKr, LoHa, full, DoRA)
 against LyCORIS' own module classes, whose training forward is read off on the identity, wrapping
 the tiny transformer's own layer where the names allow and a fused layer built here where BFL
 fuses several; and, at full width (one double and one single block, 3072 wide), kohya and XLabs
@@ -424,6 +424,38 @@ def peft(
     return build
 
 
+THELASTBEN_TARGETS = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.1.attn.to_out.0",
+    "transformer_blocks.0.ff_context.net.0.proj",
+    "single_transformer_blocks.0.proj_mlp",
+    "single_transformer_blocks.1.norm.linear",
+    "single_transformer_blocks.1.proj_out",
+    "norm_out.linear",
+    "context_embedder",
+    "time_text_embed.guidance_embedder.linear_1",
+)
+
+
+def thelastben(tiny: Tiny, m: float) -> Built:
+    """TheLastBen's files (sd-scripts issue #1463): diffusers paths flattened under lora_unet_,
+    each name ending in `_`, an alpha per module. The reference is diffusers' load_lora_weights +
+    fuse_lora on the same tensors under their PEFT names (`.alpha` read as network alphas)."""
+    g = _generator("thelastben")
+    tensors: dict[str, Tensor] = {}
+    reference: dict[str, Tensor] = {}
+    for i, path in enumerate(THELASTBEN_TARGETS):
+        up, down = _low_rank(g, tuple(tiny.base[f"transformer.{path}.weight"].shape))  # type: ignore[arg-type]
+        alpha = torch.tensor(float(1 + i % 4))
+        key = f"lora_unet_{path.replace('.', '_')}_"
+        tensors |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}
+        tensors[f"{key}.alpha"] = alpha
+        peft_key = f"transformer.{path}"
+        reference |= {f"{peft_key}.lora_B.weight": up, f"{peft_key}.lora_A.weight": down}
+        reference[f"{peft_key}.alpha"] = alpha
+    return Built(tensors, FLUX_META, _diffusers_fused(tiny, reference, m))
+
+
 # --- LyCORIS files: LyCORIS' own modules are the reference -------------------------------------
 
 
@@ -524,6 +556,7 @@ CASES: dict[str, Callable[[Tiny, float], Built]] = {
     "comfyui": comfyui,
     "diffusers": peft(),
     "simpletuner-alpha": peft(alpha=True),
+    "thelastben": thelastben,
     "peft-base-model": peft(wrapper="base_model.model."),
     "peft-dora": peft(dora=True),
     "lycoris-lokr": lycoris(LokrModule, _diffusion_model, factor=4),

@@ -1,7 +1,9 @@
 """kohya sd-scripts and LyCORIS-in-kohya names: `lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`
 (networks/lora.py: the module path with dots replaced by underscores). diffusers'
 `convert_state_dict_to_kohya` leaves the last dots of some keys (`…_attn1.to_k.lora_magnitude_vector`),
-so every dot of the prefix is flattened: both spellings of one module become one name."""
+so every dot of the prefix is flattened: both spellings of one module become one name. TheLastBen's
+FLUX.1 files (sd-scripts' networks on diffusers' transformer) end each name with `_`
+(`lora_unet_transformer_blocks_0_attn_to_q_.alpha`): no module path ends with `_`, so it is dropped."""
 
 import re
 
@@ -15,7 +17,7 @@ def owns(prefix: str) -> bool:
 
 
 def canonical(prefix: str) -> str:
-    return prefix.replace(".", "_")
+    return prefix.replace(".", "_").rstrip("_")
 
 
 FORMAT = KeyFormat("kohya", owns, canonical)
