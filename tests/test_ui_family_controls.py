@@ -25,7 +25,8 @@ DEV = ModelKind(Arch.FLUX1, None, variant=FluxVariant.DEV)
 SCHNELL = ModelKind(Arch.FLUX1, None, variant=FluxVariant.SCHNELL)
 NAMES = (
     *("sampler", "steps", "width", "height", "cfg", "distilled", "clip_skip", "lora_row"),
-    *("trigger_row", "hires", "hr_cfg", "hr_sampler", "hr_distilled", "negative", "shown"),
+    *("trigger_row", "hires", "hr_cfg", "hr_sampler", "hr_distilled", "negative", "prompt"),
+    "shown",
 )
 
 

@@ -51,7 +51,7 @@ from webui.engine.recipes import recipe_for
 from webui.engine.request import MAX_SEED as MAX_SEED
 from webui.engine.request import GenerationRequest as GenerationRequest
 from webui.engine.request import RequestError as RequestError
-from webui.engine.token_count import TokenCount, count_tokens, reference_tokenizer
+from webui.engine.token_count import TokenCount, count_for, count_tokens, reference_tokenizer
 from webui.engine.trigger_words import TriggerWordSource, add_trigger_words, no_trigger_words
 from webui.engine.variation_noise import variation_noise
 from webui.networks.apply import Component, ModuleProgress
@@ -362,15 +362,18 @@ class Engine:
         return controls_for(model.kind if model else ModelKind(Arch.SD1, Prediction.EPSILON))
 
     def count_tokens(self, text: str) -> TokenCount:
-        """The prompt's CLIP tokens as the encoder chunks them (tags removed), with the loaded
-        model's tokenizer, or the reference one before a model loads."""
+        """The prompt's tokens as the encoder reading its words gets them (tags removed): CLIP
+        chunks, or T5 on FLUX.1, with the loaded model's tokenizer, or the reference CLIP one
+        before a model loads."""
         model = self._model
         if model is None:
             return count_tokens(reference_tokenizer(), text)
+        encoder = controls_for(model.kind).prompt_encoder
         if self._counter is None or self._counter[0] is not model.pipe:
             # a copy: a Rust tokenizer used from two threads at once can fail ("Already borrowed")
-            self._counter = (model.pipe, copy.deepcopy(model.pipe.tokenizer))
-        return count_tokens(self._counter[1], text)
+            tokenizer = getattr(model.pipe, encoder.tokenizer_component)
+            self._counter = (model.pipe, copy.deepcopy(tokenizer))
+        return count_for(encoder, self._counter[1], text)
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from webui.engine.checkpoints import ModelKind
 from webui.engine.recipe import GenerationDefaults
 from webui.engine.recipes import recipe_for
 from webui.engine.samplers import FLOW_MATCH_EULER, sampler_names
+from webui.engine.token_count import PromptEncoder
 
 SD_SIZE_STEP = 8  # the VAE's downscale; GenerationRequest.validate's multiple
 
@@ -28,6 +29,7 @@ class GenerationControls:
     loras: bool  # LoRAs are applied (their backend and trigger words mean something)
     hires: bool  # A1111's hires fix runs (the recipe's `runs_hires`)
     trigger_words: bool  # LoRAs apply, so adding their trigger words to the prompt means something
+    prompt_encoder: PromptEncoder  # reads the prompt's words: its tokens counted, weighted, chunked
 
 
 def controls_for(kind: ModelKind) -> GenerationControls:
@@ -44,6 +46,7 @@ def controls_for(kind: ModelKind) -> GenerationControls:
             loras=recipe.applies_loras,  # native or the diffusers fallback's FLUX.1 loader
             hires=recipe.runs_hires,
             trigger_words=recipe.applies_loras,
+            prompt_encoder=PromptEncoder.T5,  # flux_encoding: emphasis on T5, CLIP-L pooled only
         )
     return GenerationControls(
         defaults=recipe.defaults,
@@ -55,4 +58,5 @@ def controls_for(kind: ModelKind) -> GenerationControls:
         loras=recipe.applies_loras,
         hires=recipe.runs_hires,
         trigger_words=recipe.applies_loras,
+        prompt_encoder=PromptEncoder.CLIP,
     )

@@ -10,6 +10,7 @@ import gradio as gr
 
 from webui.engine.generation_controls import GenerationControls
 from webui.engine.request import DEFAULT_DISTILLED_CFG
+from webui.engine.token_count import PromptEncoder
 from webui.ui.paste_params import SAME_SAMPLER
 
 SAMPLER_INFO = "A1111's sampler names; Karras/exponential variants change the noise schedule"
@@ -24,6 +25,16 @@ NEGATIVE_INFO = "what the image should not show (LoRA tags here are ignored)"
 NEGATIVE_UNUSED_LABEL = "Negative prompt (unused at CFG scale 1)"
 NEGATIVE_UNUSED_INFO = "this model uses it only with CFG scale above 1 (true CFG, twice as slow)"
 UNUSED_CLASS = "lw-unused"
+_PROMPT_KEYS = (
+    "<lora:NAME:WEIGHT> applies a LoRA; Ctrl+Enter generates, Ctrl+Up/Down changes a weight"
+)
+PROMPT_INFO = {
+    PromptEncoder.CLIP: f"(word:1.2) emphasis, BREAK starts a new {PromptEncoder.CLIP.chunk}"
+    f"-token chunk, {_PROMPT_KEYS}",
+    # flux_encoding: weights on T5's tokens, BREAK a new T5 sequence (Forge's T5 engine)
+    PromptEncoder.T5: f"(word:1.2) emphasis; T5 reads {PromptEncoder.T5.chunk} tokens, BREAK "
+    f"starts another {PromptEncoder.T5.chunk}; {_PROMPT_KEYS}",
+}
 
 
 def width_info(step: int) -> str:
@@ -51,7 +62,7 @@ def family_updates(
 ) -> list[Any]:
     """Updates for (sampler, steps, width, height, cfg, distilled cfg, clip skip, the LoRA
     backend's row, the trigger words' row, the hires-fix accordion, its cfg, sampler and
-    distilled cfg, negative prompt, shown): the controls that apply to `controls`' family
+    distilled cfg, negative prompt, prompt, shown): the controls that apply to `controls`' family
     shown, the others hidden. Values go back to the family's defaults only when the page showed
     other controls (`shown`), so a switch between two SD models keeps the user's settings, and
     never after a paste (`pasted_cfg` given: the page holds the infotext's values, CFG
@@ -95,6 +106,7 @@ def family_updates(
         gr.update(choices=[SAME_SAMPLER, *controls.samplers], **value(SAME_SAMPLER)),
         gr.update(visible=controls.distilled_cfg, **value(DEFAULT_DISTILLED_CFG)),
         _negative(controls, defaults.cfg_scale if reset else pasted_cfg),
+        gr.update(info=PROMPT_INFO[controls.prompt_encoder]),
         controls,
     ]
 

@@ -25,7 +25,7 @@ from webui.engine.jobs import JobQueue
 from webui.engine.lora_backends import LoraRoute
 from webui.engine.request import DEFAULT_DISTILLED_CFG
 from webui.engine.samplers import DEFAULT_SAMPLER, sampler_names
-from webui.engine.token_count import TokenCount
+from webui.engine.token_count import PromptEncoder, TokenCount
 from webui.engine.trigger_words import (
     trigger_mode_choices,
     trigger_mode_label,
@@ -37,6 +37,7 @@ from webui.ui.family_controls import (
     DISTILLED_CFG_INFO,
     NEGATIVE_INFO,
     NEGATIVE_LABEL,
+    PROMPT_INFO,
     SAMPLER_INFO,
     family_updates,
     height_info,
@@ -138,10 +139,17 @@ def gallery_items(
     return items
 
 
+COUNTER_NOTES = {
+    PromptEncoder.CLIP: "CLIP tokens of this prompt (tags not counted) / room in its chunks of 75",
+    PromptEncoder.T5: "T5 tokens of this prompt, its end token included (tags and emphasis "
+    "syntax not counted) / the 512 T5 reads, per BREAK; past it the prompt is cut",
+}
+
+
 def token_counter_html(count: TokenCount) -> str:
     """A1111's counter: tokens used / the chunks' capacity; past 75 the prompt takes a second
-    chunk of 75 (encoded apart, then concatenated)."""
-    note = "CLIP tokens of this prompt (tags not counted) / room in its chunks of 75"
+    chunk of 75 (encoded apart, then concatenated). On FLUX.1 T5's tokens out of 512."""
+    note = COUNTER_NOTES[count.encoder]
     extra = " lw-tokens-chunked" if count.chunks > 1 else ""
     return f"<span class='lw-tokens{extra}' title='{note}'>{count.format()}</span>"
 
@@ -214,8 +222,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 label="Prompt",
                 lines=3,
                 placeholder="a watercolor fox, <lora:name:0.8>",
-                info="(word:1.2) emphasis, BREAK starts a new 75-token chunk, <lora:NAME:WEIGHT> "
-                "applies a LoRA; Ctrl+Enter generates, Ctrl+Up/Down changes a weight",
+                info=PROMPT_INFO[PromptEncoder.CLIP],  # `family_updates` sets the loaded family's
                 elem_id="txt2img-prompt",
             )
             prompt_tokens = gr.HTML(
@@ -445,7 +452,8 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     )
     family = [
         *(sampler, steps, width, height, cfg, distilled_cfg, clip_skip, lora_row, trigger_row),
-        *(hires.accordion, hires.cfg, hires.sampler, hires.distilled_cfg, negative, shown_family),
+        *(hires.accordion, hires.cfg, hires.sampler, hires.distilled_cfg, negative, prompt),
+        shown_family,
     ]
 
     def follow_family(shown: Any) -> list[Any]:
@@ -502,6 +510,10 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
             queue=False,
             trigger_mode="always_last",
             show_progress="hidden",
+        )
+        # another family may count another encoder's tokens (CLIP, T5): recount on a switch
+        shown_family.change(
+            on_text, inputs=box, outputs=counter, queue=False, show_progress="hidden"
         )
 
     gallery.select(on_select, inputs=panels, outputs=[infotext, selected], queue=False)
