@@ -79,6 +79,12 @@ def test_controls_follow_the_model_family(
         expect(page.locator("#txt2img-clip-skip")).to_be_hidden()
         expect(page.locator("#txt2img-lora-backend")).to_be_visible()  # the fallback runs FLUX
         expect(page.locator("#txt2img-hires")).to_be_visible()  # FLUX runs hires too
+        # FLUX's prompts go to T5: the counters count its tokens (the end token: 1 of 512),
+        # also on a page opened while FLUX is loaded (built before, when SD was)
+        expect(page.locator("#txt2img-token-counter")).to_contain_text("1/512")
+        page.reload()
+        expect(page.locator("#txt2img-negative-token-counter")).to_contain_text("1/512")
+        expect(page.locator("#txt2img-prompt")).to_contain_text("T5 reads 512 tokens")
 
         page.locator("#txt2img-prompt textarea").fill("a fox")
         for name, value in (("steps", "2"), ("width", "64"), ("height", "64")):

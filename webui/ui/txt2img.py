@@ -216,6 +216,10 @@ def _run_generation(
 
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     """Lay out the tab inside the current Blocks context and wire its events."""
+
+    def empty_count() -> str:
+        return token_counter_html(engine.count_tokens(""))
+
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             prompt = gr.Textbox(
@@ -226,7 +230,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_id="txt2img-prompt",
             )
             prompt_tokens = gr.HTML(
-                token_counter_html(engine.count_tokens("")),
+                empty_count,  # called at each page load: the loaded family's encoder
                 elem_id="txt2img-token-counter",
                 elem_classes="lw-token-counter",
             )
@@ -238,7 +242,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_id="txt2img-negative",
             )
             negative_tokens = gr.HTML(
-                token_counter_html(engine.count_tokens("")),
+                empty_count,  # called at each page load: the loaded family's encoder
                 elem_id="txt2img-negative-token-counter",
                 elem_classes="lw-token-counter",
             )
