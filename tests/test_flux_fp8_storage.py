@@ -43,7 +43,7 @@ from webui.networks.apply.patcher import NetworkPatcher
 from webui.networks.format.modules import LoraModule
 from webui.networks.format.network import Network, read_network
 from webui.settings import Fp8Storage, Settings
-from webui.ui.blocks import _model_status
+from webui.ui.blocks import model_status_html
 
 CPU = torch.device("cpu")
 FP8 = torch.float8_e4m3fn
@@ -355,7 +355,7 @@ def test_the_engine_loads_by_the_setting(
     assert [r.getMessage() for r in caplog.records if "model loaded" in r.getMessage()] == [
         f"model loaded: {model.name} (FLUX.1 dev, cpu, {said})"
     ]
-    assert ("fp8 weights" in _model_status(engine)) is kept
+    assert ("fp8 weights" in model_status_html(engine)) is kept
 
 
 def test_fp8_storage_setting_auto_is_on_for_cuda_only() -> None:

@@ -45,7 +45,7 @@ CSS = (
 )
 
 
-def _model_status(engine: Engine) -> str:
+def model_status_html(engine: Engine) -> str:
     model = engine.model
     if model is None:
         return "<span class='lw-model-status'>No model loaded yet: it loads on first use.</span>"
@@ -95,7 +95,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             refresh = gr.Button(
                 "Refresh", scale=0, min_width=90, size="sm", elem_id="model-refresh"
             )
-            status = gr.HTML(_model_status(engine), elem_id="model-status")
+            status = gr.HTML(model_status_html(engine), elem_id="model-status")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img = build_txt2img_tab(engine)
@@ -162,7 +162,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 message = html.escape(user_message(exc))
                 status_line = f"<span class='lw-warnings'>{message}</span>"
                 return picker(), status_line, *family(shown, pasted_cfg)
-            return picker(), _model_status(engine), *family(shown, pasted_cfg)
+            return picker(), model_status_html(engine), *family(shown, pasted_cfg)
 
         def on_select(
             name: str,
@@ -216,12 +216,12 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
         def on_refresh(*chosen: str | None) -> tuple[Any, ...]:
             """New lists of checkpoints; loads nothing, so the picker keeps the loaded model."""
-            return picker(), _model_status(engine), *checkpoint_values(engine, chosen)
+            return picker(), model_status_html(engine), *checkpoint_values(engine, chosen)
 
         def on_page_load() -> tuple[Any, ...]:
             return (
                 picker(),
-                _model_status(engine),
+                model_status_html(engine),
                 *checkpoint_values(engine),
                 trigger_words_update(engine),
                 *current_values(engine),
