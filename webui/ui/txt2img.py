@@ -217,8 +217,9 @@ def _run_generation(
 def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
     """Lay out the tab inside the current Blocks context and wire its events."""
 
-    def empty_count() -> str:
-        return token_counter_html(engine.count_tokens(""))
+    def counted(text: str | None = "") -> str:
+        """The counter for `text`, with the loaded family's encoder (no text: a page's start)."""
+        return token_counter_html(engine.count_tokens(text or ""))
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
@@ -230,7 +231,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_id="txt2img-prompt",
             )
             prompt_tokens = gr.HTML(
-                empty_count,  # called at each page load: the loaded family's encoder
+                counted,  # called at each page load: the loaded family's encoder
                 elem_id="txt2img-token-counter",
                 elem_classes="lw-token-counter",
             )
@@ -242,7 +243,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
                 elem_id="txt2img-negative",
             )
             negative_tokens = gr.HTML(
-                empty_count,  # called at each page load: the loaded family's encoder
+                counted,  # called at each page load: the loaded family's encoder
                 elem_id="txt2img-negative-token-counter",
                 elem_classes="lw-token-counter",
             )
@@ -502,13 +503,10 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         index = evt.index if isinstance(evt.index, int) else 0
         return (texts[index] if 0 <= index < len(texts) else gr.update()), index
 
-    def on_text(text: str | None) -> str:
-        return token_counter_html(engine.count_tokens(text or ""))
-
     for box, counter in ((prompt, prompt_tokens), (negative, negative_tokens)):
         # `.change` also sees the Networks panel's edits; always_last: one count per pause
         box.change(
-            on_text,
+            counted,
             inputs=box,
             outputs=counter,
             queue=False,
@@ -517,7 +515,7 @@ def build_txt2img_tab(engine: Engine) -> Txt2ImgControls:
         )
         # another family may count another encoder's tokens (CLIP, T5): recount on a switch
         shown_family.change(
-            on_text, inputs=box, outputs=counter, queue=False, show_progress="hidden"
+            counted, inputs=box, outputs=counter, queue=False, show_progress="hidden"
         )
 
     gallery.select(on_select, inputs=panels, outputs=[infotext, selected], queue=False)
